@@ -1,0 +1,245 @@
+//! AdmissionReview bytes in, AdmissionReview bytes out.
+//!
+//! The glue between the HTTP server and the pure policy: decode with
+//! kube-core's admission types, plan the patch, encode the answer the way the
+//! apiserver reads it. No I/O here either, so it is tested without a server.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde::Serialize;
+
+use crate::patch::{PodPlan, PodView, RewrittenImage, Scope, plan_pod_patch};
+use crate::policy::Policy;
+
+const ADMISSION_V1: &str = "admission.k8s.io/v1";
+/// The audit annotation (prefixed by the apiserver with the webhook name)
+/// that records how many images a request rewrote.
+pub const AUDIT_IMAGES_REWRITTEN: &str = "images-rewritten";
+
+/// A body that is not an AdmissionReview we can answer: the server replies
+/// 400 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("body is not an AdmissionReview: {0}")]
+    NotAReview(serde_json::Error),
+    #[error(
+        "apiVersion {0:?} is not served; send admission.k8s.io/v1 (admissionReviewVersions: [\"v1\"])"
+    )]
+    UnsupportedVersion(String),
+    #[error("kind {0:?} is not AdmissionReview")]
+    NotAdmissionReview(String),
+    #[error("AdmissionReview has no request")]
+    MissingRequest,
+    #[error("AdmissionReview request has an empty uid")]
+    MissingUid,
+    #[error("request.object is missing for a {0} of a Pod")]
+    MissingObject(&'static str),
+    #[error("request.object is not a valid Pod: {0}")]
+    InvalidPod(serde_json::Error),
+}
+
+/// What one review did, for the log line and the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ReviewSummary {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub operation: String,
+    pub dry_run: bool,
+    /// Whether the request was a Pod request the policy looked at.
+    pub examined: bool,
+    pub rewritten: Vec<RewrittenImage>,
+    pub unparsable: usize,
+    pub warnings: usize,
+    pub patched: bool,
+}
+
+/// The encoded response and what it did.
+#[derive(Debug)]
+pub struct Reviewed {
+    pub body: Vec<u8>,
+    pub summary: ReviewSummary,
+}
+
+/// Answers one AdmissionReview body.
+pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
+    let request = match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
+        Ok(review) => checked_request(review)?,
+        // Not a Pod (another kind reached /mutate): answer it untouched. If
+        // it claims to be a Pod, the Pod decoding error is the reason.
+        Err(pod_error) => {
+            let review: AdmissionReview<DynamicObject> =
+                serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
+            let request = checked_request(review)?;
+            if is_pod(&request.kind.group, &request.kind.kind) {
+                return Err(ReviewError::InvalidPod(pod_error));
+            }
+            let summary = summarize(&request, None);
+            return Ok(Reviewed {
+                body: encode(AdmissionResponse::from(&request), None),
+                summary,
+            });
+        }
+    };
+
+    let scope = pod_scope(&request)?;
+    let plan = match (&scope, &request.object) {
+        (Some(scope), Some(pod)) => {
+            let view = PodView {
+                namespace: request
+                    .namespace
+                    .as_deref()
+                    .or(pod.metadata.namespace.as_deref()),
+                metadata: Some(&pod.metadata),
+                spec: pod.spec.as_ref(),
+                location: &[],
+            };
+            Some(plan_pod_patch(policy, view, scope))
+        }
+        _ => None,
+    };
+    let summary = summarize(&request, plan.as_ref());
+    let mut response = AdmissionResponse::from(&request);
+    let mut patch = None;
+    if let Some(plan) = plan {
+        if !plan.warnings.is_empty() {
+            response.warnings = Some(plan.warnings);
+        }
+        if !plan.rewritten.is_empty() {
+            response.audit_annotations = HashMap::from([(
+                AUDIT_IMAGES_REWRITTEN.to_owned(),
+                plan.rewritten.len().to_string(),
+            )]);
+        }
+        if !plan.operations.is_empty() {
+            patch = Some(json_patch::Patch(plan.operations));
+        }
+    }
+    Ok(Reviewed {
+        body: encode(response, patch.as_ref()),
+        summary,
+    })
+}
+
+fn checked_request<T>(review: AdmissionReview<T>) -> Result<AdmissionRequest<T>, ReviewError>
+where
+    T: kube::Resource,
+{
+    if review.types.api_version != ADMISSION_V1 {
+        return Err(ReviewError::UnsupportedVersion(review.types.api_version));
+    }
+    if review.types.kind != "AdmissionReview" {
+        return Err(ReviewError::NotAdmissionReview(review.types.kind));
+    }
+    let request: AdmissionRequest<T> =
+        review.try_into().map_err(|_| ReviewError::MissingRequest)?;
+    if request.uid.is_empty() {
+        return Err(ReviewError::MissingUid);
+    }
+    Ok(request)
+}
+
+fn is_pod(group: &str, kind: &str) -> bool {
+    group.is_empty() && kind == "Pod"
+}
+
+/// Which containers this request may change, or `None` when it is not a
+/// request the webhook acts on (it is then allowed untouched).
+fn pod_scope(request: &AdmissionRequest<Pod>) -> Result<Option<Scope>, ReviewError> {
+    if !is_pod(&request.kind.group, &request.kind.kind) {
+        return Ok(None);
+    }
+    let scope = match (&request.operation, request.sub_resource.as_deref()) {
+        (Operation::Create, None) => Scope::WholePod,
+        (Operation::Update, Some("ephemeralcontainers")) => {
+            let existing: HashSet<String> = request
+                .old_object
+                .iter()
+                .filter_map(|old| old.spec.as_ref())
+                .flat_map(|spec| spec.ephemeral_containers.iter().flatten())
+                .map(|container| container.name.clone())
+                .collect();
+            Scope::NewEphemeralContainers { existing }
+        }
+        _ => return Ok(None),
+    };
+    if request.object.is_none() {
+        let operation = match scope {
+            Scope::WholePod => "CREATE",
+            Scope::NewEphemeralContainers { .. } => "UPDATE",
+        };
+        return Err(ReviewError::MissingObject(operation));
+    }
+    Ok(Some(scope))
+}
+
+fn summarize<T: kube::Resource>(
+    request: &AdmissionRequest<T>,
+    plan: Option<&PodPlan>,
+) -> ReviewSummary {
+    let mut summary = ReviewSummary {
+        uid: request.uid.clone(),
+        namespace: request.namespace.clone().unwrap_or_default(),
+        name: request.name.clone(),
+        operation: format!("{:?}", request.operation).to_uppercase(),
+        dry_run: request.dry_run,
+        ..ReviewSummary::default()
+    };
+    if let Some(plan) = plan {
+        summary.examined = true;
+        summary.rewritten.clone_from(&plan.rewritten);
+        summary.unparsable = plan.unparsable;
+        summary.warnings = plan.warnings.len();
+        summary.patched = !plan.operations.is_empty();
+    }
+    summary
+}
+
+/// The response as the apiserver decodes it: kube-core's fields, with the
+/// patch as a base64 string (Go's `[]byte`) and `patchType` only beside a
+/// non-empty patch.
+#[derive(Serialize)]
+struct ReviewOut<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    #[serde(flatten)]
+    response: &'a AdmissionResponse,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(rename = "patchType", skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+}
+
+fn encode(response: AdmissionResponse, patch: Option<&json_patch::Patch>) -> Vec<u8> {
+    let patch = patch
+        .and_then(|patch| serde_json::to_vec(patch).ok())
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let out = ReviewOut {
+        api_version: ADMISSION_V1,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            response: &response,
+        },
+    };
+    // Serializing plain strings, maps and numbers cannot fail; the fallback
+    // keeps the uid so the apiserver still reads an allowed answer.
+    serde_json::to_vec(&out).unwrap_or_else(|_| {
+        format!(
+            r#"{{"apiVersion":"{ADMISSION_V1}","kind":"AdmissionReview","response":{{"uid":{},"allowed":true}}}}"#,
+            serde_json::Value::String(response.uid.clone())
+        )
+        .into_bytes()
+    })
+}

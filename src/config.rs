@@ -1,0 +1,196 @@
+//! The config file: YAML in, a validated [`Policy`] out.
+//!
+//! Every error names the field (`rules[1].target`) and says why, so a
+//! platform engineer can fix the file without reading the source.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::policy::{Policy, Rule};
+
+/// The config file as written.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub exclude: ExcludeSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    /// A registry host, or host/path-prefix, of the normalized image name.
+    #[serde(rename = "match")]
+    pub match_prefix: String,
+    /// Registry host[:port][/path] that replaces the matched prefix.
+    pub target: String,
+    #[serde(default)]
+    pub pull_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExcludeSpec {
+    /// Globs on the normalized name: `*` within a component, `**` across.
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML for image-rewriter: {0}")]
+    Syntax(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl ConfigFile {
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        // An empty file is an empty document, which serde refuses: read it as
+        // "no rules" so a fresh ConfigMap is valid and rewrites nothing.
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+    }
+
+    /// Turns the file into a policy, validating every field.
+    pub fn into_policy(self, own_namespace: Option<&str>) -> Result<Policy, ConfigError> {
+        let rules = self
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| Rule::new(index, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        Policy::new(rules, &self.exclude, own_namespace)
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load_policy(path: &Path, own_namespace: Option<&str>) -> Result<Policy, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    ConfigFile::from_yaml(&text)?.into_policy(own_namespace)
+}
+
+/// RFC 1123 subdomain: what Kubernetes accepts as a Secret name.
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// RFC 1123 label: what Kubernetes accepts as a namespace name.
+pub(crate) fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(yaml: &str) -> String {
+        match ConfigFile::from_yaml(yaml).and_then(|c| c.into_policy(None)) {
+            Ok(_) => panic!("config was accepted:\n{yaml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_design_example_loads() {
+        let policy = ConfigFile::from_yaml(include_str!("../examples/config.yaml"))
+            .unwrap()
+            .into_policy(Some("image-rewriter"))
+            .unwrap();
+        assert!(policy.rules().len() >= 4);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let message = error_of("rules:\n  - match: docker.io\n    targt: harbor.example/x\n");
+        assert!(message.contains("targt"), "{message}");
+        let message = error_of("rulez: []\n");
+        assert!(message.contains("rulez"), "{message}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named_with_their_index() {
+        for (yaml, field) in [
+            (
+                "rules:\n  - match: docker.io\n    target: Harbor.example/UP\n",
+                "rules[0].target",
+            ),
+            (
+                "rules:\n  - match: docker.io\n    target: harbor.example/x:tag\n",
+                "rules[0].target",
+            ),
+            (
+                "rules:\n  - match: docker.io\n    target: ''\n",
+                "rules[0].target",
+            ),
+            (
+                "rules:\n  - match: library/nginx\n    target: h.example\n",
+                "rules[0].match",
+            ),
+            (
+                "rules:\n  - match: docker.io\n    target: h.example\n  - match: docker.io\n    target: i.example\n",
+                "rules[1].match",
+            ),
+            (
+                "rules:\n  - match: docker.io\n    target: h.example\n    pullSecret: Bad_Name\n",
+                "rules[0].pullSecret",
+            ),
+            (
+                "exclude:\n  images: ['registry.k8s.io/[']\n",
+                "exclude.images[0]",
+            ),
+            (
+                "exclude:\n  namespaces: ['Not A Namespace']\n",
+                "exclude.namespaces[0]",
+            ),
+        ] {
+            let message = error_of(yaml);
+            assert!(
+                message.starts_with(field),
+                "expected {field} in {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_file_rewrites_nothing() {
+        let policy = ConfigFile::from_yaml("")
+            .unwrap()
+            .into_policy(None)
+            .unwrap();
+        assert!(policy.rules().is_empty());
+    }
+}

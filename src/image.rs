@@ -1,0 +1,332 @@
+//! Container image references, parsed and normalized exactly as
+//! distribution/reference (the grammar Docker, containerd and CRI-O use).
+//!
+//! Pure: no I/O. The regular expressions are the upstream ones, spelled with
+//! ASCII classes because Rust's `\w` is Unicode-aware and Go's is not.
+
+use std::fmt;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// Docker Hub, as references are normalized to it.
+pub const DOCKER_HUB: &str = "docker.io";
+/// The legacy Docker Hub name, canonicalized to [`DOCKER_HUB`].
+const LEGACY_DOCKER_HUB: &str = "index.docker.io";
+/// Official images live under this namespace on Docker Hub.
+const OFFICIAL_REPO_PREFIX: &str = "library/";
+/// distribution/reference counts this limit on the path only, not the domain.
+pub const MAX_PATH_LENGTH: usize = 255;
+
+const ALPHANUMERIC: &str = "[a-z0-9]+";
+const SEPARATOR: &str = "(?:[._]|__|[-]+)";
+const DOMAIN_NAME_COMPONENT: &str = "(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])";
+const IPV6_ADDRESS: &str = r"\[(?:[a-fA-F0-9:]+)\]";
+const TAG: &str = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}";
+const DIGEST: &str = "[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*[:][0-9A-Fa-f]{32,}";
+
+fn path_component() -> String {
+    format!("{ALPHANUMERIC}(?:{SEPARATOR}{ALPHANUMERIC})*")
+}
+
+fn domain_and_port() -> String {
+    let domain_name = format!(r"{DOMAIN_NAME_COMPONENT}(?:\.{DOMAIN_NAME_COMPONENT})*");
+    format!("(?:{domain_name}|{IPV6_ADDRESS})(?::[0-9]+)?")
+}
+
+fn name_pattern() -> String {
+    let component = path_component();
+    format!("(?:{}/)?{component}(?:/{component})*", domain_and_port())
+}
+
+fn compile(pattern: &str) -> Regex {
+    Regex::new(pattern).unwrap_or_else(|e| unreachable!("constant pattern {pattern}: {e}"))
+}
+
+/// `name[:tag][@digest]`, capturing the three parts.
+static REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
+    compile(&format!(
+        "^({})(?::({TAG}))?(?:@({DIGEST}))?$",
+        name_pattern()
+    ))
+});
+
+/// A name split into its optional domain and its path.
+static ANCHORED_NAME: LazyLock<Regex> = LazyLock::new(|| {
+    let component = path_component();
+    compile(&format!(
+        "^(?:({})/)?({component}(?:/{component})*)$",
+        domain_and_port()
+    ))
+});
+
+static ANCHORED_DOMAIN: LazyLock<Regex> =
+    LazyLock::new(|| compile(&format!("^{}$", domain_and_port())));
+
+static ANCHORED_PATH_COMPONENT: LazyLock<Regex> =
+    LazyLock::new(|| compile(&format!("^{}$", path_component())));
+
+/// A 64-hex string is an image ID, never a repository name.
+static ANCHORED_IDENTIFIER: LazyLock<Regex> = LazyLock::new(|| compile("^[a-f0-9]{64}$"));
+
+/// Why a string is not a valid image reference. The variants mirror
+/// distribution/reference's errors so the upstream tables map onto them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("repository name must have at least one component")]
+    NameEmpty,
+    #[error("repository name must be lowercase")]
+    NameContainsUppercase,
+    #[error("repository name must not be more than {MAX_PATH_LENGTH} characters")]
+    NameTooLong,
+    #[error("invalid reference format")]
+    InvalidFormat,
+    #[error("cannot specify a 64-byte hexadecimal string as a repository name")]
+    NameIsIdentifier,
+    #[error("invalid digest format")]
+    DigestInvalidFormat,
+    #[error("unsupported digest algorithm")]
+    DigestUnsupported,
+    #[error("invalid digest length")]
+    DigestInvalidLength,
+}
+
+/// A parsed reference. `domain` is empty only for references parsed with the
+/// strict [`Reference::parse`] that name no registry host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    domain: String,
+    path: String,
+    tag: Option<String>,
+    digest: Option<String>,
+}
+
+impl Reference {
+    /// distribution/reference `Parse`: the strict grammar, no normalization
+    /// (no `docker.io`, no `library/`).
+    pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        let Some(captures) = REFERENCE.captures(input) else {
+            if input.is_empty() {
+                return Err(ReferenceError::NameEmpty);
+            }
+            if REFERENCE.is_match(&input.to_lowercase()) {
+                return Err(ReferenceError::NameContainsUppercase);
+            }
+            return Err(ReferenceError::InvalidFormat);
+        };
+        let name = captures.get(1).map_or("", |m| m.as_str());
+        let name_parts = ANCHORED_NAME
+            .captures(name)
+            .ok_or(ReferenceError::InvalidFormat)?;
+        let domain = name_parts.get(1).map_or("", |m| m.as_str());
+        let path = name_parts.get(2).map_or("", |m| m.as_str());
+        if path.len() > MAX_PATH_LENGTH {
+            return Err(ReferenceError::NameTooLong);
+        }
+        let digest = match captures.get(3) {
+            Some(digest) => Some(validate_digest(digest.as_str())?.to_owned()),
+            None => None,
+        };
+        Ok(Self {
+            domain: domain.to_owned(),
+            path: path.to_owned(),
+            tag: captures.get(2).map(|m| m.as_str().to_owned()),
+            digest,
+        })
+    }
+
+    /// distribution/reference `ParseNormalizedNamed`: what a container
+    /// runtime pulls. `nginx` is `docker.io/library/nginx`; tag and digest are
+    /// kept as written and no `:latest` is added.
+    pub fn parse_normalized(input: &str) -> Result<Self, ReferenceError> {
+        if ANCHORED_IDENTIFIER.is_match(input) {
+            return Err(ReferenceError::NameIsIdentifier);
+        }
+        let (domain, remainder) = split_docker_domain(input);
+        let repository = remainder.split_once(':').map_or(&*remainder, |(r, _)| r);
+        if repository.to_lowercase() != repository {
+            return Err(ReferenceError::NameContainsUppercase);
+        }
+        Self::parse(&format!("{domain}/{remainder}"))
+    }
+
+    /// The registry host (and port), or `""` when a strict parse found none.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The repository path, without the registry host.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
+    }
+
+    /// `domain/path`: the repository, without tag or digest.
+    pub fn name(&self) -> String {
+        if self.domain.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}/{}", self.domain, self.path)
+        }
+    }
+
+    /// The same tag and digest under another repository name, validated.
+    pub fn with_name(&self, name: &str) -> Result<Self, ReferenceError> {
+        let mut reference = Self::parse(name)?;
+        if reference.tag.is_some() || reference.digest.is_some() {
+            return Err(ReferenceError::InvalidFormat);
+        }
+        reference.tag.clone_from(&self.tag);
+        reference.digest.clone_from(&self.digest);
+        Ok(reference)
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `host` is a registry host (with optional port) in the grammar.
+pub fn is_valid_domain(host: &str) -> bool {
+    ANCHORED_DOMAIN.is_match(host)
+}
+
+/// Whether `component` is one repository path component in the grammar.
+pub fn is_valid_path_component(component: &str) -> bool {
+    ANCHORED_PATH_COMPONENT.is_match(component)
+}
+
+/// Whether the first component of a name would be taken as a registry host
+/// rather than a Docker Hub namespace (distribution/reference's rule).
+pub fn looks_like_domain(component: &str) -> bool {
+    component == "localhost"
+        || component.contains(['.', ':'])
+        || component.to_lowercase() != component
+}
+
+/// Canonicalizes the legacy Docker Hub host name.
+pub fn canonical_domain(host: &str) -> &str {
+    if host == LEGACY_DOCKER_HUB {
+        DOCKER_HUB
+    } else {
+        host
+    }
+}
+
+/// distribution/reference `splitDockerDomain`.
+fn split_docker_domain(name: &str) -> (&str, std::borrow::Cow<'_, str>) {
+    use std::borrow::Cow;
+    let Some((first, rest)) = name.split_once('/') else {
+        return (
+            DOCKER_HUB,
+            Cow::Owned(format!("{OFFICIAL_REPO_PREFIX}{name}")),
+        );
+    };
+    let (domain, remainder) = if first == LEGACY_DOCKER_HUB {
+        (DOCKER_HUB, rest)
+    } else if looks_like_domain(first) {
+        (first, rest)
+    } else {
+        (DOCKER_HUB, name)
+    };
+    if domain == DOCKER_HUB && !remainder.contains('/') {
+        return (
+            domain,
+            Cow::Owned(format!("{OFFICIAL_REPO_PREFIX}{remainder}")),
+        );
+    }
+    (domain, Cow::Borrowed(remainder))
+}
+
+/// go-digest `Parse` as distribution/reference links it: only sha256 is
+/// registered there, so other algorithms are unsupported.
+fn validate_digest(digest: &str) -> Result<&str, ReferenceError> {
+    let Some((algorithm, encoded)) = digest.split_once(':') else {
+        return Err(ReferenceError::DigestInvalidFormat);
+    };
+    if algorithm.is_empty() || encoded.is_empty() {
+        return Err(ReferenceError::DigestInvalidFormat);
+    }
+    if algorithm != "sha256" {
+        return Err(ReferenceError::DigestUnsupported);
+    }
+    if encoded.len() != 64 {
+        return Err(ReferenceError::DigestInvalidLength);
+    }
+    if !encoded
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ReferenceError::DigestInvalidFormat);
+    }
+    Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn familiar_names_normalize_to_docker_hub_library() {
+        for input in [
+            "nginx",
+            "library/nginx",
+            "docker.io/nginx",
+            "docker.io/library/nginx",
+            "index.docker.io/library/nginx",
+            "index.docker.io/nginx",
+        ] {
+            let reference = Reference::parse_normalized(input).unwrap();
+            assert_eq!(reference.name(), "docker.io/library/nginx", "{input}");
+            assert_eq!(reference.to_string(), "docker.io/library/nginx", "{input}");
+        }
+    }
+
+    #[test]
+    fn tag_and_digest_are_kept_as_written() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let input = format!("nginx:1.27-Alpine@{digest}");
+        let reference = Reference::parse_normalized(&input).unwrap();
+        assert_eq!(reference.tag(), Some("1.27-Alpine"));
+        assert_eq!(reference.digest(), Some(digest.as_str()));
+        assert_eq!(
+            reference.to_string(),
+            format!("docker.io/library/nginx:1.27-Alpine@{digest}")
+        );
+    }
+
+    #[test]
+    fn hosts_with_ports_are_registries() {
+        for (input, domain, path) in [
+            ("localhost:5000/x", "localhost:5000", "x"),
+            ("localhost/x", "localhost", "x"),
+            (
+                "my-reg.corp.io:5000/team/app",
+                "my-reg.corp.io:5000",
+                "team/app",
+            ),
+            ("[2001:db8::1]:5000/repo", "[2001:db8::1]:5000", "repo"),
+            ("user/app", "docker.io", "user/app"),
+            ("DOCKER.IO/x", "DOCKER.IO", "x"),
+        ] {
+            let reference = Reference::parse_normalized(input).unwrap();
+            assert_eq!((reference.domain(), reference.path()), (domain, path));
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! image-rewriter: a Kubernetes mutating admission webhook that moves
+//! container images to a private registry.
+//!
+//! The policy (`image`, `policy`, `patch`, `admission`) is pure and tested
+//! without a server; `server`, `tls`, `reload` and `metrics` are the shell
+//! the cluster runs.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod image;
+pub mod offline;
+pub mod patch;
+pub mod policy;

@@ -1,0 +1,266 @@
+//! The offline commands: `rewrite` and `mutate` try a policy on images and
+//! manifests before it is deployed. Text in, text out; the CLI does the I/O.
+
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::patch::{PodView, Scope, plan_pod_patch};
+use crate::policy::{Decision, Policy};
+
+/// One line of `rewrite --output json`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RewriteReport {
+    pub input: String,
+    pub output: String,
+    pub rule: Option<String>,
+    pub pull_secret: Option<String>,
+    pub reason: String,
+}
+
+impl RewriteReport {
+    pub fn new(policy: &Policy, input: &str) -> Self {
+        let decision = policy.decide(input);
+        let output = match &decision {
+            Decision::Rewrite { image, .. } => image.clone(),
+            _ => input.to_owned(),
+        };
+        let rule = decision.rule();
+        let reason = match &decision {
+            Decision::Unparsable(error) => format!("{}: {error}", decision.reason()),
+            Decision::InvalidResult { reason, .. } => format!("{}: {reason}", decision.reason()),
+            _ => decision.reason().to_owned(),
+        };
+        Self {
+            input: input.to_owned(),
+            output,
+            rule: rule.map(|r| r.match_prefix.clone()),
+            pull_secret: rule.and_then(|r| r.pull_secret.clone()),
+            reason,
+        }
+    }
+
+    /// Whether the input was a valid reference (the command fails otherwise).
+    pub fn is_valid_input(&self) -> bool {
+        !self.reason.starts_with("unparsable")
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut line = format!("{} -> {}", self.input, self.output);
+        if let Some(rule) = &self.rule {
+            line.push_str(&format!("  [rule {rule}"));
+            if let Some(secret) = &self.pull_secret {
+                line.push_str(&format!(", pullSecret {secret}"));
+            }
+            line.push(']');
+        }
+        line.push_str(&format!("  ({})", self.reason));
+        line
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MutateError {
+    #[error("document {index}: not valid YAML or JSON: {reason}")]
+    Syntax { index: usize, reason: String },
+    #[error("document {index} ({kind} {name}): {field} is not valid: {reason}")]
+    InvalidField {
+        index: usize,
+        kind: String,
+        name: String,
+        field: String,
+        reason: String,
+    },
+    #[error("document {index} ({kind} {name}): the patch did not apply: {reason}")]
+    PatchFailed {
+        index: usize,
+        kind: String,
+        name: String,
+        reason: String,
+    },
+}
+
+/// The mutated documents, and the warnings for the user.
+#[derive(Debug, Default)]
+pub struct Mutated {
+    pub output: String,
+    pub warnings: Vec<String>,
+    pub rewritten: usize,
+}
+
+/// Where a kind keeps its pod template, as JSON Pointer tokens.
+fn pod_location(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Pod" => Some(&[]),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController"
+        | "PodTemplate" => Some(&["spec", "template"]),
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+/// Mutates a stream of Kubernetes objects, YAML (multi-document) or JSON,
+/// as the webhook would mutate the pods they create. Output keeps the
+/// input's format; objects without pods pass through unchanged.
+pub fn mutate_documents(policy: &Policy, input: &str) -> Result<Mutated, MutateError> {
+    let is_json = input.trim_start().starts_with(['{', '[']);
+    let documents: Vec<Value> = if is_json {
+        let value: Value = serde_json::from_str(input).map_err(|e| MutateError::Syntax {
+            index: 1,
+            reason: e.to_string(),
+        })?;
+        vec![value]
+    } else {
+        let mut documents = Vec::new();
+        for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
+            let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| {
+                MutateError::Syntax {
+                    index: index + 1,
+                    reason: e.to_string(),
+                }
+            })?;
+            if !value.is_null() {
+                documents.push(value);
+            }
+        }
+        documents
+    };
+
+    let mut mutated = Mutated::default();
+    let mut outputs = Vec::with_capacity(documents.len());
+    for (index, mut document) in documents.into_iter().enumerate() {
+        mutate_object(
+            policy,
+            index + 1,
+            &mut document,
+            &mut Vec::new(),
+            &mut mutated,
+        )?;
+        outputs.push(document);
+    }
+    mutated.output = if is_json {
+        let single = outputs.into_iter().next().unwrap_or(Value::Null);
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&single).unwrap_or_default()
+        )
+    } else {
+        outputs
+            .iter()
+            .map(|doc| serde_yaml_ng::to_string(doc).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    Ok(mutated)
+}
+
+/// Mutates one object at `prefix` inside `root`, recursing into `List`s.
+fn mutate_object(
+    policy: &Policy,
+    index: usize,
+    root: &mut Value,
+    prefix: &mut Vec<String>,
+    mutated: &mut Mutated,
+) -> Result<(), MutateError> {
+    let object = root
+        .pointer(&json_pointer(prefix.iter().map(String::as_str)))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let name = object
+        .pointer("/metadata/name")
+        .or_else(|| object.pointer("/metadata/generateName"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if kind.ends_with("List")
+        && let Some(items) = object.get("items").and_then(Value::as_array)
+    {
+        for item in 0..items.len() {
+            prefix.extend(["items".to_owned(), item.to_string()]);
+            mutate_object(policy, index, root, prefix, mutated)?;
+            prefix.truncate(prefix.len() - 2);
+        }
+        return Ok(());
+    }
+    let Some(location) = pod_location(&kind) else {
+        return Ok(());
+    };
+    let invalid = |field: &str, reason: String| MutateError::InvalidField {
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+    let template = object.pointer(&json_pointer(location.iter().copied()));
+    let Some(template) = template else {
+        return Ok(());
+    };
+    let field = |leaf: &str| {
+        location
+            .iter()
+            .copied()
+            .chain([leaf])
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let metadata: Option<ObjectMeta> = template
+        .get("metadata")
+        .map(|m| serde_json::from_value(m.clone()))
+        .transpose()
+        .map_err(|e| invalid(&field("metadata"), e.to_string()))?;
+    let spec: Option<PodSpec> = template
+        .get("spec")
+        .map(|s| serde_json::from_value(s.clone()))
+        .transpose()
+        .map_err(|e| invalid(&field("spec"), e.to_string()))?;
+    let namespace = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str);
+    let tokens: Vec<&str> = prefix
+        .iter()
+        .map(String::as_str)
+        .chain(location.iter().copied())
+        .collect();
+    let plan = plan_pod_patch(
+        policy,
+        PodView {
+            namespace,
+            metadata: metadata.as_ref(),
+            spec: spec.as_ref(),
+            location: &tokens,
+        },
+        &Scope::WholePod,
+    );
+    let label = if name.is_empty() {
+        kind.clone()
+    } else {
+        format!("{kind} {name}")
+    };
+    mutated
+        .warnings
+        .extend(plan.warnings.iter().map(|w| format!("{label}: {w}")));
+    mutated.rewritten += plan.rewritten.len();
+    json_patch::patch(root, &plan.operations).map_err(|e| MutateError::PatchFailed {
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn json_pointer<'t>(tokens: impl IntoIterator<Item = &'t str>) -> String {
+    json_patch::jsonptr::PointerBuf::from_tokens(tokens).to_string()
+}

@@ -1,0 +1,304 @@
+//! Pod (or pod template) in, targeted JSON Patch operations out.
+//!
+//! Pure: no I/O. The patch is a list of targeted operations, never a
+//! re-serialized Pod: k8s-openapi would drop fields it does not know, and the
+//! apiserver applies every operation to the pod exactly as it sent it.
+
+use std::collections::HashSet;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
+use k8s_openapi::api::core::v1::{LocalObjectReference, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Map, Value, json};
+
+use crate::policy::{Decision, Policy};
+
+/// Records, per container name, the image as written before the rewrite.
+pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-rewriter.io/original-images";
+/// On a namespace or a pod: `"false"` opts out (and `"true"` opts a namespace
+/// in, in opt-in mode).
+pub const ENABLED_LABEL: &str = "image-rewriter.io/enabled";
+
+/// Which containers a request may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A new pod (or a pod template): every container, plus pull secrets and
+    /// the original-images annotation.
+    WholePod,
+    /// `pods/ephemeralcontainers` UPDATE: only ephemeral containers whose
+    /// names are not in `existing`; the apiserver keeps nothing else.
+    NewEphemeralContainers { existing: HashSet<String> },
+}
+
+/// One image the plan moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrittenImage {
+    pub container: String,
+    pub from: String,
+    pub to: String,
+    /// The rule's `match`, as the metrics label it.
+    pub rule: String,
+}
+
+/// What to do to one pod, and what to tell the user about it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodPlan {
+    pub operations: Vec<PatchOperation>,
+    pub rewritten: Vec<RewrittenImage>,
+    pub warnings: Vec<String>,
+    /// Images that are not valid references (left as written).
+    pub unparsable: usize,
+}
+
+impl PodPlan {
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
+    }
+}
+
+/// A pod, or the pod template of a workload, located in a larger document.
+#[derive(Debug, Clone, Copy)]
+pub struct PodView<'a> {
+    /// The namespace the pod is created in, when known.
+    pub namespace: Option<&'a str>,
+    pub metadata: Option<&'a ObjectMeta>,
+    pub spec: Option<&'a PodSpec>,
+    /// JSON Pointer tokens from the document root to the object holding
+    /// `metadata` and `spec`: empty for a Pod, `["spec", "template"]` for a
+    /// Deployment.
+    pub location: &'a [&'a str],
+}
+
+/// Plans the patch for one pod.
+pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPlan {
+    let mut plan = PodPlan::default();
+    let Some(spec) = pod.spec else {
+        return plan;
+    };
+    if pod
+        .namespace
+        .is_some_and(|ns| policy.excludes_namespace(ns))
+        || opted_out(pod.metadata)
+    {
+        return plan;
+    }
+    let pointer =
+        |tokens: &[&str]| PointerBuf::from_tokens(pod.location.iter().chain(tokens).copied());
+
+    let mut needed_secrets = PullSecretSet::default();
+    for (list, kind, images) in container_images(spec) {
+        for (index, name, image) in images {
+            let is_new = match scope {
+                Scope::WholePod => true,
+                Scope::NewEphemeralContainers { existing } => {
+                    list == "ephemeralContainers" && !existing.contains(name)
+                }
+            };
+            let Some(image) = image.filter(|_| is_new) else {
+                continue;
+            };
+            let decision = policy.decide(image);
+            match &decision {
+                Decision::Rewrite {
+                    image: new_image,
+                    rule,
+                } => {
+                    plan.operations
+                        .push(PatchOperation::Replace(ReplaceOperation {
+                            path: pointer(&["spec", list, &index.to_string(), "image"]),
+                            value: Value::String(new_image.clone()),
+                        }));
+                    plan.rewritten.push(RewrittenImage {
+                        container: name.to_owned(),
+                        from: image.to_owned(),
+                        to: new_image.clone(),
+                        rule: rule.match_prefix.clone(),
+                    });
+                }
+                Decision::Unparsable(error) => {
+                    plan.unparsable += 1;
+                    plan.warnings.push(format!(
+                        "{kind} {name:?}: image {image:?} is not a valid reference ({error}); left unchanged"
+                    ));
+                }
+                Decision::InvalidResult { reason, .. } => plan.warnings.push(format!(
+                    "{kind} {name:?}: image {image:?} left unchanged: {reason}"
+                )),
+                Decision::AlreadyUnderTarget { .. }
+                | Decision::Excluded
+                | Decision::NoMatchingRule => {}
+            }
+            let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) else {
+                continue;
+            };
+            if matches!(scope, Scope::NewEphemeralContainers { .. })
+                && !has_pull_secret(spec, secret)
+            {
+                plan.warnings.push(format!(
+                    "{kind} {name:?}: the pod has no imagePullSecret {secret:?}, which image \
+                     {image:?} needs from its registry; ephemeral containers cannot add one, so \
+                     the pull may fail"
+                ));
+            }
+            needed_secrets.insert(secret);
+        }
+    }
+
+    if *scope == Scope::WholePod {
+        plan.operations
+            .extend(pull_secret_operations(spec, &needed_secrets, &pointer));
+        if !plan.rewritten.is_empty() {
+            let (operation, warning) =
+                original_images_operation(pod.metadata, &plan.rewritten, &pointer);
+            plan.operations.push(operation);
+            plan.warnings.extend(warning);
+        }
+    }
+    plan
+}
+
+fn opted_out(metadata: Option<&ObjectMeta>) -> bool {
+    metadata
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|labels| labels.get(ENABLED_LABEL))
+        .is_some_and(|value| value == "false")
+}
+
+type ContainerImages<'a> = Vec<(usize, &'a str, Option<&'a str>)>;
+
+/// The image of every container, in the order pull secrets are first used:
+/// init containers, containers, then ephemeral containers.
+fn container_images(spec: &PodSpec) -> [(&'static str, &'static str, ContainerImages<'_>); 3] {
+    fn of(containers: &[k8s_openapi::api::core::v1::Container]) -> ContainerImages<'_> {
+        containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.name.as_str(), c.image.as_deref()))
+            .collect()
+    }
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| (i, c.name.as_str(), c.image.as_deref()))
+        .collect();
+    [
+        (
+            "initContainers",
+            "init container",
+            of(spec.init_containers.as_deref().unwrap_or_default()),
+        ),
+        ("containers", "container", of(&spec.containers)),
+        ("ephemeralContainers", "ephemeral container", ephemeral),
+    ]
+}
+
+/// Secret names in order of first use, each once.
+#[derive(Debug, Default)]
+struct PullSecretSet<'a>(Vec<&'a str>);
+
+impl<'a> PullSecretSet<'a> {
+    fn insert(&mut self, name: &'a str) {
+        if !self.0.contains(&name) {
+            self.0.push(name);
+        }
+    }
+}
+
+fn has_pull_secret(spec: &PodSpec, name: &str) -> bool {
+    spec.image_pull_secrets
+        .iter()
+        .flatten()
+        .any(|existing| existing.name == name)
+}
+
+/// Adds the missing secrets after the existing entries, which stay as they
+/// are. `add .../imagePullSecrets/-` needs the array to exist, so an absent
+/// field is added whole.
+fn pull_secret_operations(
+    spec: &PodSpec,
+    needed: &PullSecretSet<'_>,
+    pointer: &impl Fn(&[&str]) -> PointerBuf,
+) -> Vec<PatchOperation> {
+    let missing = needed
+        .0
+        .iter()
+        .copied()
+        .filter(|name| !has_pull_secret(spec, name));
+    let entry = |name: &str| {
+        serde_json::to_value(LocalObjectReference {
+            name: name.to_owned(),
+        })
+        .unwrap_or_else(|_| json!({ "name": name }))
+    };
+    if spec.image_pull_secrets.is_some() {
+        missing
+            .map(|name| {
+                PatchOperation::Add(AddOperation {
+                    path: pointer(&["spec", "imagePullSecrets", "-"]),
+                    value: entry(name),
+                })
+            })
+            .collect()
+    } else {
+        let entries: Vec<Value> = missing.map(entry).collect();
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        vec![PatchOperation::Add(AddOperation {
+            path: pointer(&["spec", "imagePullSecrets"]),
+            value: Value::Array(entries),
+        })]
+    }
+}
+
+/// Sets the original-images entries of the containers rewritten now, keeping
+/// the others (a reinvocation after another webhook added a container).
+fn original_images_operation(
+    metadata: Option<&ObjectMeta>,
+    rewritten: &[RewrittenImage],
+    pointer: &impl Fn(&[&str]) -> PointerBuf,
+) -> (PatchOperation, Option<String>) {
+    let annotations = metadata.and_then(|m| m.annotations.as_ref());
+    let existing = annotations.and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION));
+    let mut warning = None;
+    let mut originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
+        Some(Ok(Value::Object(map))) => map,
+        Some(_) => {
+            warning = Some(format!(
+                "annotation {ORIGINAL_IMAGES_ANNOTATION} was not a JSON object; replaced"
+            ));
+            Map::new()
+        }
+        None => Map::new(),
+    };
+    for image in rewritten {
+        originals.insert(image.container.clone(), Value::String(image.from.clone()));
+    }
+    let value = Value::String(Value::Object(originals).to_string());
+    let operation = match (
+        metadata.is_some(),
+        annotations.is_some(),
+        existing.is_some(),
+    ) {
+        (false, _, _) => PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata"]),
+            value: json!({ "annotations": { ORIGINAL_IMAGES_ANNOTATION: value } }),
+        }),
+        (true, false, _) => PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata", "annotations"]),
+            value: json!({ ORIGINAL_IMAGES_ANNOTATION: value }),
+        }),
+        (true, true, false) => PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
+            value,
+        }),
+        (true, true, true) => PatchOperation::Replace(ReplaceOperation {
+            path: pointer(&["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
+            value,
+        }),
+    };
+    (operation, warning)
+}

@@ -1,0 +1,407 @@
+//! Which images move where: rule matching and the rewrite decision.
+//!
+//! Pure: no I/O. Matching is by hash lookup of each component-boundary prefix
+//! of the normalized name, so its cost grows with the number of path
+//! components, not with the number of rules.
+
+use std::collections::{BTreeSet, HashMap};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::config::{ConfigError, ExcludeSpec, RuleSpec, is_dns_label, is_dns_subdomain};
+use crate::image::{self, Reference, ReferenceError};
+
+/// Namespaces that are never touched, whatever the config says: the control
+/// plane's own, where a broken webhook must never block anything.
+pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// One validated rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The `match` text with the legacy Docker Hub host canonicalized.
+    pub match_prefix: String,
+    /// The `target` text with the legacy Docker Hub host canonicalized.
+    pub target: String,
+    pub pull_secret: Option<String>,
+}
+
+impl Rule {
+    pub(crate) fn new(index: usize, spec: RuleSpec) -> Result<Self, ConfigError> {
+        let field = |name: &str| format!("rules[{index}].{name}");
+        let match_prefix = normalize_prefix(&spec.match_prefix)
+            .map_err(|reason| ConfigError::invalid(field("match"), reason))?;
+        let target = normalize_prefix(&spec.target)
+            .map_err(|reason| ConfigError::invalid(field("target"), reason))?;
+        if let Some(secret) = &spec.pull_secret
+            && !is_dns_subdomain(secret)
+        {
+            return Err(ConfigError::invalid(
+                field("pullSecret"),
+                format!("{secret:?} is not a valid Secret name (lower case RFC 1123 subdomain)"),
+            ));
+        }
+        Ok(Self {
+            match_prefix,
+            target,
+            pull_secret: spec.pull_secret,
+        })
+    }
+}
+
+/// Validates `host[:port][/path]` and canonicalizes the Docker Hub host.
+fn normalize_prefix(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("must not be empty; expected a registry host[:port][/path]".into());
+    }
+    let (host, path) = match text.split_once('/') {
+        Some((host, path)) => (host, Some(path)),
+        None => (text, None),
+    };
+    if !image::is_valid_domain(host) || !image::looks_like_domain(host) {
+        return Err(format!(
+            "{text:?} must start with a registry host (a name with a '.' or a ':port', or \
+             localhost); {host:?} would be read as a Docker Hub namespace"
+        ));
+    }
+    if let Some(path) = path
+        && let Some(bad) = path
+            .split('/')
+            .find(|component| !image::is_valid_path_component(component))
+    {
+        return Err(format!(
+            "{text:?} has an invalid path component {bad:?}: components are lower case \
+             letters and digits separated by '.', '_', '__' or '-' (no tag, no digest)"
+        ));
+    }
+    let host = image::canonical_domain(host);
+    Ok(match path {
+        Some(path) => format!("{host}/{path}"),
+        None => host.to_owned(),
+    })
+}
+
+/// What the policy decides for one image, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'p> {
+    /// Move the image: `image` is the new reference, tag and digest as written.
+    Rewrite { image: String, rule: &'p Rule },
+    /// Already under this rule's target: leave it, but its pull secret applies.
+    AlreadyUnderTarget { rule: &'p Rule },
+    /// Matched by `exclude.images`.
+    Excluded,
+    /// No rule matches its registry.
+    NoMatchingRule,
+    /// Not an image reference; left as written.
+    Unparsable(ReferenceError),
+    /// The rewritten reference would be invalid (or pulled from elsewhere).
+    InvalidResult { rule: &'p Rule, reason: String },
+}
+
+impl<'p> Decision<'p> {
+    /// The rule whose pull secret the pod needs for this image.
+    pub fn rule(&self) -> Option<&'p Rule> {
+        match self {
+            Self::Rewrite { rule, .. } | Self::AlreadyUnderTarget { rule } => Some(rule),
+            _ => None,
+        }
+    }
+
+    /// A short machine-readable reason, as `rewrite --output json` prints it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Rewrite { .. } => "rewritten",
+            Self::AlreadyUnderTarget { .. } => "already-under-target",
+            Self::Excluded => "excluded",
+            Self::NoMatchingRule => "no-matching-rule",
+            Self::Unparsable(_) => "unparsable",
+            Self::InvalidResult { .. } => "invalid-result",
+        }
+    }
+}
+
+/// The validated config, ready to answer per image and per namespace.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    rule_by_match: HashMap<String, usize>,
+    rule_by_target: HashMap<String, usize>,
+    excluded_images: GlobSet,
+    excluded_namespaces: BTreeSet<String>,
+}
+
+impl Policy {
+    pub(crate) fn new(
+        rules: Vec<Rule>,
+        exclude: &ExcludeSpec,
+        own_namespace: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let mut rule_by_match = HashMap::with_capacity(rules.len());
+        let mut rule_by_target = HashMap::with_capacity(rules.len());
+        for (index, rule) in rules.iter().enumerate() {
+            if let Some(first) = rule_by_match.insert(rule.match_prefix.clone(), index) {
+                return Err(ConfigError::invalid(
+                    format!("rules[{index}].match"),
+                    format!(
+                        "{:?} is already the match of rules[{first}]; each match may appear once",
+                        rule.match_prefix
+                    ),
+                ));
+            }
+            // Several rules may share a target; the first one's pull secret
+            // is the one an image already under it gets.
+            rule_by_target.entry(rule.target.clone()).or_insert(index);
+        }
+
+        let mut globs = GlobSetBuilder::new();
+        for (index, pattern) in exclude.images.iter().enumerate() {
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| {
+                    ConfigError::invalid(format!("exclude.images[{index}]"), e.to_string())
+                })?;
+            globs.add(glob);
+        }
+        let excluded_images = globs
+            .build()
+            .map_err(|e| ConfigError::invalid("exclude.images", e.to_string()))?;
+
+        let mut excluded_namespaces: BTreeSet<String> = ALWAYS_EXCLUDED_NAMESPACES
+            .iter()
+            .map(|ns| (*ns).to_owned())
+            .collect();
+        for (index, namespace) in exclude.namespaces.iter().enumerate() {
+            if !is_dns_label(namespace) {
+                return Err(ConfigError::invalid(
+                    format!("exclude.namespaces[{index}]"),
+                    format!("{namespace:?} is not a valid namespace name"),
+                ));
+            }
+            excluded_namespaces.insert(namespace.clone());
+        }
+        excluded_namespaces.extend(own_namespace.map(str::to_owned));
+
+        Ok(Self {
+            rules,
+            rule_by_match,
+            rule_by_target,
+            excluded_images,
+            excluded_namespaces,
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Namespaces never touched: the always-excluded ones, the webhook's
+    /// own, and the config's.
+    pub fn excluded_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.excluded_namespaces.iter().map(String::as_str)
+    }
+
+    pub fn excludes_namespace(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.contains(namespace)
+    }
+
+    /// Decides what to do with one image reference as written in a pod.
+    pub fn decide(&self, image: &str) -> Decision<'_> {
+        let reference = match Reference::parse_normalized(image) {
+            Ok(reference) => reference,
+            Err(error) => return Decision::Unparsable(error),
+        };
+        let name = reference.name();
+        if self.excluded_images.is_match(&name) {
+            return Decision::Excluded;
+        }
+        if let Some((index, _)) = longest_prefix(&self.rule_by_target, &name) {
+            return Decision::AlreadyUnderTarget {
+                rule: &self.rules[index],
+            };
+        }
+        let Some((index, rest)) = longest_prefix(&self.rule_by_match, &name) else {
+            return Decision::NoMatchingRule;
+        };
+        let rule = &self.rules[index];
+        let new_name = format!("{}{rest}", rule.target);
+        match rewritten(&reference, &new_name) {
+            Ok(image) => Decision::Rewrite { image, rule },
+            Err(reason) => Decision::InvalidResult { rule, reason },
+        }
+    }
+}
+
+/// The reference under `new_name`, checked to be valid and to be pulled from
+/// exactly `new_name` (a Docker Hub target must not gain a `library/`).
+fn rewritten(reference: &Reference, new_name: &str) -> Result<String, String> {
+    let moved = reference
+        .with_name(new_name)
+        .map_err(|e| format!("the rewritten name {new_name:?} is not valid: {e}"))?;
+    let text = moved.to_string();
+    match Reference::parse_normalized(&text) {
+        Ok(pulled) if pulled.name() == new_name => Ok(text),
+        Ok(pulled) => Err(format!(
+            "{text:?} would be pulled as {:?}, not from the target",
+            pulled.name()
+        )),
+        Err(e) => Err(format!(
+            "the rewritten reference {text:?} is not valid: {e}"
+        )),
+    }
+}
+
+/// The entry whose key is the longest prefix of `name` ending on a path
+/// component boundary, and the rest of `name` after it.
+fn longest_prefix<'n>(keys: &HashMap<String, usize>, name: &'n str) -> Option<(usize, &'n str)> {
+    let mut end = name.len();
+    loop {
+        let (prefix, rest) = name.split_at(end);
+        if let Some(&index) = keys.get(prefix) {
+            return Some((index, rest));
+        }
+        end = prefix.rfind('/')?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigFile;
+
+    const DESIGN_CONFIG: &str = r#"
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+  - match: docker.io/library
+    target: 10.0.0.5:8443
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: harbor-pull
+  - match: localhost:5000
+    target: harbor.corp.example/local
+exclude:
+  images: ["registry.k8s.io/**", "docker.io/bitnami/*"]
+  namespaces: [kube-system]
+"#;
+
+    fn policy(yaml: &str) -> Policy {
+        ConfigFile::from_yaml(yaml)
+            .unwrap()
+            .into_policy(Some("image-rewriter"))
+            .unwrap()
+    }
+
+    fn outcome(policy: &Policy, image: &str) -> (String, Option<String>) {
+        match policy.decide(image) {
+            Decision::Rewrite { image, rule } => (image, rule.pull_secret.clone()),
+            Decision::AlreadyUnderTarget { rule } => (image.to_owned(), rule.pull_secret.clone()),
+            _ => (image.to_owned(), None),
+        }
+    }
+
+    #[test]
+    fn longest_match_wins_on_component_boundaries() {
+        let policy = policy(DESIGN_CONFIG);
+        let digest = format!("sha256:{}", "0".repeat(64));
+        for (input, expected) in [
+            ("nginx", "10.0.0.5:8443/nginx"),
+            ("library/nginx:1.27", "10.0.0.5:8443/nginx:1.27"),
+            (
+                "docker.io/libraryx/app",
+                "harbor.corp.example/dockerhub/libraryx/app",
+            ),
+            ("user/app:v1", "harbor.corp.example/dockerhub/user/app:v1"),
+            (
+                "quay.io/prometheus/node-exporter",
+                "harbor.corp.example/quay/prometheus/node-exporter",
+            ),
+            ("localhost:5000/x", "harbor.corp.example/local/x"),
+            ("localhost:50001/x", "localhost:50001/x"),
+            ("DOCKER.IO/x", "DOCKER.IO/x"),
+            ("quay.io.evil.example/x", "quay.io.evil.example/x"),
+        ] {
+            assert_eq!(outcome(&policy, input).0, expected, "{input}");
+        }
+        let pinned = format!("quay.io/org/app:1.0@{digest}");
+        assert_eq!(
+            outcome(&policy, &pinned).0,
+            format!("harbor.corp.example/quay/org/app:1.0@{digest}")
+        );
+    }
+
+    #[test]
+    fn images_under_a_target_are_never_rewritten_again() {
+        let policy = policy(
+            "rules:\n  - match: docker.io\n    target: docker.io/mycorp-mirror\n    pullSecret: hub\n",
+        );
+        let once = outcome(&policy, "nginx:1");
+        assert_eq!(
+            once,
+            (
+                "docker.io/mycorp-mirror/library/nginx:1".into(),
+                Some("hub".into())
+            )
+        );
+        assert_eq!(outcome(&policy, &once.0), once);
+        assert!(matches!(
+            policy.decide("mycorp-mirror/app"),
+            Decision::AlreadyUnderTarget { .. }
+        ));
+    }
+
+    #[test]
+    fn exclusions_and_unparsable_images_are_left_alone() {
+        let policy = policy(DESIGN_CONFIG);
+        assert_eq!(
+            policy.decide("registry.k8s.io/pause:3.9"),
+            Decision::Excluded
+        );
+        assert_eq!(policy.decide("bitnami/redis"), Decision::Excluded);
+        assert!(matches!(
+            policy.decide("bitnami/redis/x"),
+            Decision::Rewrite { .. }
+        ));
+        assert!(matches!(policy.decide("NGINX"), Decision::Unparsable(_)));
+        assert!(matches!(policy.decide(""), Decision::Unparsable(_)));
+        assert_eq!(policy.decide("gcr.io/x"), Decision::NoMatchingRule);
+    }
+
+    #[test]
+    fn a_rewrite_past_the_length_limit_is_refused() {
+        let policy = policy(
+            "rules:\n  - match: docker.io\n    target: harbor.corp.example/a-very-long-project-name\n",
+        );
+        let long_path = "a".repeat(240);
+        let image = format!("team/{long_path}");
+        assert!(matches!(
+            policy.decide(&image),
+            Decision::InvalidResult { .. }
+        ));
+    }
+
+    #[test]
+    fn a_docker_hub_target_must_not_gain_library() {
+        let policy = policy("rules:\n  - match: quay.io\n    target: docker.io\n");
+        assert!(matches!(
+            policy.decide("quay.io/busybox"),
+            Decision::InvalidResult { .. }
+        ));
+        assert_eq!(outcome(&policy, "quay.io/org/app").0, "docker.io/org/app");
+    }
+
+    #[test]
+    fn system_and_own_namespaces_are_always_excluded() {
+        let policy = policy("exclude:\n  namespaces: [legacy]\n");
+        for namespace in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "image-rewriter",
+            "legacy",
+        ] {
+            assert!(policy.excludes_namespace(namespace), "{namespace}");
+        }
+        assert!(!policy.excludes_namespace("default"));
+    }
+}
