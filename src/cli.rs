@@ -1,13 +1,22 @@
 //! The command line. Every flag also reads an `IMAGE_REWRITER_*` variable.
 
 use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::certs::{self, CertRequest, KeyType};
 use crate::config::load_policy;
 use crate::offline::{RewriteReport, mutate_documents};
+use crate::server::{DEFAULT_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
+
+/// The sample config `serve --dev-self-signed` runs when given none.
+const SAMPLE_CONFIG: &str = include_str!("../examples/config.yaml");
+/// Where a pod's service account token mount says its namespace.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +31,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the webhook: /mutate, /healthz, /readyz over TLS; /metrics over HTTP.
+    Serve(Box<ServeArgs>),
+    /// Generate a CA, a serving certificate, the TLS Secret and the caBundle patch.
+    Certs(CertsArgs),
     /// Show what the policy does to image references.
     Rewrite(RewriteArgs),
     /// Mutate Pods and workloads (YAML or JSON, multi-document) offline.
@@ -34,6 +47,142 @@ pub enum Command {
 pub enum OutputFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn parse_body_limit(text: &str) -> Result<usize, String> {
+    let bytes: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if bytes < MIN_BODY_LIMIT {
+        return Err(format!(
+            "must be at least {MIN_BODY_LIMIT} bytes (7 MiB): an UPDATE review carries two Pods of up to 3 MiB"
+        ));
+    }
+    Ok(bytes)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (watched; reloaded on change).
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_CONFIG",
+        required_unless_present = "dev_self_signed"
+    )]
+    pub config: Option<PathBuf>,
+    /// PEM certificate chain (watched; reloaded on change).
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_TLS_CERT",
+        requires = "tls_key",
+        required_unless_present = "dev_self_signed"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_TLS_KEY",
+        requires = "tls_cert",
+        required_unless_present = "dev_self_signed"
+    )]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long, env = "IMAGE_REWRITER_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// The webhook's own namespace (never touched); defaults to the service
+    /// account's namespace file.
+    #[arg(long, env = "IMAGE_REWRITER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Largest AdmissionReview body, in bytes (at least 7 MiB).
+    #[arg(long, env = "IMAGE_REWRITER_MAX_BODY_BYTES", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_body_limit)]
+    pub max_body_bytes: usize,
+    /// How often the config and certificate files are checked for changes.
+    #[arg(long, env = "IMAGE_REWRITER_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// After SIGTERM: /readyz fails but requests are still served this long.
+    #[arg(long, env = "IMAGE_REWRITER_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// Then in-flight requests get this long to finish.
+    #[arg(long, env = "IMAGE_REWRITER_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Time allowed for the TLS handshake and the request headers.
+    #[arg(long, env = "IMAGE_REWRITER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Time allowed for the request body.
+    #[arg(long, env = "IMAGE_REWRITER_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; more wait to be accepted.
+    #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Development only: generate a throwaway CA and a certificate for
+    /// localhost (and run the sample config if --config is not given).
+    #[arg(long, env = "IMAGE_REWRITER_DEV_SELF_SIGNED")]
+    pub dev_self_signed: bool,
+    /// Where --dev-self-signed writes its files.
+    #[arg(long, env = "IMAGE_REWRITER_DEV_DIR")]
+    pub dev_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// The webhook Service's name.
+    #[arg(long, env = "IMAGE_REWRITER_SERVICE", default_value = "image-rewriter")]
+    pub service: String,
+    /// The webhook Service's namespace.
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_NAMESPACE",
+        default_value = "image-rewriter"
+    )]
+    pub namespace: String,
+    #[arg(long, env = "IMAGE_REWRITER_OUT")]
+    pub out: PathBuf,
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_KEY_TYPE",
+        value_enum,
+        default_value = "ecdsa-p256"
+    )]
+    pub key_type: KeyType,
+    /// Serving certificate validity.
+    #[arg(long, env = "IMAGE_REWRITER_VALIDITY_DAYS", default_value_t = 365)]
+    pub validity_days: u32,
+    #[arg(long, env = "IMAGE_REWRITER_CA_VALIDITY_DAYS", default_value_t = 3650)]
+    pub ca_validity_days: u32,
+    /// The TLS Secret's name, as the Deployment mounts it.
+    #[arg(
+        long,
+        env = "IMAGE_REWRITER_SECRET_NAME",
+        default_value = "image-rewriter-tls"
+    )]
+    pub secret_name: String,
+    /// More DNS names or IP addresses for the serving certificate.
+    #[arg(
+        long = "extra-san",
+        env = "IMAGE_REWRITER_EXTRA_SANS",
+        value_delimiter = ','
+    )]
+    pub extra_sans: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +223,8 @@ pub struct CheckConfigArgs {
 /// config, with the reason on stderr.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Certs(args) => write_certs(&args),
         Command::Rewrite(args) => rewrite(&args),
         Command::Mutate(args) => mutate(&args),
         Command::CheckConfig(args) => check_config(&args),
@@ -135,6 +286,102 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         args.config.display(),
         policy.rules().len(),
         policy.excluded_namespaces().collect::<Vec<_>>().join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_format);
+    let namespace = args.namespace.clone().or_else(|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+            .ok()
+            .map(|ns| ns.trim().to_owned())
+            .filter(|ns| !ns.is_empty())
+    });
+    let (config, tls_cert, tls_key) = match (&args.config, &args.tls_cert, &args.tls_key) {
+        (Some(config), Some(cert), Some(key)) => (config.clone(), cert.clone(), key.clone()),
+        _ => dev_files(&args)?,
+    };
+    let options = ServeOptions {
+        config,
+        tls_cert,
+        tls_key,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        namespace,
+        max_body_bytes: args.max_body_bytes,
+        reload_interval: args.reload_interval,
+        shutdown_delay: args.shutdown_delay,
+        shutdown_grace: args.shutdown_grace,
+        header_read_timeout: args.header_read_timeout,
+        body_read_timeout: args.body_read_timeout,
+        max_connections: args.max_connections,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(crate::server::serve_until_signal(options))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--dev-self-signed`: a throwaway CA and localhost certificate, and the
+/// sample config when none was given. Prints where the CA is for `curl`.
+fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let dir = args.dev_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("image-rewriter-dev-{}", std::process::id()))
+    });
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    names.extend(certs::service_dns_names("image-rewriter", "image-rewriter"));
+    let bundle = certs::generate(&CertRequest {
+        subject_alt_names: names,
+        key_type: KeyType::EcdsaP256,
+        validity_days: 7,
+        ca_validity_days: 7,
+    })?;
+    certs::write_bundle(&bundle, &dir, "image-rewriter-tls", "image-rewriter")?;
+    let config = match &args.config {
+        Some(config) => config.clone(),
+        None => {
+            let path = dir.join("config.yaml");
+            std::fs::write(&path, SAMPLE_CONFIG)?;
+            path
+        }
+    };
+    println!("development mode: throwaway certificate for localhost");
+    println!("CA certificate: {}", dir.join("ca.crt").display());
+    println!("config: {}", config.display());
+    std::io::stdout().flush()?;
+    Ok((config, dir.join("tls.crt"), dir.join("tls.key")))
+}
+
+fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
+    let mut names = certs::service_dns_names(&args.service, &args.namespace);
+    names.extend(args.extra_sans.iter().cloned());
+    let bundle = certs::generate(&CertRequest {
+        subject_alt_names: names,
+        key_type: args.key_type,
+        validity_days: args.validity_days,
+        ca_validity_days: args.ca_validity_days,
+    })?;
+    let written = certs::write_bundle(&bundle, &args.out, &args.secret_name, &args.namespace)?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "next: kubectl apply -k manifests/overlays/cluster-wide (or opt-in); it reads {}",
+        args.out.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -7,9 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod image;
+pub mod metrics;
 pub mod offline;
 pub mod patch;
 pub mod policy;
+pub mod reload;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,111 @@
+//! Prometheus metrics, prefixed `image_rewriter_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `patched`, `unchanged` (examined, nothing to do), `skipped` (not a
+    /// request the webhook acts on), `bad_request`, `too_large`,
+    /// `unsupported_media_type`.
+    pub admission_requests: Family<ResultLabel, Counter>,
+    pub admission_duration: Histogram,
+    pub images_rewritten: Family<RuleLabel, Counter>,
+    pub images_unparsable: Counter,
+    /// `success` or `failure`.
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub certificate_reloads: Family<ResultLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("image_rewriter");
+        let admission_requests = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "admission_requests",
+            "AdmissionReview requests answered, by result",
+            admission_requests.clone(),
+        );
+        // 50 µs to ~0.4 s: the interesting range is well under a millisecond.
+        let admission_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 14),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one AdmissionReview, from body read to response encoded",
+            admission_duration.clone(),
+        );
+        let images_rewritten = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "images_rewritten",
+            "Container images rewritten, by the rule's match",
+            images_rewritten.clone(),
+        );
+        let images_unparsable = Counter::default();
+        registry.register(
+            "images_unparsable",
+            "Container images left unchanged because they are not valid references",
+            images_unparsable.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config file loads after a change, by result",
+            config_reloads.clone(),
+        );
+        let certificate_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "Certificate and key loads after a change, by result",
+            certificate_reloads.clone(),
+        );
+        Self {
+            registry,
+            admission_requests,
+            admission_duration,
+            images_rewritten,
+            images_unparsable,
+            config_reloads,
+            certificate_reloads,
+        }
+    }
+
+    pub fn count_request(&self, result: &'static str) {
+        self.admission_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn count_reload(family: &Family<ResultLabel, Counter>, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        family.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,473 @@
+//! The process the cluster runs: `/mutate`, `/healthz` and `/readyz` over
+//! TLS, `/metrics` over plain HTTP, reloads, and a graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use crate::admission::{self, ReviewSummary};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::reload::{self, Sources};
+use crate::tls::{self, CertificateSlot};
+
+/// What `serve` needs; the CLI fills it from flags and environment.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    /// The webhook's own namespace, never touched.
+    pub namespace: Option<String>,
+    /// Largest AdmissionReview body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+    /// How often the config and certificate files are re-read.
+    pub reload_interval: Duration,
+    /// After SIGTERM, how long `/readyz` fails while requests are still
+    /// served, so endpoints stop routing here before the listener closes.
+    pub shutdown_delay: Duration,
+    /// How long in-flight requests may take to finish after that.
+    pub shutdown_grace: Duration,
+    /// Slow-client bounds: request headers, and the whole body.
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// The smallest body limit allowed: what controller-runtime's webhook
+/// server reads (an UPDATE review carries two Pods of up to 3 MiB).
+pub const MIN_BODY_LIMIT: usize = 7 * 1024 * 1024;
+pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// State shared by every request.
+pub struct AppState {
+    policy: ArcSwapOption<Policy>,
+    certificate_loaded: AtomicBool,
+    shutting_down: AtomicBool,
+    pub metrics: Metrics,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+}
+
+impl AppState {
+    pub fn new(max_body_bytes: usize, body_read_timeout: Duration) -> Self {
+        Self {
+            policy: ArcSwapOption::empty(),
+            certificate_loaded: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            max_body_bytes,
+            body_read_timeout,
+        }
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Some(Arc::new(policy)));
+    }
+
+    pub fn mark_certificate_loaded(&self) {
+        self.certificate_loaded.store(true, Ordering::Release);
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Ready once a config and a certificate are loaded, until shutdown.
+    pub fn is_ready(&self) -> bool {
+        self.policy.load().is_some()
+            && self.certificate_loaded.load(Ordering::Acquire)
+            && !self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// The TLS listener's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The plain-HTTP metrics listener's routes.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn plain(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message,
+    )
+        .into_response()
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = Instant::now();
+    let span = info_span!(
+        "admission",
+        uid = tracing::field::Empty,
+        namespace = tracing::field::Empty,
+        name = tracing::field::Empty,
+        operation = tracing::field::Empty,
+        rewritten = tracing::field::Empty,
+        duration_us = tracing::field::Empty,
+    );
+    let response = answer(&state, request, started)
+        .instrument(span.clone())
+        .await;
+    span.record("duration_us", started.elapsed().as_micros() as u64);
+    state
+        .metrics
+        .admission_duration
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn answer(state: &AppState, request: Request, started: Instant) -> Response {
+    let metrics = &state.metrics;
+    if !is_json(request.headers()) {
+        metrics.count_request("unsupported_media_type");
+        return plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json\n".into(),
+        );
+    }
+    let limited = Limited::new(request.into_body(), state.max_body_bytes);
+    let bytes = match tokio::time::timeout(state.body_read_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+            metrics.count_request("too_large");
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "AdmissionReview body exceeds {} bytes\n",
+                    state.max_body_bytes
+                ),
+            );
+        }
+        Ok(Err(error)) => {
+            metrics.count_request("bad_request");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read body: {error}\n"),
+            );
+        }
+        Err(_) => {
+            metrics.count_request("bad_request");
+            return plain(
+                StatusCode::REQUEST_TIMEOUT,
+                "body not received in time\n".into(),
+            );
+        }
+    };
+    let Some(policy) = state.policy.load_full() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no config loaded yet\n".into(),
+        );
+    };
+    match admission::review(&policy, &bytes) {
+        Ok(reviewed) => {
+            record(state, &reviewed.summary, started);
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::from(reviewed.body),
+            )
+                .into_response()
+        }
+        Err(error) => {
+            metrics.count_request("bad_request");
+            warn!(%error, "malformed AdmissionReview");
+            plain(StatusCode::BAD_REQUEST, format!("{error}\n"))
+        }
+    }
+}
+
+/// Metrics and the one log line per review: identities and counts only,
+/// never the pod spec (env values can be secrets).
+fn record(state: &AppState, summary: &ReviewSummary, started: Instant) {
+    let metrics = &state.metrics;
+    let result = match (summary.examined, summary.patched) {
+        (false, _) => "skipped",
+        (true, true) => "patched",
+        (true, false) => "unchanged",
+    };
+    metrics.count_request(result);
+    for image in &summary.rewritten {
+        metrics
+            .images_rewritten
+            .get_or_create(&crate::metrics::RuleLabel {
+                rule: image.rule.clone(),
+            })
+            .inc();
+    }
+    if summary.unparsable > 0 {
+        metrics.images_unparsable.inc_by(summary.unparsable as u64);
+    }
+    let span = tracing::Span::current();
+    span.record("uid", summary.uid.as_str());
+    span.record("namespace", summary.namespace.as_str());
+    span.record("name", summary.name.as_str());
+    span.record("operation", summary.operation.as_str());
+    span.record("rewritten", summary.rewritten.len());
+    info!(
+        result,
+        dry_run = summary.dry_run,
+        unparsable = summary.unparsable,
+        warnings = summary.warnings,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "admission reviewed"
+    );
+}
+
+/// A running server: its bound addresses, and the handle to stop it.
+pub struct Server {
+    pub https_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds both listeners, starts the reload loop, and serves. The first
+    /// config and certificate load happen before this returns; if they fail
+    /// the server stays up but not ready, and keeps retrying.
+    pub async fn start(options: ServeOptions) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let state = Arc::new(AppState::new(
+            options.max_body_bytes.max(MIN_BODY_LIMIT),
+            options.body_read_timeout,
+        ));
+        let slot = Arc::new(CertificateSlot::default());
+        let sources = Sources::new(&options, provider.clone());
+        let mut watcher = reload::Watcher::new(sources, state.clone(), slot.clone());
+        watcher.poll();
+
+        let tls_config = tls::server_config(provider, slot)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+        let https = TcpListener::bind(options.listen).await?;
+        let metrics = TcpListener::bind(options.metrics_listen).await?;
+        let https_addr = https.local_addr()?;
+        let metrics_addr = metrics.local_addr()?;
+        info!(%https_addr, %metrics_addr, "listening");
+
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(
+            options,
+            state.clone(),
+            acceptor,
+            https,
+            metrics,
+            watcher,
+            stopped,
+        ));
+        Ok(Self {
+            https_addr,
+            metrics_addr,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// Starts the graceful shutdown: not ready at once, then stop
+    /// accepting and drain.
+    pub fn shutdown(&self) {
+        self.state.begin_shutdown();
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the server has drained and stopped.
+    pub async fn wait(self) {
+        if let Err(error) = self.task.await {
+            error!(%error, "server task failed");
+        }
+    }
+}
+
+async fn run(
+    options: ServeOptions,
+    state: Arc<AppState>,
+    acceptor: TlsAcceptor,
+    https: TcpListener,
+    metrics: TcpListener,
+    mut watcher: reload::Watcher,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let reload_interval = options.reload_interval;
+    let mut reload_stop = stopped.clone();
+    let reloads = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(reload_interval) => watcher.poll(),
+                _ = reload_stop.changed() => break,
+            }
+        }
+    });
+
+    let mut metrics_stop = stopped.clone();
+    let metrics_server = tokio::spawn(
+        axum::serve(metrics, metrics_router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = metrics_stop.changed().await;
+            })
+            .into_future(),
+    );
+
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let app = router(state.clone());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stopped.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = https.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = options.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(error) = watcher.watch(connection).await {
+                debug!(%peer, error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(https);
+    info!("stopped accepting; draining connections");
+    if tokio::time::timeout(options.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("grace period over; closing remaining connections");
+    }
+    let _ = reloads.await;
+    let _ = metrics_server.await;
+    info!("shut down");
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve_until_signal(options: ServeOptions) -> anyhow::Result<()> {
+    let delay = options.shutdown_delay;
+    let server = Server::start(options).await?;
+    shutdown_signal().await;
+    info!(
+        delay_ms = delay.as_millis() as u64,
+        "shutdown signal received; not ready"
+    );
+    server.state.begin_shutdown();
+    tokio::time::sleep(delay).await;
+    server.shutdown();
+    server.wait().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The serving certificate: PEM loading, and a resolver whose certificate
+//! can be swapped while connections are open (cert-manager rotation).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: String },
+    #[error("{path}: {reason}")]
+    BadPem { path: String, reason: String },
+    #[error("certificate {cert} and key {key} do not form a usable pair: {reason}")]
+    Mismatch {
+        cert: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// The bytes of a certificate file and its key file, as last read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemPair {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl fmt::Debug for PemPair {
+    // Never print the private key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemPair")
+            .field("cert_bytes", &self.cert.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PemPair {
+    pub fn read(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Ok(Self {
+            cert: read(cert)?,
+            key: read(key)?,
+        })
+    }
+
+    /// The whole chain in the certificate file, and the key (PKCS#8,
+    /// PKCS#1 or SEC1), checked to belong together.
+    pub fn certified_key(
+        &self,
+        provider: &CryptoProvider,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<CertifiedKey, TlsError> {
+        let cert_name = cert_path.display().to_string();
+        let key_name = key_path.display().to_string();
+        let chain = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::BadPem {
+                path: cert_name.clone(),
+                reason: e.to_string(),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate { path: cert_name });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| TlsError::BadPem {
+            path: key_name.clone(),
+            reason: format!("no usable private key: {e}"),
+        })?;
+        CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Mismatch {
+            cert: cert_name,
+            key: key_name,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Hands every new TLS handshake the current certificate. A reload swaps it
+/// without touching established connections; until the first load,
+/// handshakes fail.
+#[derive(Debug, Default)]
+pub struct CertificateSlot(ArcSwapOption<CertifiedKey>);
+
+impl CertificateSlot {
+    pub fn replace(&self, key: CertifiedKey) {
+        self.0.store(Some(Arc::new(key)));
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load_full()
+    }
+}
+
+/// TLS 1.2 and 1.3, ALPN h2 and http/1.1, the certificate from `slot`.
+pub fn server_config(
+    provider: Arc<CryptoProvider>,
+    slot: Arc<CertificateSlot>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(slot);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
