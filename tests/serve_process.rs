@@ -1,0 +1,166 @@
+//! `image-rewriter serve` as a separate process: the key encodings it loads,
+//! readiness turning off at SIGTERM, and a clean exit.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SERVICE_HOST: &str = "image-rewriter.image-rewriter.svc";
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// The running binary; killed if a test fails before it exits.
+struct Process {
+    child: Child,
+    https_addr: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(config: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_image-rewriter"))
+        .args(["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--namespace",
+            "image-rewriter",
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    // The JSON log's "listening" line says which port the kernel gave us.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let https_addr = loop {
+        let line = lines
+            .next()
+            .expect("the server logs before it exits")
+            .expect("log line");
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if event["message"] == "listening" {
+            break event["https_addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the log so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Process { child, https_addr }
+}
+
+fn client(process: &Process, root_pem: &[u8]) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(root_pem).unwrap())
+        .resolve(SERVICE_HOST, process.https_addr)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn status(client: &reqwest::Client, process: &Process, path: &str) -> Option<u16> {
+    let url = format!("https://{SERVICE_HOST}:{}{path}", process.https_addr.port());
+    client
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+async fn wait_for_status(client: &reqwest::Client, process: &Process, path: &str, wanted: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(client, process, path).await != Some(wanted) {
+        assert!(Instant::now() < deadline, "{path} never answered {wanted}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn config_file(dir: &Path) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n",
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn loads_pkcs1_sec1_and_pkcs8_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    for (cert, key) in [
+        ("rsa.crt", "rsa-pkcs1.key"),
+        ("ec.crt", "ec-sec1.key"),
+        ("ec.crt", "ec-pkcs8.key"),
+    ] {
+        let process = spawn(&config, &fixture(cert), &fixture(key), &[]);
+        let root = std::fs::read(fixture(cert)).unwrap();
+        let client = client(&process, &root);
+        wait_for_status(&client, &process, "/readyz", 200).await;
+        assert_eq!(
+            status(&client, &process, "/healthz").await,
+            Some(200),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_turns_readiness_off_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let mut process = spawn(
+        &config,
+        &fixture("ec.crt"),
+        &fixture("ec-pkcs8.key"),
+        &["--shutdown-delay", "2s", "--shutdown-grace", "2s"],
+    );
+    let client = client(&process, &std::fs::read(fixture("ec.crt")).unwrap());
+    wait_for_status(&client, &process, "/readyz", 200).await;
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &process.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Within the shutdown delay: still serving, but not ready.
+    wait_for_status(&client, &process, "/readyz", 503).await;
+    assert_eq!(status(&client, &process, "/healthz").await, Some(200));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = process.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+}

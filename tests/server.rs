@@ -1,0 +1,865 @@
+//! The real server on 127.0.0.1:0, called as the kube-apiserver calls it:
+//! TLS verified against the CA bundle with the Service DNS name as server
+//! name, AdmissionReview v1 bodies in the apiserver's shape, responses read
+//! the way the apiserver reads them, the patch applied with an independent
+//! JSON Patch implementation, and the patched pod sent again.
+//!
+//! Config and certificate files are written the way the kubelet writes
+//! mounted ConfigMaps and Secrets: a `..data` symlink swapped atomically.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{admission_review, check_response, pod, pod_after};
+use image_rewriter::server::{DEFAULT_BODY_LIMIT, ServeOptions, Server};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const SERVICE_HOST: &str = "image-rewriter.image-rewriter.svc";
+
+const CONFIG: &str = "\
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: harbor-pull
+";
+
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A root CA, an intermediate CA it signed, and serving certificates the
+/// intermediate signs: the apiserver trusts only the root, so a handshake
+/// succeeds only if the server sends the whole chain.
+struct Pki {
+    root_pem: String,
+    intermediate_pem: String,
+    intermediate: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let ca_params = || {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params();
+        let root_pem = root_params.self_signed(&root_key).unwrap().pem();
+        let root = Issuer::new(root_params, root_key);
+        let intermediate_key = KeyPair::generate().unwrap();
+        let intermediate_params = ca_params();
+        let intermediate_pem = intermediate_params
+            .signed_by(&intermediate_key, &root)
+            .unwrap()
+            .pem();
+        Self {
+            root_pem,
+            intermediate_pem,
+            intermediate: Issuer::new(intermediate_params, intermediate_key),
+        }
+    }
+
+    /// A serving certificate chain (leaf + intermediate) and its PKCS#8 key.
+    fn serving_pair(&self) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names = image_rewriter::certs::service_dns_names("image-rewriter", "image-rewriter");
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.intermediate)
+            .unwrap();
+        (
+            format!("{}{}", leaf.pem(), self.intermediate_pem),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// Writes files into `dir` as the kubelet's AtomicWriter does: a new
+/// versioned directory, `..data` swapped to it by rename, stable symlinks.
+fn write_like_kubelet(dir: &Path, files: &[(&str, &[u8])]) {
+    static VERSION: AtomicUsize = AtomicUsize::new(0);
+    std::fs::create_dir_all(dir).unwrap();
+    let version = format!("..v{}", VERSION.fetch_add(1, Ordering::Relaxed));
+    std::fs::create_dir(dir.join(&version)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(&version).join(name), content).unwrap();
+    }
+    let previous = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(&version, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), link).unwrap();
+        }
+    }
+    if let Some(previous) = previous {
+        std::fs::remove_dir_all(dir.join(previous)).unwrap();
+    }
+}
+
+struct Harness {
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+    pki: Pki,
+    https_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+}
+
+impl Harness {
+    async fn start(config: &str) -> Self {
+        Self::start_with(config, |_| {}).await
+    }
+
+    async fn start_with(config: &str, adjust: impl FnOnce(&mut ServeOptions)) -> Self {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let (cert, key) = pki.serving_pair();
+        write_like_kubelet(
+            &dir.path().join("config"),
+            &[("config.yaml", config.as_bytes())],
+        );
+        write_like_kubelet(
+            &dir.path().join("tls"),
+            &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+        );
+        let mut options = ServeOptions {
+            config: dir.path().join("config/config.yaml"),
+            tls_cert: dir.path().join("tls/tls.crt"),
+            tls_key: dir.path().join("tls/tls.key"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            namespace: Some("image-rewriter".into()),
+            max_body_bytes: DEFAULT_BODY_LIMIT,
+            reload_interval: Duration::from_millis(50),
+            shutdown_delay: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 256,
+        };
+        adjust(&mut options);
+        let server = Server::start(options).await.unwrap();
+        Self {
+            https_addr: server.https_addr,
+            metrics_addr: server.metrics_addr,
+            server: Some(server),
+            dir,
+            pki,
+        }
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// A client that verifies like the apiserver: only our root CA, and the
+    /// Service DNS name as the server name.
+    fn client(&self, http1_only: bool) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.pki.root_pem.as_bytes()).unwrap(),
+            )
+            .resolve(SERVICE_HOST, self.https_addr)
+            .tls_info(true)
+            .timeout(Duration::from_secs(10));
+        if http1_only {
+            builder = builder.http1_only();
+        }
+        builder.build().unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{SERVICE_HOST}:{}{path}", self.https_addr.port())
+    }
+
+    async fn post_review(&self, client: &reqwest::Client, review: &Value) -> reqwest::Response {
+        client
+            .post(self.url("/mutate?timeout=10s"))
+            .header("Content-Type", "application/json")
+            .body(serde_json::to_vec(review).unwrap())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> prometheus_parse::Scrape {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    }
+
+    async fn wait_for_metric(&self, name: &str, label: (&str, &str), at_least: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = metric(&self.metrics().await, name, label);
+            if value >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{label:?} stayed at {value}, wanted {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+            server.wait().await;
+        }
+    }
+}
+
+fn metric(scrape: &prometheus_parse::Scrape, name: &str, label: (&str, &str)) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| label.0.is_empty() || s.labels.get(label.0) == Some(label.1))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn sample_review() -> Value {
+    admission_review(
+        pod(
+            "team-a",
+            &[("init", "busybox:1.36")],
+            &[
+                ("web", "nginx:1.27"),
+                ("exporter", "quay.io/prometheus/node-exporter:v1.8.0"),
+            ],
+            None,
+        ),
+        "CREATE",
+        "team-a",
+    )
+}
+
+/// One round trip as the apiserver does it, then the reinvocation.
+async fn mutate_and_reinvoke(harness: &Harness, client: &reqwest::Client) -> reqwest::Version {
+    let review = sample_review();
+    let response = harness.post_review(client, &review).await;
+    assert_eq!(response.status(), 200);
+    let version = response.version();
+    let body = response.bytes().await.unwrap();
+    let patch = check_response(&review, &body).expect("a patch");
+    let (patched, pod) = pod_after(&review["request"]["object"], Some(&patch));
+    let spec = pod.spec.unwrap();
+    let images: Vec<_> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .map(|c| c.image.clone().unwrap())
+        .collect();
+    assert_eq!(
+        images,
+        [
+            "harbor.corp.example/dockerhub/library/busybox:1.36",
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "harbor.corp.example/quay/prometheus/node-exporter:v1.8.0",
+        ]
+    );
+    let secrets: Vec<_> = spec
+        .image_pull_secrets
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(secrets, ["harbor-pull"]);
+    assert_eq!(
+        patched["spec"]["someFutureField"],
+        review["request"]["object"]["spec"]["someFutureField"]
+    );
+
+    let again = admission_review(patched, "CREATE", "team-a");
+    let response = harness.post_review(client, &again).await;
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert_eq!(
+        check_response(&again, &body),
+        None,
+        "the second pass must change nothing"
+    );
+    version
+}
+
+#[tokio::test]
+async fn mutates_over_http1_and_h2_as_the_apiserver_calls_it() {
+    let harness = Harness::start(CONFIG).await;
+    let version = mutate_and_reinvoke(&harness, &harness.client(true)).await;
+    assert_eq!(version, reqwest::Version::HTTP_11);
+    let version = mutate_and_reinvoke(&harness, &harness.client(false)).await;
+    assert_eq!(version, reqwest::Version::HTTP_2);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn only_tls_1_2_and_up_and_the_whole_chain_are_served() {
+    let harness = Harness::start(CONFIG).await;
+    // The client trusts only the root: the intermediate must come from the server.
+    let response = harness
+        .client(true)
+        .get(harness.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let tls_info = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .cloned();
+    assert_eq!(response.status(), 200);
+    assert!(
+        tls_info
+            .and_then(|i| i.peer_certificate().map(<[u8]>::to_vec))
+            .is_some()
+    );
+
+    // A client that offers only TLS 1.2 still connects.
+    let config = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    let stream = tls_connect(&harness, config).await;
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    harness.stop().await;
+}
+
+fn root_store(pem: &str) -> rustls::RootCertStore {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    roots
+}
+
+async fn tls_connect(
+    harness: &Harness,
+    mut config: rustls::ClientConfig,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(harness.https_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVICE_HOST).unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_http_answers() {
+    let harness = Harness::start(CONFIG).await;
+    let client = harness.client(true);
+    let post = |body: Vec<u8>, content_type: &'static str| {
+        client
+            .post(harness.url("/mutate?timeout=10s"))
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+    };
+
+    let response = post(b"{not json".to_vec(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("not an AdmissionReview")
+    );
+
+    let mut v1beta1 = sample_review();
+    v1beta1["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let response = post(serde_json::to_vec(&v1beta1).unwrap(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("admission.k8s.io/v1beta1")
+    );
+
+    let mut no_object = sample_review();
+    no_object["request"]["object"] = Value::Null;
+    let response = post(serde_json::to_vec(&no_object).unwrap(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("object is missing"));
+
+    let response = post(serde_json::to_vec(&sample_review()).unwrap(), "text/plain")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+
+    let response = post(
+        serde_json::to_vec(&sample_review()).unwrap(),
+        "application/json; charset=utf-8",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Just above the 8 MiB default: 413; just under it (a big pod): answered.
+    let mut huge = sample_review();
+    huge["request"]["object"]["metadata"]["annotations"]["big"] =
+        json!("x".repeat(DEFAULT_BODY_LIMIT));
+    let response = post(serde_json::to_vec(&huge).unwrap(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let mut large = sample_review();
+    large["request"]["object"]["metadata"]["annotations"]["big"] =
+        json!("x".repeat(7 * 1024 * 1024));
+    let response = post(serde_json::to_vec(&large).unwrap(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Another kind reaching /mutate is allowed untouched.
+    let mut deployment = sample_review();
+    deployment["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    deployment["request"]["resource"] =
+        json!({"group": "apps", "version": "v1", "resource": "deployments"});
+    deployment["request"]["object"] = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {}});
+    let response = post(serde_json::to_vec(&deployment).unwrap(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert_eq!(check_response(&deployment, &body), None);
+
+    let response = client.get(harness.url("/mutate")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+
+    let scrape = harness.metrics().await;
+    // Not JSON, v1beta1, no object.
+    assert_eq!(
+        metric(
+            &scrape,
+            "image_rewriter_admission_requests_total",
+            ("result", "bad_request")
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "image_rewriter_admission_requests_total",
+            ("result", "too_large")
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "image_rewriter_admission_requests_total",
+            ("result", "unsupported_media_type")
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "image_rewriter_admission_requests_total",
+            ("result", "skipped")
+        ),
+        1.0
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_move_with_requests() {
+    let harness = Harness::start(CONFIG).await;
+    let before = harness.metrics().await;
+    assert_eq!(
+        metric(&before, "image_rewriter_admission_requests_total", ("", "")),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &before,
+            "image_rewriter_config_reloads_total",
+            ("result", "success")
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &before,
+            "image_rewriter_certificate_reloads_total",
+            ("result", "success")
+        ),
+        1.0
+    );
+
+    let client = harness.client(true);
+    mutate_and_reinvoke(&harness, &client).await;
+    let mut unparsable = sample_review();
+    unparsable["request"]["object"]["spec"]["containers"][0]["image"] = json!("NGINX");
+    let response = harness.post_review(&client, &unparsable).await;
+    let body = response.bytes().await.unwrap();
+    check_response(&unparsable, &body);
+    assert!(
+        common::warnings_of(&body)
+            .iter()
+            .any(|w| w.contains("\"NGINX\""))
+    );
+
+    let after = harness.metrics().await;
+    let requests = |result| {
+        metric(
+            &after,
+            "image_rewriter_admission_requests_total",
+            ("result", result),
+        )
+    };
+    assert_eq!((requests("patched"), requests("unchanged")), (2.0, 1.0));
+    assert_eq!(
+        metric(
+            &after,
+            "image_rewriter_images_rewritten_total",
+            ("rule", "docker.io")
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "image_rewriter_images_rewritten_total",
+            ("rule", "quay.io")
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&after, "image_rewriter_images_unparsable_total", ("", "")),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "image_rewriter_admission_duration_seconds_count",
+            ("", "")
+        ),
+        3.0
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let harness = Harness::start(CONFIG).await;
+    let client = harness.client(true);
+    let status = |path: &'static str| {
+        let client = client.clone();
+        let url = harness.url(path);
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/healthz").await, 200);
+    assert_eq!(status("/readyz").await, 200);
+    harness.server.as_ref().unwrap().state.begin_shutdown();
+    assert_eq!(status("/readyz").await, 503);
+    assert_eq!(status("/healthz").await, 200);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn not_ready_until_a_config_loads() {
+    let harness = Harness::start("rules: [ {match: docker.io, target: Bad/Target} ]\n").await;
+    let client = harness.client(true);
+    let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let response = harness.post_review(&client, &sample_review()).await;
+    assert_eq!(response.status(), 503);
+
+    write_like_kubelet(
+        &harness.path("config"),
+        &[("config.yaml", CONFIG.as_bytes())],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_config_reloads_total",
+            ("result", "success"),
+            1.0,
+        )
+        .await;
+    let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 200);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
+    let harness = Harness::start(CONFIG).await;
+    let client = harness.client(true);
+    let first_image = |body: &[u8], review: &Value| {
+        let patch = check_response(review, body);
+        let (_, pod) = pod_after(&review["request"]["object"], patch.as_ref());
+        pod.spec.unwrap().containers[0].image.clone().unwrap()
+    };
+
+    let moved = CONFIG.replace("harbor.corp.example/dockerhub", "mirror.corp.example/hub");
+    write_like_kubelet(
+        &harness.path("config"),
+        &[("config.yaml", moved.as_bytes())],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_config_reloads_total",
+            ("result", "success"),
+            2.0,
+        )
+        .await;
+    let review = sample_review();
+    let body = harness
+        .post_review(&client, &review)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        first_image(&body, &review),
+        "mirror.corp.example/hub/library/nginx:1.27"
+    );
+
+    write_like_kubelet(
+        &harness.path("config"),
+        &[(
+            "config.yaml",
+            b"rules:\n  - match: docker.io\n    target: \"\"\n",
+        )],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_config_reloads_total",
+            ("result", "failure"),
+            1.0,
+        )
+        .await;
+    let review = sample_review();
+    let body = harness
+        .post_review(&client, &review)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        first_image(&body, &review),
+        "mirror.corp.example/hub/library/nginx:1.27"
+    );
+    let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
+    assert_eq!(
+        readyz.status(),
+        200,
+        "a refused reload must not make the server unready"
+    );
+    harness.stop().await;
+}
+
+fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
+    response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|info| info.peer_certificate().map(<[u8]>::to_vec))
+        .expect("TLS info")
+}
+
+#[tokio::test]
+async fn certificate_rotation_under_live_traffic_fails_no_request() {
+    let harness = Arc::new(Harness::start(CONFIG).await);
+    let first = peer_certificate(
+        &harness
+            .client(true)
+            .get(harness.url("/healthz"))
+            .send()
+            .await
+            .unwrap(),
+    );
+
+    // Keep-alive clients and a new connection per request, all through the rotation.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let harness = harness.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let kept_alive = harness.client(worker % 2 == 0);
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let client = if worker >= 2 {
+                    harness.client(true)
+                } else {
+                    kept_alive.clone()
+                };
+                let review = sample_review();
+                let response = harness.post_review(&client, &review).await;
+                assert_eq!(response.status(), 200);
+                let body = response.bytes().await.unwrap();
+                assert!(check_response(&review, &body).is_some());
+                sent += 1;
+            }
+            sent
+        }));
+    }
+
+    let (cert, key) = harness.pki.serving_pair();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_like_kubelet(
+        &harness.path("tls"),
+        &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_certificate_reloads_total",
+            ("result", "success"),
+            2.0,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("no request failed");
+    }
+    assert!(total > 20, "only {total} requests went through");
+
+    let second = peer_certificate(
+        &harness
+            .client(true)
+            .get(harness.url("/healthz"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    assert_ne!(first, second, "new connections get the new certificate");
+
+    // A key that does not match its certificate is refused; the last good pair serves on.
+    let (other_cert, _) = harness.pki.serving_pair();
+    write_like_kubelet(
+        &harness.path("tls"),
+        &[
+            ("tls.crt", other_cert.as_bytes()),
+            ("tls.key", key.as_bytes()),
+        ],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_certificate_reloads_total",
+            ("result", "failure"),
+            1.0,
+        )
+        .await;
+    let third = peer_certificate(
+        &harness
+            .client(true)
+            .get(harness.url("/healthz"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(second, third);
+    match Arc::try_unwrap(harness) {
+        Ok(harness) => harness.stop().await,
+        Err(_) => panic!("workers still hold the harness"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_drains_a_slow_in_flight_request() {
+    let harness = Harness::start(CONFIG).await;
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    let mut stream = tls_connect(&harness, config).await;
+    let body = serde_json::to_vec(&sample_review()).unwrap();
+    let head = format!(
+        "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    stream.flush().await.unwrap();
+    // Let the server start on the request: it is now in flight, body pending.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let server = harness.server.as_ref().unwrap();
+    server.shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New connections are refused once the listener closed...
+    assert!(
+        tokio::net::TcpStream::connect(harness.https_addr)
+            .await
+            .is_err()
+    );
+    // ...but the request already in flight completes.
+    stream.write_all(&body[body.len() / 2..]).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    assert!(text.contains("\"patchType\":\"JSONPatch\""));
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    let mut stream = tls_connect(&harness, config).await;
+    stream
+        .write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buffer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buffer)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "slow client kept for {:?}",
+        started.elapsed()
+    );
+    harness.stop().await;
+}
