@@ -134,6 +134,9 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Never talk to the Kubernetes API (no pull secret copies or cache).
+    #[arg(long, env = "IMAGE_REWRITER_NO_API")]
+    pub no_api: bool,
     /// Development only: generate a throwaway CA and a certificate for
     /// localhost (and run the sample config if --config is not given).
     #[arg(long, env = "IMAGE_REWRITER_DEV_SELF_SIGNED")]
@@ -241,20 +244,25 @@ pub fn run(cli: Cli) -> ExitCode {
 fn rewrite(args: &RewriteArgs) -> anyhow::Result<ExitCode> {
     let policy = load_policy(&args.config, None)?;
     let mut stdout = std::io::stdout().lock();
-    let mut all_valid = true;
+    let mut invalid = Vec::new();
     for image in &args.images {
         let report = RewriteReport::new(&policy, image);
-        all_valid &= report.is_valid_input();
+        if !report.is_valid_input() {
+            invalid.push(format!("{image:?} ({})", report.reason));
+        }
         let line = match args.output {
             OutputFormat::Text => report.to_text(),
             OutputFormat::Json => serde_json::to_string(&report)?,
         };
         writeln!(stdout, "{line}")?;
     }
-    if all_valid {
+    if invalid.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("image-rewriter: some images are not valid references");
+        eprintln!(
+            "image-rewriter: not valid image references: {}",
+            invalid.join(", ")
+        );
         Ok(ExitCode::FAILURE)
     }
 }
@@ -326,6 +334,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         header_read_timeout: args.header_read_timeout,
         body_read_timeout: args.body_read_timeout,
         max_connections: args.max_connections,
+        // A development run must never write Secrets into whatever cluster
+        // the local kubeconfig points at.
+        pull_secret_sync: !args.no_api && !args.dev_self_signed,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(crate::server::serve_until_signal(options))?;

@@ -15,6 +15,21 @@ use crate::image::{self, Reference, ReferenceError};
 /// plane's own, where a broken webhook must never block anything.
 pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
+/// Validated `pullSecretSync` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullSecretSync {
+    pub enabled: bool,
+    /// `None` only when the webhook's own namespace is unknown (offline).
+    pub source_namespace: Option<String>,
+    pub wait_for_copy: std::time::Duration,
+}
+
+impl PullSecretSync {
+    pub const DEFAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Well inside the shipped webhook `timeoutSeconds`.
+    pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+}
+
 /// One validated rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -127,6 +142,7 @@ pub struct Policy {
     rule_by_target: HashMap<String, usize>,
     excluded_images: GlobSet,
     excluded_namespaces: BTreeSet<String>,
+    pull_secret_sync: PullSecretSync,
 }
 
 impl Policy {
@@ -134,6 +150,7 @@ impl Policy {
         rules: Vec<Rule>,
         exclude: &ExcludeSpec,
         own_namespace: Option<&str>,
+        pull_secret_sync: PullSecretSync,
     ) -> Result<Self, ConfigError> {
         let mut rule_by_match = HashMap::with_capacity(rules.len());
         let mut rule_by_target = HashMap::with_capacity(rules.len());
@@ -147,9 +164,44 @@ impl Policy {
                     ),
                 ));
             }
-            // Several rules may share a target; the first one's pull secret
-            // is the one an image already under it gets.
             rule_by_target.entry(rule.target.clone()).or_insert(index);
+        }
+        // An image found under a target is given that target's pull secret on
+        // reinvocation; where targets coincide or nest, its provenance is
+        // ambiguous, so they must agree on the secret.
+        for (index, rule) in rules.iter().enumerate() {
+            let mut end = rule.target.len();
+            loop {
+                let prefix = &rule.target[..end];
+                if let Some(&other) = rule_by_target.get(prefix)
+                    && other != index
+                    && rules[other].pull_secret != rule.pull_secret
+                {
+                    return Err(ConfigError::invalid(
+                        format!("rules[{index}].pullSecret"),
+                        format!(
+                            "target {:?} lies under (or is) target {prefix:?} of rules[{other}], \
+                             which has pullSecret {:?}: an image already there could have come \
+                             from either rule, so they must use the same pullSecret",
+                            rule.target, rules[other].pull_secret
+                        ),
+                    ));
+                }
+                match prefix.rfind('/') {
+                    Some(slash) => end = slash,
+                    None => break,
+                }
+            }
+            if let Some((other, _)) = longest_prefix(&rule_by_target, &rule.match_prefix) {
+                return Err(ConfigError::invalid(
+                    format!("rules[{index}].match"),
+                    format!(
+                        "{:?} lies under target {:?} of rules[{other}]: every image it matches \
+                         counts as already moved, so this rule would never rewrite anything",
+                        rule.match_prefix, rules[other].target
+                    ),
+                ));
+            }
         }
 
         let mut globs = GlobSetBuilder::new();
@@ -187,7 +239,20 @@ impl Policy {
             rule_by_target,
             excluded_images,
             excluded_namespaces,
+            pull_secret_sync,
         })
+    }
+
+    pub fn pull_secret_sync(&self) -> &PullSecretSync {
+        &self.pull_secret_sync
+    }
+
+    /// Every distinct `pullSecret` the rules name, sorted.
+    pub fn pull_secret_names(&self) -> BTreeSet<String> {
+        self.rules
+            .iter()
+            .filter_map(|rule| rule.pull_secret.clone())
+            .collect()
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -388,6 +453,28 @@ exclude:
             Decision::InvalidResult { .. }
         ));
         assert_eq!(outcome(&policy, "quay.io/org/app").0, "docker.io/org/app");
+    }
+
+    #[test]
+    fn overlapping_targets_must_agree_on_the_pull_secret() {
+        let refused = |yaml: &str| {
+            ConfigFile::from_yaml(yaml)
+                .unwrap()
+                .into_policy(None)
+                .unwrap_err()
+                .to_string()
+        };
+        let shared = "rules:\n  - match: docker.io\n    target: h.example/m\n    pullSecret: a\n  - match: quay.io\n    target: h.example/m\n    pullSecret: b\n";
+        assert!(refused(shared).starts_with("rules[1].pullSecret"));
+        let nested = "rules:\n  - match: docker.io\n    target: h.example/hub\n    pullSecret: a\n  - match: quay.io\n    target: h.example/hub/quay\n";
+        assert!(refused(nested).starts_with("rules[1].pullSecret"));
+        let agreeing = "rules:\n  - match: docker.io\n    target: h.example/m\n    pullSecret: a\n  - match: quay.io\n    target: h.example/m/quay\n    pullSecret: a\n";
+        assert!(
+            ConfigFile::from_yaml(agreeing)
+                .unwrap()
+                .into_policy(None)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,0 +1,256 @@
+//! The stored AdmissionReview bodies (`tests/fixtures/admission/*.json`, and
+//! `examples/admission-review.json` that the README sends with curl),
+//! answered with `examples/config.yaml` and checked as the apiserver reads
+//! the answer. Each fixture is a complete apiserver-shaped request, so the
+//! same files can be POSTed to a running server.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use image_rewriter::admission::{ReviewError, review};
+use image_rewriter::config::load_policy;
+use image_rewriter::policy::Policy;
+use serde_json::{Value, json};
+
+const DIGEST: &str = "sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn example_policy() -> Policy {
+    load_policy(&root().join("examples/config.yaml"), Some("image-rewriter"))
+        .expect("examples/config.yaml is valid")
+}
+
+fn fixture(name: &str) -> Value {
+    let path = root().join("tests/fixtures/admission").join(name);
+    read_json(&path)
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Answers a stored review; returns the patched object, the response, and
+/// asserts a reinvocation with the patched object is not patched again.
+fn answer(review_body: &Value) -> (Value, Value, Option<Value>) {
+    let policy = example_policy();
+    let (body, patch) = review_in_process(&policy, review_body);
+    let object = &review_body["request"]["object"];
+    let patched = if object.is_null() {
+        assert!(patch.is_none());
+        Value::Null
+    } else if review_body["request"]["kind"]["kind"] == "Pod" {
+        let (patched, _pod) = pod_after(object, patch.as_ref());
+        let mut again = review_body.clone();
+        again["request"]["object"] = patched.clone();
+        let (_, second) = review_in_process(&policy, &again);
+        assert!(second.is_none(), "reinvocation patched again: {second:?}");
+        patched
+    } else {
+        object.clone()
+    };
+    (patched, response_of(&body), patch)
+}
+
+#[test]
+fn the_readme_example_is_rewritten() {
+    let review_body = read_json(&root().join("examples/admission-review.json"));
+    assert_eq!(uid_of(&review_body), "705ab4f5-6393-11e8-b7cc-42010a800002");
+    let (patched, response, patch) = answer(&review_body);
+    assert!(patch.is_some());
+    assert_eq!(
+        images(&patched, "initContainers"),
+        ["harbor.corp.example/ghcr/org/app-migrations:2.4.1"]
+    );
+    assert_eq!(
+        images(&patched, "containers"),
+        [
+            format!("harbor.corp.example/ghcr/org/app@{DIGEST}"),
+            "harbor.corp.example/dockerhub/library/nginx:1.27".to_owned()
+        ]
+    );
+    assert_eq!(pull_secrets(&patched), Some(vec!["harbor-pull".to_owned()]));
+    assert_eq!(response["auditAnnotations"]["images-rewritten"], "3");
+    let originals: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["image-rewriter.io/original-images"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        originals,
+        json!({
+            "migrate": "ghcr.io/org/app-migrations:2.4.1",
+            "app": format!("ghcr.io/org/app@{DIGEST}"),
+            "nginx": "nginx:1.27"
+        })
+    );
+}
+
+#[test]
+fn pod_create() {
+    let (patched, response, _) = answer(&fixture("pod-create.json"));
+    // busybox is excluded by examples/config.yaml.
+    assert_eq!(images(&patched, "initContainers"), ["busybox:1.36"]);
+    assert_eq!(
+        images(&patched, "containers"),
+        [
+            "harbor.corp.example/quay/prometheus/node-exporter:v1.8.0",
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "harbor.corp.example/k8s/pause:3.9",
+        ]
+    );
+    assert_eq!(
+        pull_secrets(&patched),
+        Some(vec!["regcred".to_owned(), "harbor-pull".to_owned()])
+    );
+    assert_eq!(response["auditAnnotations"]["images-rewritten"], "3");
+    assert!(response.get("warnings").is_none());
+}
+
+#[test]
+fn pod_create_dry_run() {
+    let (patched, _, patch) = answer(&fixture("pod-create-dry-run.json"));
+    assert!(patch.is_some());
+    assert_eq!(
+        images(&patched, "containers"),
+        ["harbor.corp.example/dockerhub/library/nginx"]
+    );
+}
+
+#[test]
+fn pod_create_unparsable() {
+    let (patched, response, _) = answer(&fixture("pod-create-unparsable.json"));
+    assert_eq!(
+        images(&patched, "containers"),
+        ["NGINX", "harbor.corp.example/dockerhub/library/nginx:1.27"]
+    );
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1);
+    let warning = warnings[0].as_str().unwrap();
+    assert!(
+        warning.starts_with("container \"app\": image \"NGINX\" is not a valid reference")
+            && warning.ends_with("left unchanged"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn requests_answered_without_a_patch() {
+    for name in [
+        "pod-create-kube-system.json",
+        "pod-create-reinvocation.json",
+        "pod-status-update.json",
+        "pod-update.json",
+        "pod-delete.json",
+        "deployment-create.json",
+    ] {
+        let review_body = fixture(name);
+        let (patched, response, patch) = answer(&review_body);
+        assert!(patch.is_none(), "{name}: {patch:?}");
+        assert!(response.get("patchType").is_none(), "{name}");
+        assert!(response.get("warnings").is_none(), "{name}: {response}");
+        assert_eq!(patched, review_body["request"]["object"], "{name}");
+    }
+}
+
+#[test]
+fn kubectl_debug() {
+    let (patched, response, patch) = answer(&fixture("ephemeral-containers-update.json"));
+    assert_eq!(
+        patch,
+        Some(json!([{
+            "op": "replace",
+            "path": "/spec/ephemeralContainers/1/image",
+            "value": "harbor.corp.example/dockerhub/nicolaka/netshoot:v0.13"
+        }]))
+    );
+    assert_eq!(
+        images(&patched, "ephemeralContainers"),
+        [
+            "busybox:1.36",
+            "harbor.corp.example/dockerhub/nicolaka/netshoot:v0.13"
+        ]
+    );
+    assert!(response.get("warnings").is_none(), "{response}");
+}
+
+#[test]
+fn kubectl_debug_without_the_pull_secret_warns() {
+    let (_, response, patch) = answer(&fixture("ephemeral-containers-update-no-secret.json"));
+    let ops = patch.unwrap();
+    assert_eq!(ops.as_array().unwrap().len(), 1);
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let warning = warnings[0].as_str().unwrap();
+    assert!(
+        warning.contains("\"harbor-pull\"") && warning.contains("debugger-m4t9z"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn v1beta1_is_refused() {
+    let body = serde_json::to_vec(&fixture("v1beta1-pod-create.json")).unwrap();
+    match review(&example_policy(), &body) {
+        Err(ReviewError::UnsupportedVersion(version)) => {
+            assert_eq!(version, "admission.k8s.io/v1beta1")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn every_fixture_is_an_apiserver_shaped_review() {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures/admission"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.push(root().join("examples/admission-review.json"));
+    assert!(paths.len() >= 10);
+    for path in paths {
+        let review_body = read_json(&path);
+        let request = &review_body["request"];
+        for key in [
+            "uid",
+            "kind",
+            "resource",
+            "requestKind",
+            "requestResource",
+            "name",
+            "namespace",
+            "operation",
+            "userInfo",
+            "object",
+            "oldObject",
+            "dryRun",
+            "options",
+        ] {
+            assert!(
+                request.get(key).is_some(),
+                "{}: request.{key} missing",
+                path.display()
+            );
+        }
+        let operation = request["operation"].as_str().unwrap();
+        assert_eq!(
+            request["options"]["kind"],
+            match operation {
+                "CREATE" => "CreateOptions",
+                "UPDATE" => "UpdateOptions",
+                _ => "DeleteOptions",
+            },
+            "{}",
+            path.display()
+        );
+        if operation == "CREATE" {
+            assert!(request["oldObject"].is_null(), "{}", path.display());
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! The real binary: `rewrite`, `check-config` and `mutate`, with files,
+//! standard input, environment variables and the examples.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+const DIGEST: &str = "sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945";
+
+const CONFIG: &str = r#"
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: harbor-pull
+  - match: ghcr.io
+    target: harbor.corp.example/ghcr
+exclude:
+  images: ["registry.k8s.io/**"]
+  namespaces: [legacy]
+"#;
+
+/// A command with no inherited `IMAGE_REWRITER_*` variables.
+fn command() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    command().args(args).output().expect("binary runs")
+}
+
+fn run_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = command()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        stdout(output),
+        stderr(output)
+    );
+}
+
+fn assert_exit_1(output: &Output) {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        stdout(output),
+        stderr(output)
+    );
+}
+
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+    fn config(&self) -> PathBuf {
+        self.file("config.yaml", CONFIG)
+    }
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|document| <Value as serde::Deserialize>::deserialize(document).unwrap())
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+fn images_at(document: &Value, pointer: &str) -> Vec<String> {
+    document
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .map(|containers| {
+            containers
+                .iter()
+                .map(|c| c["image"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------------------
+// rewrite
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rewrite_text() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = run(&[
+        "rewrite",
+        "--config",
+        s(&config),
+        "nginx",
+        "quay.io/prometheus/node-exporter:v1.8.0",
+        "registry.k8s.io/pause:3.9",
+        "gcr.io/x/y",
+    ]);
+    assert_success(&output);
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].starts_with("nginx -> harbor.corp.example/dockerhub/library/nginx "),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains("harbor-pull") && lines[0].contains("rewritten"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with(
+        "quay.io/prometheus/node-exporter:v1.8.0 -> harbor.corp.example/quay/prometheus/node-exporter:v1.8.0"
+    ));
+    assert!(lines[2].starts_with("registry.k8s.io/pause:3.9 -> registry.k8s.io/pause:3.9"));
+    assert!(lines[2].contains("excluded"), "{text}");
+    assert!(lines[3].contains("no-matching-rule"), "{text}");
+}
+
+#[test]
+fn rewrite_json_lines() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pinned = format!("ghcr.io/org/app:1.0@{DIGEST}");
+    let output = run(&[
+        "rewrite",
+        "--config",
+        s(&config),
+        "--output",
+        "json",
+        "library/nginx:1.27",
+        &pinned,
+        "harbor.corp.example/quay/org/app:1",
+        "registry.k8s.io/pause:3.9",
+    ]);
+    assert_success(&output);
+    let lines: Vec<Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for line in &lines {
+        let keys: Vec<&String> = line.as_object().unwrap().keys().collect();
+        for key in ["input", "output", "rule", "pullSecret", "reason"] {
+            assert!(line.get(key).is_some(), "{key} missing in {line}");
+        }
+        assert_eq!(keys.len(), 5, "{line}");
+    }
+    assert_eq!(
+        lines[0],
+        serde_json::json!({
+            "input": "library/nginx:1.27",
+            "output": "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "rule": "docker.io",
+            "pullSecret": "harbor-pull",
+            "reason": "rewritten"
+        })
+    );
+    assert_eq!(
+        lines[1]["output"],
+        format!("harbor.corp.example/ghcr/org/app:1.0@{DIGEST}")
+    );
+    assert_eq!(lines[1]["rule"], "ghcr.io");
+    assert!(lines[1]["pullSecret"].is_null());
+    assert_eq!(lines[2]["output"], "harbor.corp.example/quay/org/app:1");
+    assert_eq!(lines[2]["rule"], "quay.io");
+    assert_eq!(lines[2]["pullSecret"], "harbor-pull");
+    assert_eq!(lines[2]["reason"], "already-under-target");
+    assert!(lines[3]["rule"].is_null());
+    assert_eq!(lines[3]["reason"], "excluded");
+}
+
+#[test]
+fn rewrite_an_unparsable_image_fails_with_the_reason() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = run(&[
+        "rewrite",
+        "--config",
+        s(&config),
+        "--output",
+        "json",
+        "nginx",
+        "NGINX",
+    ]);
+    assert_exit_1(&output);
+    let lines: Vec<Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["output"], "NGINX");
+    assert!(
+        lines[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("unparsable"),
+        "{}",
+        lines[1]
+    );
+    let err = stderr(&output);
+    assert!(err.contains("not valid"), "{err}");
+    // The reason names the image, so a log or a CI job shows which one.
+    assert!(
+        err.contains("NGINX"),
+        "stderr does not name the image: {err}"
+    );
+}
+
+#[test]
+fn rewrite_with_a_missing_config_fails() {
+    let dir = Dir::new();
+    let missing = dir.dir.path().join("nope.yaml");
+    let output = run(&["rewrite", "--config", s(&missing), "nginx"]);
+    assert_exit_1(&output);
+    let err = stderr(&output);
+    assert!(err.contains("nope.yaml"), "{err}");
+    assert!(stdout(&output).is_empty());
+}
+
+#[test]
+fn invalid_configs_are_refused_by_field() {
+    let dir = Dir::new();
+    for (yaml, field) in [
+        (
+            "rules:\n  - match: docker.io\n    target: Harbor.example/UP\n",
+            "rules[0].target",
+        ),
+        (
+            "rules:\n  - match: docker.io\n    target: h.example\n  - match: quay.io\n    target: h.example/q:1\n",
+            "rules[1].target",
+        ),
+        (
+            "rules:\n  - match: nginx\n    target: h.example\n",
+            "rules[0].match",
+        ),
+        (
+            "rules:\n  - match: docker.io\n    target: h.example\n    pullSecret: Bad_Secret\n",
+            "rules[0].pullSecret",
+        ),
+        (
+            "exclude:\n  namespaces: ['Not A Namespace']\n",
+            "exclude.namespaces[0]",
+        ),
+        (
+            "rules:\n  - match: docker.io\n    targt: h.example\n",
+            "targt",
+        ),
+        ("rules: [", ""),
+    ] {
+        let config = dir.file("bad.yaml", yaml);
+        for args in [
+            vec!["rewrite", "--config", s(&config), "nginx"],
+            vec!["check-config", "--config", s(&config)],
+        ] {
+            let output = run(&args);
+            assert_exit_1(&output);
+            let err = stderr(&output);
+            assert!(err.contains(field), "{args:?} {yaml:?}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// check-config
+// ---------------------------------------------------------------------------
+
+#[test]
+fn check_config_accepts_valid_configs() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = run(&["check-config", "--config", s(&config)]);
+    assert_success(&output);
+    let text = stdout(&output);
+    assert!(text.contains("OK"), "{text}");
+    assert!(text.contains("3 rule"), "{text}");
+    assert!(
+        text.contains("kube-system") && text.contains("legacy"),
+        "{text}"
+    );
+
+    let example = root().join("examples/config.yaml");
+    assert_success(&run(&["check-config", "--config", s(&example)]));
+    let empty = dir.file("empty.yaml", "");
+    assert_success(&run(&["check-config", "--config", s(&empty)]));
+}
+
+#[test]
+fn the_config_path_reads_the_environment() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = command()
+        .env("IMAGE_REWRITER_CONFIG", &config)
+        .args(["rewrite", "quay.io/org/app:1"])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    assert!(stdout(&output).contains("harbor.corp.example/quay/org/app:1"));
+
+    let output = command()
+        .env("IMAGE_REWRITER_CONFIG", &config)
+        .env("IMAGE_REWRITER_OUTPUT", "json")
+        .args(["rewrite", "nginx"])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let line: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(
+        line["output"],
+        "harbor.corp.example/dockerhub/library/nginx"
+    );
+
+    let output = command()
+        .env("IMAGE_REWRITER_CONFIG", &config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_success(&output);
+
+    let pod = dir.file("pod.yaml", POD);
+    let output = command()
+        .env("IMAGE_REWRITER_CONFIG", &config)
+        .args(["mutate", "-f", s(&pod)])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    assert!(stdout(&output).contains("harbor.corp.example/dockerhub/library/nginx:1.27"));
+
+    // Without the flag or the variable, the command refuses to guess.
+    let output = run(&["rewrite", "nginx"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--config"), "{}", stderr(&output));
+}
+
+// ---------------------------------------------------------------------------
+// mutate
+// ---------------------------------------------------------------------------
+
+const POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  annotations:
+    team: storefront
+spec:
+  initContainers:
+    - name: init
+      image: ghcr.io/org/init:1
+  containers:
+    - name: app
+      image: nginx:1.27
+    - name: pause
+      image: registry.k8s.io/pause:3.9
+  imagePullSecrets:
+    - name: regcred
+"#;
+
+const DEPLOYMENT: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+        - name: app
+          image: quay.io/org/web:2.0
+        - name: nginx
+          image: nginx
+"#;
+
+const CRONJOB: &str = r#"apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: report
+  namespace: shop
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers:
+            - name: report
+              image: bitnami/kubectl:1.31
+"#;
+
+const SERVICE_AND_JOB: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+    - port: 80
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: migrate
+          image: ghcr.io/org/migrate:3
+"#;
+
+#[test]
+fn mutate_a_pod_file() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod = dir.file("pod.yaml", POD);
+    let output = run(&["mutate", "--config", s(&config), "-f", s(&pod)]);
+    assert_success(&output);
+    let documents = yaml_documents(&stdout(&output));
+    assert_eq!(documents.len(), 1);
+    let pod = &documents[0];
+    assert_eq!(
+        images_at(pod, "/spec/initContainers"),
+        ["harbor.corp.example/ghcr/org/init:1"]
+    );
+    assert_eq!(
+        images_at(pod, "/spec/containers"),
+        [
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "registry.k8s.io/pause:3.9"
+        ]
+    );
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        serde_json::json!([{"name": "regcred"}, {"name": "harbor-pull"}])
+    );
+    assert_eq!(pod["metadata"]["annotations"]["team"], "storefront");
+    let originals: Value = serde_json::from_str(
+        pod["metadata"]["annotations"]["image-rewriter.io/original-images"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        originals,
+        serde_json::json!({"init": "ghcr.io/org/init:1", "app": "nginx:1.27"})
+    );
+}
+
+#[test]
+fn mutate_workloads_from_stdin() {
+    let dir = Dir::new();
+    let config = dir.config();
+    for (input, pointer, expected) in [
+        (
+            DEPLOYMENT,
+            "/spec/template/spec/containers",
+            vec![
+                "harbor.corp.example/quay/org/web:2.0",
+                "harbor.corp.example/dockerhub/library/nginx",
+            ],
+        ),
+        (
+            CRONJOB,
+            "/spec/jobTemplate/spec/template/spec/containers",
+            vec!["harbor.corp.example/dockerhub/bitnami/kubectl:1.31"],
+        ),
+    ] {
+        let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], input);
+        assert_success(&output);
+        let documents = yaml_documents(&stdout(&output));
+        assert_eq!(documents.len(), 1);
+        assert_eq!(images_at(&documents[0], pointer), expected);
+    }
+}
+
+#[test]
+fn mutate_a_multi_document_stream() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let stream = format!("{DEPLOYMENT}{SERVICE_AND_JOB}");
+    let file = dir.file("all.yaml", &stream);
+    let output = run(&["mutate", "--config", s(&config), "-f", s(&file)]);
+    assert_success(&output);
+    let documents = yaml_documents(&stdout(&output));
+    let kinds: Vec<&str> = documents
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Deployment", "Service", "Job"]);
+    assert_eq!(
+        images_at(&documents[0], "/spec/template/spec/containers")[0],
+        "harbor.corp.example/quay/org/web:2.0"
+    );
+    let service_in: Vec<Value> = yaml_documents(SERVICE_AND_JOB);
+    assert_eq!(
+        documents[1], service_in[0],
+        "the Service passes through unchanged"
+    );
+    assert_eq!(
+        images_at(&documents[2], "/spec/template/spec/containers"),
+        ["harbor.corp.example/ghcr/org/migrate:3"]
+    );
+    // The ghcr rule has no pull secret: the Job gets none.
+    assert!(
+        documents[2]["spec"]["template"]["spec"]
+            .get("imagePullSecrets")
+            .is_none()
+    );
+}
+
+#[test]
+fn mutate_json_in_json_out() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod: Value = serde_yaml_ng::from_str(POD).unwrap();
+    let output = run_stdin(
+        &["mutate", "--config", s(&config), "-f", "-"],
+        &serde_json::to_string_pretty(&pod).unwrap(),
+    );
+    assert_success(&output);
+    let mutated: Value = serde_json::from_str(&stdout(&output))
+        .unwrap_or_else(|e| panic!("output is not JSON: {e}\n{}", stdout(&output)));
+    assert_eq!(
+        images_at(&mutated, "/spec/containers")[0],
+        "harbor.corp.example/dockerhub/library/nginx:1.27"
+    );
+}
+
+#[test]
+fn mutate_warns_about_unparsable_images_and_leaves_them() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod = POD.replace("image: nginx:1.27", "image: NGINX");
+    let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &pod);
+    assert_success(&output);
+    let documents = yaml_documents(&stdout(&output));
+    assert_eq!(images_at(&documents[0], "/spec/containers")[0], "NGINX");
+    let err = stderr(&output);
+    assert!(
+        err.contains("NGINX") && err.contains("not a valid reference"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mutate_respects_excluded_namespaces() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod = POD.replace("namespace: shop", "namespace: legacy");
+    let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &pod);
+    assert_success(&output);
+    let documents = yaml_documents(&stdout(&output));
+    assert_eq!(documents[0], yaml_documents(&pod)[0]);
+}
+
+#[test]
+fn mutate_refuses_bad_input() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = run_stdin(
+        &["mutate", "--config", s(&config), "-f", "-"],
+        "kind: Pod\nspec: [\n",
+    );
+    assert_exit_1(&output);
+    assert!(
+        stderr(&output).contains("document 1"),
+        "{}",
+        stderr(&output)
+    );
+    let missing = dir.dir.path().join("missing.yaml");
+    let output = run(&["mutate", "--config", s(&config), "-f", s(&missing)]);
+    assert_exit_1(&output);
+    assert!(
+        stderr(&output).contains("missing.yaml"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run_stdin(
+        &["mutate", "--config", s(&config), "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\nspec:\n  containers: nginx\n",
+    );
+    assert_exit_1(&output);
+    assert!(stderr(&output).contains("spec"), "{}", stderr(&output));
+}
+
+// ---------------------------------------------------------------------------
+// The examples, as the README runs them
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_examples_mutate_with_the_example_config() {
+    let config = root().join("examples/config.yaml");
+    let mutate = |file: &str| {
+        let path = root().join("examples").join(file);
+        let output = run(&["mutate", "--config", s(&config), "-f", s(&path)]);
+        assert_success(&output);
+        yaml_documents(&stdout(&output))
+    };
+
+    let deployment = mutate("deployment.yaml");
+    assert_eq!(deployment.len(), 1);
+    let spec = "/spec/template/spec";
+    assert_eq!(
+        images_at(&deployment[0], &format!("{spec}/initContainers")),
+        ["harbor.corp.example/ghcr/org/app-migrations:2.4.1"]
+    );
+    assert_eq!(
+        images_at(&deployment[0], &format!("{spec}/containers")),
+        [
+            format!("harbor.corp.example/ghcr/org/app@{DIGEST}"),
+            "harbor.corp.example/dockerhub/library/nginx:1.27".to_owned(),
+            "harbor.corp.example/k8s/pause:3.9".to_owned(),
+        ]
+    );
+    assert_eq!(
+        deployment[0]
+            .pointer(&format!("{spec}/imagePullSecrets"))
+            .unwrap(),
+        &serde_json::json!([{"name": "regcred"}, {"name": "harbor-pull"}])
+    );
+
+    let pod = mutate("pod.yaml");
+    assert_eq!(images_at(&pod[0], "/spec/initContainers"), ["busybox:1.36"]);
+    assert_eq!(
+        images_at(&pod[0], "/spec/containers"),
+        [
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "harbor.corp.example/quay/prometheus/node-exporter:v1.8.0"
+        ]
+    );
+
+    let workloads = mutate("workloads.yaml");
+    let kinds: Vec<&str> = workloads
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Deployment", "StatefulSet", "CronJob", "Service"]);
+    assert_eq!(
+        images_at(&workloads[0], "/spec/template/spec/containers"),
+        [
+            "harbor.corp.example/ghcr/org/api:v3.2.0",
+            "harbor.corp.example/dockerhub/envoyproxy/envoy:v1.31.0"
+        ]
+    );
+    assert_eq!(
+        images_at(&workloads[1], "/spec/template/spec/initContainers"),
+        ["busybox"]
+    );
+    assert_eq!(
+        images_at(&workloads[1], "/spec/template/spec/containers"),
+        [
+            "harbor.corp.example/dockerhub/library/postgres:16.4",
+            "harbor.corp.example/quay/prometheuscommunity/postgres-exporter:v0.15.0"
+        ]
+    );
+    assert_eq!(
+        images_at(
+            &workloads[2],
+            "/spec/jobTemplate/spec/template/spec/containers"
+        ),
+        [
+            "harbor.corp.example/ghcr/org/report:2.1",
+            "harbor.corp.example/k8s/pause:3.9"
+        ]
+    );
+    let service: Vec<Value> =
+        yaml_documents(&std::fs::read_to_string(root().join("examples/workloads.yaml")).unwrap());
+    assert_eq!(workloads[3], service[3]);
+}
