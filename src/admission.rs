@@ -65,8 +65,69 @@ pub struct Reviewed {
     pub summary: ReviewSummary,
 }
 
+/// A decoded review and the plan for it, before the answer is encoded: the
+/// server may add warnings (a pull secret that cannot exist) in between.
+#[derive(Debug)]
+pub struct Planned {
+    response: AdmissionResponse,
+    plan: Option<PodPlan>,
+    pub summary: ReviewSummary,
+}
+
+impl Planned {
+    /// The namespace of a pod the policy examined, and the pull secrets it
+    /// must find there; `None` for requests that change nothing or are dry
+    /// runs (which must have no side effects).
+    pub fn pull_secrets_needed(&self) -> Option<(&str, &[String])> {
+        let plan = self.plan.as_ref()?;
+        if self.summary.dry_run || plan.pull_secrets.is_empty() || self.summary.namespace.is_empty()
+        {
+            return None;
+        }
+        Some((&self.summary.namespace, &plan.pull_secrets))
+    }
+
+    pub fn add_warning(&mut self, warning: String) {
+        self.summary.warnings += 1;
+        self.response
+            .warnings
+            .get_or_insert_with(Vec::new)
+            .push(warning);
+    }
+
+    /// Encodes the answer.
+    pub fn into_response(mut self) -> Reviewed {
+        let mut patch = None;
+        if let Some(plan) = self.plan {
+            if !plan.warnings.is_empty() {
+                let mut warnings = plan.warnings;
+                warnings.extend(self.response.warnings.take().unwrap_or_default());
+                self.response.warnings = Some(warnings);
+            }
+            if !plan.rewritten.is_empty() {
+                self.response.audit_annotations = HashMap::from([(
+                    AUDIT_IMAGES_REWRITTEN.to_owned(),
+                    plan.rewritten.len().to_string(),
+                )]);
+            }
+            if !plan.operations.is_empty() {
+                patch = Some(json_patch::Patch(plan.operations));
+            }
+        }
+        Reviewed {
+            body: encode(self.response, patch.as_ref()),
+            summary: self.summary,
+        }
+    }
+}
+
 /// Answers one AdmissionReview body.
 pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
+    Ok(plan_review(policy, body)?.into_response())
+}
+
+/// Decodes one AdmissionReview body and plans the patch.
+pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
     let request = match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If
@@ -78,10 +139,10 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
             if is_pod(&request.kind.group, &request.kind.kind) {
                 return Err(ReviewError::InvalidPod(pod_error));
             }
-            let summary = summarize(&request, None);
-            return Ok(Reviewed {
-                body: encode(AdmissionResponse::from(&request), None),
-                summary,
+            return Ok(Planned {
+                response: AdmissionResponse::from(&request),
+                plan: None,
+                summary: summarize(&request, None, None),
             });
         }
     };
@@ -102,26 +163,14 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
         }
         _ => None,
     };
-    let summary = summarize(&request, plan.as_ref());
-    let mut response = AdmissionResponse::from(&request);
-    let mut patch = None;
-    if let Some(plan) = plan {
-        if !plan.warnings.is_empty() {
-            response.warnings = Some(plan.warnings);
-        }
-        if !plan.rewritten.is_empty() {
-            response.audit_annotations = HashMap::from([(
-                AUDIT_IMAGES_REWRITTEN.to_owned(),
-                plan.rewritten.len().to_string(),
-            )]);
-        }
-        if !plan.operations.is_empty() {
-            patch = Some(json_patch::Patch(plan.operations));
-        }
-    }
-    Ok(Reviewed {
-        body: encode(response, patch.as_ref()),
-        summary,
+    let generate_name = request
+        .object
+        .as_ref()
+        .and_then(|pod| pod.metadata.generate_name.as_deref());
+    Ok(Planned {
+        response: AdmissionResponse::from(&request),
+        summary: summarize(&request, plan.as_ref(), generate_name),
+        plan,
     })
 }
 
@@ -180,11 +229,17 @@ fn pod_scope(request: &AdmissionRequest<Pod>) -> Result<Option<Scope>, ReviewErr
 fn summarize<T: kube::Resource>(
     request: &AdmissionRequest<T>,
     plan: Option<&PodPlan>,
+    generate_name: Option<&str>,
 ) -> ReviewSummary {
+    // On CREATE a pod may have only a generateName: log that, marked.
+    let name = match (request.name.as_str(), generate_name) {
+        ("", Some(prefix)) => format!("{prefix}*"),
+        (name, _) => name.to_owned(),
+    };
     let mut summary = ReviewSummary {
         uid: request.uid.clone(),
         namespace: request.namespace.clone().unwrap_or_default(),
-        name: request.name.clone(),
+        name,
         operation: format!("{:?}", request.operation).to_uppercase(),
         dry_run: request.dry_run,
         ..ReviewSummary::default()

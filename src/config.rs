@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::policy::{Policy, Rule};
+use crate::policy::{Policy, PullSecretSync, Rule};
 
 /// The config file as written.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -17,6 +17,24 @@ pub struct ConfigFile {
     pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub exclude: ExcludeSpec,
+    #[serde(default)]
+    pub pull_secret_sync: PullSecretSyncSpec,
+}
+
+/// Copying each rule's `pullSecret` into the namespaces that need it.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PullSecretSyncSpec {
+    /// Copy missing pull secrets (default true; without API access, off).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Where the source Secrets live (default: the webhook's namespace).
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    /// How long one admission waits for a missing copy to be created, e.g.
+    /// `1s` (default), `500ms`; `0s` never waits.
+    #[serde(default)]
+    pub wait_for_copy: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -81,7 +99,43 @@ impl ConfigFile {
             .enumerate()
             .map(|(index, spec)| Rule::new(index, spec))
             .collect::<Result<Vec<_>, _>>()?;
-        Policy::new(rules, &self.exclude, own_namespace)
+        let sync = self.pull_secret_sync.validate(own_namespace)?;
+        Policy::new(rules, &self.exclude, own_namespace, sync)
+    }
+}
+
+impl PullSecretSyncSpec {
+    fn validate(&self, own_namespace: Option<&str>) -> Result<PullSecretSync, ConfigError> {
+        let source_namespace = match &self.source_namespace {
+            Some(namespace) if !is_dns_label(namespace) => {
+                return Err(ConfigError::invalid(
+                    "pullSecretSync.sourceNamespace",
+                    format!("{namespace:?} is not a valid namespace name"),
+                ));
+            }
+            Some(namespace) => Some(namespace.clone()),
+            None => own_namespace.map(str::to_owned),
+        };
+        let wait_for_copy = match &self.wait_for_copy {
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                ConfigError::invalid("pullSecretSync.waitForCopy", format!("{text:?}: {e}"))
+            })?,
+            None => PullSecretSync::DEFAULT_WAIT,
+        };
+        if wait_for_copy > PullSecretSync::MAX_WAIT {
+            return Err(ConfigError::invalid(
+                "pullSecretSync.waitForCopy",
+                format!(
+                    "{wait_for_copy:?} is longer than {:?}: the apiserver's webhook timeout must cover it",
+                    PullSecretSync::MAX_WAIT
+                ),
+            ));
+        }
+        Ok(PullSecretSync {
+            enabled: self.enabled.unwrap_or(true),
+            source_namespace,
+            wait_for_copy,
+        })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod offline;
 pub mod patch;
 pub mod policy;
+pub mod pullsecrets;
 pub mod reload;
 pub mod server;
 pub mod tls;

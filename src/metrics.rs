@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,10 @@ pub struct Metrics {
     /// `success` or `failure`.
     pub config_reloads: Family<ResultLabel, Counter>,
     pub certificate_reloads: Family<ResultLabel, Counter>,
+    /// `created`, `updated`, `exists`, `user_owned`, `failed`.
+    pub pull_secret_copies: Family<ResultLabel, Counter>,
+    pub pull_secret_sync_errors: Counter,
+    pub pull_secret_cache_size: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,8 +84,29 @@ impl Metrics {
             "Certificate and key loads after a change, by result",
             certificate_reloads.clone(),
         );
+        let pull_secret_copies = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "pull_secret_copies",
+            "Pull secret copies into pod namespaces, by result",
+            pull_secret_copies.clone(),
+        );
+        let pull_secret_sync_errors = Counter::default();
+        registry.register(
+            "pull_secret_sync_errors",
+            "Errors syncing pull secrets: API failures, missing or deleted sources, watch errors",
+            pull_secret_sync_errors.clone(),
+        );
+        let pull_secret_cache_size = Gauge::default();
+        registry.register(
+            "pull_secret_cache_size",
+            "Secrets, across namespaces, in the watch cache of the rules' pull secret names",
+            pull_secret_cache_size.clone(),
+        );
         Self {
             registry,
+            pull_secret_copies,
+            pull_secret_sync_errors,
+            pull_secret_cache_size,
             admission_requests,
             admission_duration,
             images_rewritten,

@@ -49,6 +49,10 @@ pub struct PodPlan {
     pub warnings: Vec<String>,
     /// Images that are not valid references (left as written).
     pub unparsable: usize,
+    /// The pull secrets the pod references for its rewritten (or already
+    /// moved) images, in order of first use: these must exist in its
+    /// namespace. Empty for ephemeral containers, which cannot add any.
+    pub pull_secrets: Vec<String>,
 }
 
 impl PodPlan {
@@ -148,6 +152,7 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
     if *scope == Scope::WholePod {
         plan.operations
             .extend(pull_secret_operations(spec, &needed_secrets, &pointer));
+        plan.pull_secrets = needed_secrets.0.iter().map(|s| (*s).to_owned()).collect();
         if !plan.rewritten.is_empty() {
             let (operation, warning) =
                 original_images_operation(pod.metadata, &plan.rewritten, &pointer);

@@ -27,6 +27,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use crate::admission::{self, ReviewSummary};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::pullsecrets::PullSecretSync;
 use crate::reload::{self, Sources};
 use crate::tls::{self, CertificateSlot};
 
@@ -53,6 +54,9 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
+    /// Copy pull secrets when an API server is reachable (config may still
+    /// turn copying off); `false` never talks to the API.
+    pub pull_secret_sync: bool,
 }
 
 /// The smallest body limit allowed: what controller-runtime's webhook
@@ -63,9 +67,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
 /// State shared by every request.
 pub struct AppState {
     policy: ArcSwapOption<Policy>,
+    pull_secrets: std::sync::OnceLock<PullSecretSync>,
     certificate_loaded: AtomicBool,
     shutting_down: AtomicBool,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
 }
@@ -74,16 +79,28 @@ impl AppState {
     pub fn new(max_body_bytes: usize, body_read_timeout: Duration) -> Self {
         Self {
             policy: ArcSwapOption::empty(),
+            pull_secrets: std::sync::OnceLock::new(),
             certificate_loaded: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
             max_body_bytes,
             body_read_timeout,
         }
     }
 
     pub fn set_policy(&self, policy: Policy) {
+        if let Some(sync) = self.pull_secrets.get() {
+            sync.configure(&policy);
+        }
         self.policy.store(Some(Arc::new(policy)));
+    }
+
+    /// Turns on pull secret sync (once), following the current config.
+    pub fn enable_pull_secret_sync(&self, sync: PullSecretSync) {
+        if let Some(policy) = self.policy.load_full() {
+            sync.configure(&policy);
+        }
+        let _ = self.pull_secrets.set(sync);
     }
 
     pub fn mark_certificate_loaded(&self) {
@@ -219,8 +236,17 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "no config loaded yet\n".into(),
         );
     };
-    match admission::review(&policy, &bytes) {
-        Ok(reviewed) => {
+    match admission::plan_review(&policy, &bytes) {
+        Ok(mut planned) => {
+            let needed = planned
+                .pull_secrets_needed()
+                .map(|(namespace, names)| (namespace.to_owned(), names.to_vec()));
+            if let (Some(sync), Some((namespace, names))) = (state.pull_secrets.get(), needed) {
+                for warning in sync.ensure_for_pod(&policy, &namespace, &names).await {
+                    planned.add_warning(warning);
+                }
+            }
+            let reviewed = planned.into_response();
             record(state, &reviewed.summary, started);
             (
                 [(header::CONTENT_TYPE, "application/json")],
@@ -296,6 +322,11 @@ impl Server {
         let sources = Sources::new(&options, provider.clone());
         let mut watcher = reload::Watcher::new(sources, state.clone(), slot.clone());
         watcher.poll();
+        if options.pull_secret_sync
+            && let Some(sync) = PullSecretSync::connect(state.metrics.clone()).await
+        {
+            state.enable_pull_secret_sync(sync);
+        }
 
         let tls_config = tls::server_config(provider, slot)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls_config));

@@ -1,0 +1,575 @@
+//! Pull secrets that exist: each rule's `pullSecret` is copied from the
+//! source namespace into every namespace whose pods get it, and copies are
+//! kept in sync when the source rotates.
+//!
+//! The request path never waits on the API when the copy is known to exist:
+//! a watch cache (one field-selected watch per secret name, so it holds only
+//! those Secrets) answers. A missing copy is created by one background worker;
+//! the admission waits for it at most `pullSecretSync.waitForCopy`.
+//! Secret contents are never logged.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::metrics::{Metrics, ResultLabel};
+use crate::policy::Policy;
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "image-rewriter";
+/// `namespace/name` of the Secret a copy was made from.
+pub const SOURCE_ANNOTATION: &str = "image-rewriter.io/source";
+/// The Secret types a kubelet reads as image pull secrets.
+const PULL_SECRET_TYPES: [&str; 2] = ["kubernetes.io/dockerconfigjson", "kubernetes.io/dockercfg"];
+/// Each API call of the worker gives up after this.
+const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const QUEUE_CAPACITY: usize = 1024;
+
+/// What the cache knows of one Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cached {
+    managed: bool,
+    /// Hash of type and data, to see whether a copy matches its source.
+    fingerprint: u64,
+}
+
+#[derive(Debug, Default)]
+struct NameCache {
+    /// The first list completed: absence in `namespaces` means absence.
+    synced: bool,
+    namespaces: HashMap<String, Cached>,
+}
+
+#[derive(Debug)]
+enum Work {
+    Ensure {
+        namespace: String,
+        name: String,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Reconcile {
+        name: String,
+    },
+}
+
+/// What happened to one requested copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Exists,
+    Created,
+    UserOwned,
+    Failed(String),
+}
+
+struct Inner {
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    cache: RwLock<HashMap<String, NameCache>>,
+    source_namespace: RwLock<Option<String>>,
+    watches: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    work: mpsc::Sender<Work>,
+}
+
+/// The running sync; cheap to clone.
+#[derive(Clone)]
+pub struct PullSecretSync {
+    inner: Arc<Inner>,
+}
+
+impl PullSecretSync {
+    /// Connects with the in-cluster config or a kubeconfig; `None` (and one
+    /// log line) when there is neither: the admission path works without it.
+    pub async fn connect(metrics: Arc<Metrics>) -> Option<Self> {
+        match kube::Client::try_default().await {
+            Ok(client) => Some(Self::start(client, metrics)),
+            Err(error) => {
+                info!(%error, "no Kubernetes API configuration; pull secret sync is off");
+                None
+            }
+        }
+    }
+
+    /// Starts the worker; watches start with [`Self::configure`].
+    pub fn start(client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        let (work, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let inner = Arc::new(Inner {
+            client,
+            metrics,
+            cache: RwLock::default(),
+            source_namespace: RwLock::default(),
+            watches: Mutex::default(),
+            work,
+        });
+        tokio::spawn(worker(inner.clone(), queue));
+        Self { inner }
+    }
+
+    /// Follows a (re)loaded config: watches exactly the rules' secret names.
+    pub fn configure(&self, policy: &Policy) {
+        let inner = &self.inner;
+        if let Ok(mut source) = inner.source_namespace.write() {
+            source.clone_from(&policy.pull_secret_sync().source_namespace);
+        }
+        let names = policy.pull_secret_names();
+        let Ok(mut watches) = inner.watches.lock() else {
+            return;
+        };
+        watches.retain(|name, task| {
+            let keep = names.contains(name);
+            if !keep {
+                task.abort();
+                if let Ok(mut cache) = inner.cache.write() {
+                    cache.remove(name);
+                }
+            }
+            keep
+        });
+        for name in names {
+            watches
+                .entry(name.clone())
+                .or_insert_with(|| tokio::spawn(watch_name(inner.clone(), name)));
+        }
+    }
+
+    /// Whether every watched name has completed its first list.
+    pub fn is_synced(&self) -> bool {
+        self.inner
+            .cache
+            .read()
+            .map(|cache| cache.values().all(|c| c.synced))
+            .unwrap_or(false)
+    }
+
+    /// Makes sure `names` exist in `namespace` for a pod being admitted:
+    /// no API call when the cache has them, otherwise a copy requested and
+    /// awaited at most `waitForCopy`. Returns warnings for the response.
+    pub async fn ensure_for_pod(
+        &self,
+        policy: &Policy,
+        namespace: &str,
+        names: &[String],
+    ) -> Vec<String> {
+        let settings = policy.pull_secret_sync();
+        let Some(source_namespace) = settings.source_namespace.as_deref() else {
+            return Vec::new();
+        };
+        if namespace == source_namespace {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        let mut pending = Vec::new();
+        for name in names {
+            match self.inner.lookup(name, namespace) {
+                Lookup::Present => continue,
+                Lookup::Absent if !settings.enabled => warnings.push(format!(
+                    "imagePullSecret {name:?} does not exist in namespace {namespace:?} and \
+                     pullSecretSync is disabled: pulls that need it will fail"
+                )),
+                Lookup::Absent | Lookup::Unknown if settings.enabled => {
+                    let (reply, outcome) = oneshot::channel();
+                    let work = Work::Ensure {
+                        namespace: namespace.to_owned(),
+                        name: name.clone(),
+                        reply,
+                    };
+                    if self.inner.work.try_send(work).is_err() {
+                        self.inner.metrics.pull_secret_sync_errors.inc();
+                        warnings.push(format!(
+                            "imagePullSecret {name:?} is missing in namespace {namespace:?} and the \
+                             copy queue is full; pulls that need it may fail"
+                        ));
+                        continue;
+                    }
+                    pending.push((name, outcome));
+                }
+                Lookup::Absent | Lookup::Unknown => {}
+            }
+        }
+        if pending.is_empty() {
+            return warnings;
+        }
+        let waited = tokio::time::timeout(
+            settings.wait_for_copy,
+            futures::future::join_all(pending.iter_mut().map(|(_, outcome)| outcome)),
+        )
+        .await;
+        // Not done in time: the copy goes on in the background and the
+        // kubelet retries its pull; nothing to warn about yet.
+        if let Ok(outcomes) = waited {
+            for ((name, _), outcome) in pending.iter().zip(outcomes) {
+                if let Ok(Outcome::Failed(reason)) = outcome {
+                    warnings.push(format!(
+                        "imagePullSecret {name:?} is missing in namespace {namespace:?} and could \
+                         not be copied from {source_namespace:?}: {reason}"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
+enum Lookup {
+    Present,
+    Absent,
+    /// The watch has not listed yet.
+    Unknown,
+}
+
+impl Inner {
+    fn lookup(&self, name: &str, namespace: &str) -> Lookup {
+        let Ok(cache) = self.cache.read() else {
+            return Lookup::Unknown;
+        };
+        match cache.get(name) {
+            Some(entry) if entry.namespaces.contains_key(namespace) => Lookup::Present,
+            Some(entry) if entry.synced => Lookup::Absent,
+            _ => Lookup::Unknown,
+        }
+    }
+
+    fn source_namespace(&self) -> Option<String> {
+        self.source_namespace.read().ok().and_then(|s| s.clone())
+    }
+
+    fn remember(&self, name: &str, namespace: &str, cached: Cached) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache
+                .entry(name.to_owned())
+                .or_default()
+                .namespaces
+                .insert(namespace.to_owned(), cached);
+            self.update_cache_size(&cache);
+        }
+    }
+
+    fn update_cache_size(&self, cache: &HashMap<String, NameCache>) {
+        let size: usize = cache.values().map(|c| c.namespaces.len()).sum();
+        self.metrics.pull_secret_cache_size.set(size as i64);
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics
+            .pull_secret_copies
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+}
+
+fn fingerprint(secret: &Secret) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    secret.type_.hash(&mut hasher);
+    if let Some(data) = &secret.data {
+        for (key, value) in data {
+            key.hash(&mut hasher);
+            value.0.hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+fn is_managed(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(MANAGED_BY_LABEL))
+        .is_some_and(|value| value == MANAGED_BY_VALUE)
+}
+
+fn cached(secret: &Secret) -> Cached {
+    Cached {
+        managed: is_managed(secret),
+        fingerprint: fingerprint(secret),
+    }
+}
+
+/// Keeps the cache of one secret name current, across all namespaces.
+async fn watch_name(inner: Arc<Inner>, name: String) {
+    let api: Api<Secret> = Api::all(inner.client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut relisted: Option<HashMap<String, Cached>> = None;
+    while let Some(event) = events.next().await {
+        let source_namespace = inner.source_namespace();
+        match event {
+            Ok(Event::Init) => relisted = Some(HashMap::new()),
+            Ok(Event::InitApply(secret)) => {
+                if let (Some(list), Some(namespace)) =
+                    (&mut relisted, secret.metadata.namespace.clone())
+                {
+                    list.insert(namespace, cached(&secret));
+                }
+            }
+            Ok(Event::InitDone) => {
+                let namespaces = relisted.take().unwrap_or_default();
+                if source_namespace
+                    .as_ref()
+                    .is_some_and(|ns| !namespaces.contains_key(ns))
+                {
+                    error!(secret = %name, source = ?source_namespace, "source pull secret does not exist; no copies can be made");
+                    inner.metrics.pull_secret_sync_errors.inc();
+                }
+                if let Ok(mut cache) = inner.cache.write() {
+                    let entry = cache.entry(name.clone()).or_default();
+                    entry.namespaces = namespaces;
+                    entry.synced = true;
+                    inner.update_cache_size(&cache);
+                }
+                let _ = inner
+                    .work
+                    .send(Work::Reconcile { name: name.clone() })
+                    .await;
+            }
+            Ok(Event::Apply(secret)) => {
+                let Some(namespace) = secret.metadata.namespace.clone() else {
+                    continue;
+                };
+                let is_source = source_namespace.as_deref() == Some(namespace.as_str());
+                let entry = cached(&secret);
+                if !is_source && !entry.managed {
+                    warn!(secret = %name, %namespace, "a Secret image-rewriter did not create has this name; it is left alone");
+                }
+                inner.remember(&name, &namespace, entry);
+                if is_source {
+                    let _ = inner
+                        .work
+                        .send(Work::Reconcile { name: name.clone() })
+                        .await;
+                }
+            }
+            Ok(Event::Delete(secret)) => {
+                let Some(namespace) = secret.metadata.namespace.clone() else {
+                    continue;
+                };
+                if let Ok(mut cache) = inner.cache.write() {
+                    if let Some(entry) = cache.get_mut(&name) {
+                        entry.namespaces.remove(&namespace);
+                    }
+                    inner.update_cache_size(&cache);
+                }
+                if source_namespace.as_deref() == Some(namespace.as_str()) {
+                    error!(secret = %name, %namespace, "source pull secret deleted; copies are left in place");
+                    inner.metrics.pull_secret_sync_errors.inc();
+                }
+            }
+            Err(error) => {
+                warn!(secret = %name, %error, "pull secret watch failed; retrying");
+                inner.metrics.pull_secret_sync_errors.inc();
+            }
+        }
+    }
+}
+
+/// Creates and updates copies, one at a time, off the request path.
+async fn worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<Work>) {
+    while let Some(work) = queue.recv().await {
+        match work {
+            Work::Ensure {
+                namespace,
+                name,
+                reply,
+            } => {
+                let outcome = ensure_copy(&inner, &namespace, &name).await;
+                let _ = reply.send(outcome);
+            }
+            Work::Reconcile { name } => reconcile(&inner, &name).await,
+        }
+    }
+}
+
+async fn api_call<T>(
+    future: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(API_CALL_TIMEOUT, future).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer from the API server within {API_CALL_TIMEOUT:?}").into(),
+        )),
+    }
+}
+
+fn is_status(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == code)
+}
+
+/// The source Secret, checked to be a pull secret.
+async fn source_secret(inner: &Inner, name: &str) -> Result<(String, Secret), String> {
+    let Some(source_namespace) = inner.source_namespace() else {
+        return Err("the source namespace is unknown".into());
+    };
+    let api: Api<Secret> = Api::namespaced(inner.client.clone(), &source_namespace);
+    let secret = match api_call(api.get_opt(name)).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(format!(
+                "source Secret {source_namespace}/{name} does not exist"
+            ));
+        }
+        Err(error) => {
+            return Err(format!(
+                "cannot read source Secret {source_namespace}/{name}: {error}"
+            ));
+        }
+    };
+    let kind = secret.type_.as_deref().unwrap_or("Opaque");
+    if !PULL_SECRET_TYPES.contains(&kind) {
+        return Err(format!(
+            "source Secret {source_namespace}/{name} has type {kind}, not kubernetes.io/dockerconfigjson"
+        ));
+    }
+    Ok((source_namespace, secret))
+}
+
+fn copy_of(source: &Secret, source_namespace: &str, namespace: &str) -> Secret {
+    let name = source.metadata.name.clone();
+    Secret {
+        metadata: ObjectMeta {
+            name: name.clone(),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                MANAGED_BY_VALUE.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                SOURCE_ANNOTATION.to_owned(),
+                format!("{source_namespace}/{}", name.unwrap_or_default()),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: source.type_.clone(),
+        data: source.data.clone(),
+        ..Secret::default()
+    }
+}
+
+async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
+    if matches!(inner.lookup(name, namespace), Lookup::Present) {
+        return Outcome::Exists;
+    }
+    let (source_namespace, source) = match source_secret(inner, name).await {
+        Ok(found) => found,
+        Err(reason) => {
+            error!(secret = %name, %namespace, %reason, "cannot copy pull secret");
+            inner.metrics.pull_secret_sync_errors.inc();
+            inner.count("failed");
+            return Outcome::Failed(reason);
+        }
+    };
+    let api: Api<Secret> = Api::namespaced(inner.client.clone(), namespace);
+    let copy = copy_of(&source, &source_namespace, namespace);
+    match api_call(api.create(&PostParams::default(), &copy)).await {
+        Ok(created) => {
+            info!(secret = %name, %namespace, "pull secret copied");
+            inner.remember(name, namespace, cached(&created));
+            inner.count("created");
+            Outcome::Created
+        }
+        Err(error) if is_status(&error, 409) => {
+            // Someone (a user, or another replica) was first.
+            let existing = api_call(api.get_opt(name)).await.ok().flatten();
+            let managed = existing.as_ref().is_some_and(is_managed);
+            if let Some(existing) = &existing {
+                inner.remember(name, namespace, cached(existing));
+            }
+            if managed {
+                inner.count("exists");
+                Outcome::Exists
+            } else {
+                inner.count("user_owned");
+                Outcome::UserOwned
+            }
+        }
+        Err(error) => {
+            error!(secret = %name, %namespace, %error, "cannot create pull secret copy");
+            inner.metrics.pull_secret_sync_errors.inc();
+            inner.count("failed");
+            Outcome::Failed(error.to_string())
+        }
+    }
+}
+
+/// Brings every managed copy of `name` to the source's content.
+async fn reconcile(inner: &Inner, name: &str) {
+    let (source_namespace, source) = match source_secret(inner, name).await {
+        Ok(found) => found,
+        Err(reason) => {
+            error!(secret = %name, %reason, "cannot sync pull secret copies");
+            inner.metrics.pull_secret_sync_errors.inc();
+            return;
+        }
+    };
+    let wanted = fingerprint(&source);
+    let stale: BTreeSet<String> = inner
+        .cache
+        .read()
+        .map(|cache| {
+            cache
+                .get(name)
+                .map(|entry| {
+                    entry
+                        .namespaces
+                        .iter()
+                        .filter(|(ns, c)| {
+                            **ns != source_namespace && c.managed && c.fingerprint != wanted
+                        })
+                        .map(|(ns, _)| ns.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    for namespace in stale {
+        update_copy(inner, &source, &source_namespace, &namespace).await;
+    }
+}
+
+async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, namespace: &str) {
+    let name = source.metadata.name.clone().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(inner.client.clone(), namespace);
+    // Read-modify-write with the resourceVersion just read; a conflict means
+    // someone wrote in between, so read again (twice at most).
+    for _ in 0..2 {
+        let current = match api_call(api.get_opt(&name)).await {
+            Ok(Some(current)) => current,
+            Ok(None) => return,
+            Err(error) => {
+                warn!(secret = %name, %namespace, %error, "cannot read pull secret copy");
+                inner.metrics.pull_secret_sync_errors.inc();
+                return;
+            }
+        };
+        if !is_managed(&current) {
+            inner.count("user_owned");
+            return;
+        }
+        let mut updated = copy_of(source, source_namespace, namespace);
+        updated.metadata.resource_version = current.metadata.resource_version.clone();
+        updated.metadata.labels = current.metadata.labels.clone();
+        match api_call(api.replace(&name, &PostParams::default(), &updated)).await {
+            Ok(written) => {
+                info!(secret = %name, %namespace, "pull secret copy updated from its source");
+                inner.remember(&name, namespace, cached(&written));
+                inner.count("updated");
+                return;
+            }
+            Err(error) if is_status(&error, 409) => continue,
+            Err(error) => {
+                warn!(secret = %name, %namespace, %error, "cannot update pull secret copy");
+                inner.metrics.pull_secret_sync_errors.inc();
+                inner.count("failed");
+                return;
+            }
+        }
+    }
+}
