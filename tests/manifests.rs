@@ -240,6 +240,94 @@ fn check_rendered(ws: &Workspace, r: &Rendered, expect: &Expect) {
     check_selectors(r, &service, &pdb, &netpol, &pod);
     check_certificate(ws, r, &mwc, webhook, expect.certs);
     check_config_map(r, &config_map);
+    check_rbac(r, &config_map, &deployment);
+}
+
+/// The webhook's API access is exactly what pull secret sync needs: the
+/// rules' pull secret names (get/list/watch/update) and create, bound to the
+/// Deployment's ServiceAccount, and nothing else.
+fn check_rbac(r: &Rendered, config_map: &ConfigMap, deployment: &Deployment) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let o = &r.overlay;
+    assert!(
+        r.all::<Role>().is_empty() && r.all::<RoleBinding>().is_empty(),
+        "{o}: unexpected Role"
+    );
+    let roles: Vec<ClusterRole> = r.all();
+    assert_eq!(roles.len(), 1, "{o}: one ClusterRole");
+    let rules = roles[0].rules.clone().unwrap_or_default();
+    let config: serde_json::Value =
+        serde_yaml_ng::from_str(&config_map.data.as_ref().unwrap()[CONFIG_KEY]).unwrap();
+    let mut secret_names: Vec<String> = config["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|rule| rule["pullSecret"].as_str().map(str::to_owned))
+        .collect();
+    secret_names.sort();
+    secret_names.dedup();
+    for rule in &rules {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&[String::new()][..]),
+            "{o}: core group only"
+        );
+        assert_eq!(
+            rule.resources.as_deref(),
+            Some(&["secrets".to_owned()][..]),
+            "{o}: secrets only"
+        );
+    }
+    let named: Vec<_> = rules
+        .iter()
+        .filter(|r| r.resource_names.is_some())
+        .collect();
+    let unnamed: Vec<_> = rules
+        .iter()
+        .filter(|r| r.resource_names.is_none())
+        .collect();
+    assert_eq!(named.len(), 1, "{o}: one rule restricted by name");
+    assert_eq!(named[0].verbs, ["get", "list", "watch", "update"], "{o}");
+    let mut granted = named[0].resource_names.clone().unwrap();
+    granted.sort();
+    assert_eq!(
+        granted, secret_names,
+        "{o}: resourceNames must be the config's pull secrets"
+    );
+    assert_eq!(unnamed.len(), 1, "{o}: one unnamed rule");
+    assert_eq!(
+        unnamed[0].verbs,
+        ["create"],
+        "{o}: only create is unrestricted by name"
+    );
+
+    let bindings: Vec<ClusterRoleBinding> = r.all();
+    assert_eq!(bindings.len(), 1, "{o}: one ClusterRoleBinding");
+    let binding = &bindings[0];
+    assert_eq!(
+        binding.role_ref.name,
+        roles[0].metadata.name.clone().unwrap()
+    );
+    let spec = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let subjects = binding.subjects.clone().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "{o}");
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(
+        Some(&subjects[0].name),
+        spec.service_account_name.as_ref(),
+        "{o}: bound to the pods' account"
+    );
+    assert_eq!(
+        subjects[0].namespace.as_deref(),
+        deployment.metadata.namespace.as_deref()
+    );
 }
 
 /// The webhook's own objects live in its namespace: a namespaced object
@@ -283,7 +371,8 @@ fn check_webhook(r: &Rendered, w: &MutatingWebhook, pod: &Pod, expect: &Expect) 
         ["v1"],
         "{o}: admissionReviewVersions"
     );
-    assert_eq!(w.side_effects, "None", "{o}: sideEffects");
+    // Pull secret copies are a side effect, skipped on dry-run requests.
+    assert_eq!(w.side_effects, "NoneOnDryRun", "{o}: sideEffects");
     assert_eq!(
         w.reinvocation_policy.as_deref(),
         Some("IfNeeded"),
