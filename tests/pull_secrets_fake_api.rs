@@ -1,0 +1,588 @@
+//! Pull secret sync against a FAKE API server: an in-process HTTP server
+//! that speaks the apiserver's JSON for the Secret endpoints the sync uses
+//! (list and watch with field selectors and resourceVersion, get, create
+//! with 409, replace with resourceVersion conflicts), driven through the
+//! real `kube::Client`. It exists for what a real apiserver cannot be made
+//! to do on demand: answer 500, hang, drop watches, and count every call.
+//! The happy paths run against a real kube-apiserver in tests/e2e.rs.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use image_rewriter::config::ConfigFile;
+use image_rewriter::metrics::Metrics;
+use image_rewriter::policy::Policy;
+use image_rewriter::pullsecrets::{MANAGED_BY_LABEL, PullSecretSync};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+const SOURCE_NS: &str = "image-rewriter";
+const SECRET: &str = "harbor-pull";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Fault {
+    None = 0,
+    /// Every call but list/watch answers 500.
+    ServerError = 1,
+    /// Every call but list/watch never answers.
+    Hang = 2,
+}
+
+/// The fake's state: Secrets by (namespace, name), a resourceVersion clock,
+/// watch subscribers, and counters.
+struct Fake {
+    secrets: Mutex<BTreeMap<(String, String), Value>>,
+    revision: AtomicU64,
+    events: broadcast::Sender<(u64, Value)>,
+    /// Every event, so a watch from an older resourceVersion is replayed
+    /// what it missed, as the apiserver's watch cache does.
+    history: Mutex<Vec<(u64, Value)>>,
+    fault: AtomicU8,
+    calls: AtomicUsize,
+    watches_started: AtomicUsize,
+    /// Bumping this ends every open watch stream (a dropped connection).
+    watch_generation: AtomicU64,
+}
+
+impl Fake {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            secrets: Mutex::default(),
+            revision: AtomicU64::new(100),
+            events: broadcast::channel(1024).0,
+            history: Mutex::default(),
+            fault: AtomicU8::new(Fault::None as u8),
+            calls: AtomicUsize::new(0),
+            watches_started: AtomicUsize::new(0),
+            watch_generation: AtomicU64::new(0),
+        })
+    }
+
+    fn fault(&self) -> Fault {
+        match self.fault.load(Ordering::SeqCst) {
+            1 => Fault::ServerError,
+            2 => Fault::Hang,
+            _ => Fault::None,
+        }
+    }
+
+    fn set_fault(&self, fault: Fault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// Stores a secret with a new resourceVersion and tells the watchers.
+    fn put(&self, namespace: &str, mut secret: Value, event: &str) -> Value {
+        let revision = self.revision.fetch_add(1, Ordering::SeqCst) + 1;
+        secret["apiVersion"] = json!("v1");
+        secret["kind"] = json!("Secret");
+        secret["metadata"]["namespace"] = json!(namespace);
+        secret["metadata"]["resourceVersion"] = json!(revision.to_string());
+        secret["metadata"]["uid"] = json!(format!("uid-{namespace}-{revision}"));
+        let name = secret["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.secrets
+            .lock()
+            .unwrap()
+            .insert((namespace.to_owned(), name), secret.clone());
+        let event = json!({"type": event, "object": secret.clone()});
+        self.history.lock().unwrap().push((revision, event.clone()));
+        let _ = self.events.send((revision, event));
+        secret
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.secrets
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code
+    });
+    (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
+}
+
+/// Applies the fault, if any, to a non-watch call.
+async fn faulted(fake: &Fake) -> Option<Response> {
+    fake.calls.fetch_add(1, Ordering::SeqCst);
+    match fake.fault() {
+        Fault::None => None,
+        Fault::ServerError => Some(status(
+            500,
+            "InternalError",
+            "etcdserver: request timed out",
+        )),
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            None
+        }
+    }
+}
+
+fn name_selector(query: &BTreeMap<String, String>) -> Option<String> {
+    query
+        .get("fieldSelector")
+        .and_then(|s| s.strip_prefix("metadata.name="))
+        .map(str::to_owned)
+}
+
+async fn list_or_watch(
+    State(fake): State<Arc<Fake>>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let selected = name_selector(&query);
+    let matches = move |secret: &Value| {
+        selected
+            .as_deref()
+            .is_none_or(|name| secret["metadata"]["name"] == name)
+    };
+    if query.get("watch").map(String::as_str) != Some("true") {
+        let items: Vec<Value> = fake
+            .secrets
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| matches(s))
+            .cloned()
+            .collect();
+        let revision = fake.revision.load(Ordering::SeqCst);
+        return axum::Json(json!({
+            "kind": "SecretList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": revision.to_string()},
+            "items": items
+        }))
+        .into_response();
+    }
+    fake.watches_started.fetch_add(1, Ordering::SeqCst);
+    let since: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let generation = fake.watch_generation.load(Ordering::SeqCst);
+    let mut events = fake.events.subscribe();
+    let missed: Vec<(u64, Value)> = fake
+        .history
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(revision, _)| *revision > since)
+        .cloned()
+        .collect();
+    let fake = fake.clone();
+    let stream = async_stream(
+        move |sender: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>| async move {
+            let mut since = since;
+            for (revision, event) in missed {
+                since = revision;
+                if matches(&event["object"]) {
+                    let mut line = serde_json::to_vec(&event).unwrap();
+                    line.push(b'\n');
+                    if sender.send(Ok(Bytes::from(line))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            loop {
+                if fake.watch_generation.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+                match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+                    Ok(Ok((revision, event))) if revision > since && matches(&event["object"]) => {
+                        let mut line = serde_json::to_vec(&event).unwrap();
+                        line.push(b'\n');
+                        if sender.send(Ok(Bytes::from(line))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => return,
+                }
+            }
+        },
+    );
+    Response::builder()
+        .header("Content-Type", "application/json")
+        .body(stream)
+        .unwrap()
+}
+
+/// A streaming body fed by a task.
+fn async_stream<F, Fut>(produce: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(produce(sender));
+    Body::from_stream(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
+}
+
+async fn namespaced_collection(
+    State(fake): State<Arc<Fake>>,
+    Path(namespace): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(response) = faulted(&fake).await {
+        return response;
+    }
+    let secret: Value = serde_json::from_slice(&body).unwrap();
+    let name = secret["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if fake.get(&namespace, &name).is_some() {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("secrets \"{name}\" already exists"),
+        );
+    }
+    (
+        StatusCode::CREATED,
+        axum::Json(fake.put(&namespace, secret, "ADDED")),
+    )
+        .into_response()
+}
+
+async fn namespaced_item(
+    State(fake): State<Arc<Fake>>,
+    method: Method,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(response) = faulted(&fake).await {
+        return response;
+    }
+    let current = fake.get(&namespace, &name);
+    match method {
+        Method::GET => match current {
+            Some(secret) => axum::Json(secret).into_response(),
+            None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+        },
+        Method::PUT => {
+            let secret: Value = serde_json::from_slice(&body).unwrap();
+            let Some(current) = current else {
+                return status(404, "NotFound", "not found");
+            };
+            if secret["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(409, "Conflict", "the object has been modified");
+            }
+            axum::Json(fake.put(&namespace, secret, "MODIFIED")).into_response()
+        }
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+async fn start_fake() -> (Arc<Fake>, kube::Client) {
+    let fake = Fake::new();
+    let app = Router::new()
+        .route("/api/v1/secrets", get(list_or_watch))
+        .route(
+            "/api/v1/namespaces/{namespace}/secrets",
+            axum::routing::post(namespaced_collection),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/secrets/{name}",
+            get(namespaced_item).put(namespaced_item),
+        )
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    (fake, kube::Client::try_from(config).unwrap())
+}
+
+fn source_secret(password: &str) -> Value {
+    let auth = format!(r#"{{"auths":{{"harbor.corp.example":{{"auth":"{password}"}}}}}}"#);
+    json!({
+        "metadata": {"name": SECRET},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64(&auth)}
+    })
+}
+
+fn base64(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn policy(wait: &str) -> Policy {
+    ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         pullSecretSync:\n  waitForCopy: {wait}\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap()
+}
+
+async fn started_sync(
+    fake: &Fake,
+    client: kube::Client,
+    policy: &Policy,
+) -> (PullSecretSync, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let sync = PullSecretSync::start(client, metrics.clone());
+    sync.configure(policy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sync.is_synced() || fake.watches_started.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the watch cache never synced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (sync, metrics)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_first_pod_gets_a_copy_and_the_second_costs_no_api_call() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("s3cret"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let copy = fake
+        .get("team-a", SECRET)
+        .expect("the copy exists once the admission returns");
+    assert_eq!(
+        copy["metadata"]["labels"][MANAGED_BY_LABEL],
+        "image-rewriter"
+    );
+    assert_eq!(
+        copy["metadata"]["annotations"]["image-rewriter.io/source"],
+        "image-rewriter/harbor-pull"
+    );
+    assert_eq!(copy["data"], fake.get(SOURCE_NS, SECRET).unwrap()["data"]);
+    assert_eq!(copy["type"], "kubernetes.io/dockerconfigjson");
+
+    let calls = fake.calls.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let warnings = sync
+            .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+            .await;
+        assert!(warnings.is_empty());
+    }
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        calls,
+        "known copies cost no API call"
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains("image_rewriter_pull_secret_copies_total{result=\"created\"} 1"),
+        "{text}"
+    );
+    // The source namespace itself needs nothing.
+    assert!(
+        sync.ensure_for_pod(&policy, SOURCE_NS, &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), calls);
+}
+
+#[tokio::test]
+async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let mut users_own = source_secret("mine");
+    users_own["metadata"]["labels"] = json!({"team": "b"});
+    fake.put("team-b", users_own.clone(), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    for namespace in ["team-a", "team-c", "team-d"] {
+        assert!(
+            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()])
+                .await
+                .is_empty()
+        );
+    }
+    // team-b has its own Secret of that name: used as it is, never touched.
+    assert!(
+        sync.ensure_for_pod(&policy, "team-b", &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    eventually("every copy carries the rotated password", || {
+        ["team-a", "team-c", "team-d"].iter().all(|ns| {
+            fake.get(ns, SECRET)
+                .is_some_and(|copy| copy["data"] == rotated["data"])
+        })
+    })
+    .await;
+    assert_eq!(
+        fake.get("team-b", SECRET).unwrap()["data"],
+        users_own["data"]
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_watch_reconnects_and_loses_nothing() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+
+    // The connection drops; while no watch is open, the source rotates and a
+    // copy appears in another namespace (another replica made it).
+    let watches = fake.watches_started.load(Ordering::SeqCst);
+    fake.watch_generation.fetch_add(1, Ordering::SeqCst);
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    let mut elsewhere = source_secret("v2");
+    elsewhere["metadata"]["labels"] = json!({MANAGED_BY_LABEL: "image-rewriter"});
+    fake.put("team-z", elsewhere, "ADDED");
+
+    eventually("the watch reconnected", || {
+        fake.watches_started.load(Ordering::SeqCst) > watches
+    })
+    .await;
+    eventually("the copy made during the outage was rotated", || {
+        fake.get("team-a", SECRET)
+            .is_some_and(|copy| copy["data"] == rotated["data"])
+    })
+    .await;
+    eventually("the cache holds the source and both copies", || {
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_cache_size 3")
+    })
+    .await;
+    let calls = fake.calls.load(Ordering::SeqCst);
+    assert!(
+        sync.ensure_for_pod(&policy, "team-z", &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        calls,
+        "the copy seen after reconnecting is cached"
+    );
+}
+
+#[tokio::test]
+async fn api_errors_become_warnings_within_the_budget() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("500ms");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+
+    fake.set_fault(Fault::ServerError);
+    let started = Instant::now();
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("\"harbor-pull\"") && warnings[0].contains("\"team-a\""),
+        "{warnings:?}"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_copies_total{result=\"failed\"} 1")
+    );
+
+    // Once the API recovers, the next pod gets its copy.
+    fake.set_fault(Fault::None);
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+    assert!(fake.get("team-a", SECRET).is_some());
+}
+
+#[tokio::test]
+async fn a_hanging_api_never_delays_admission_beyond_its_budget() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("300ms");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    fake.set_fault(Fault::Hang);
+    for namespace in ["team-a", "team-b", "team-c"] {
+        let started = Instant::now();
+        let warnings = sync
+            .ensure_for_pod(&policy, namespace, &[SECRET.into()])
+            .await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(700),
+            "{namespace}: admission waited {took:?}"
+        );
+        // Still in progress: no warning yet, the kubelet retries its pull.
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+}
+
+#[tokio::test]
+async fn with_sync_disabled_a_missing_secret_is_a_warning() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         pullSecretSync:\n  enabled: false\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap();
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("disabled"), "{warnings:?}");
+    assert!(fake.get("team-a", SECRET).is_none());
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        calls,
+        "nothing is created"
+    );
+}
