@@ -164,3 +164,77 @@ async fn sigterm_turns_readiness_off_then_exits_cleanly() {
     };
     assert!(exit.success(), "exit status {exit}");
 }
+
+/// `image-rewriter certs` output, end to end: the server serves the pair it
+/// wrote, and a client that trusts only the `caBundle` from the generated
+/// kustomize patch connects with the Service DNS name as server name.
+#[tokio::test]
+async fn the_certs_command_output_is_served_and_trusted_through_its_ca_bundle() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let status = Command::new(env!("CARGO_BIN_EXE_image-rewriter"))
+        .args([
+            "certs",
+            "--service",
+            "image-rewriter",
+            "--namespace",
+            "image-rewriter",
+        ])
+        .args(["--key-type", "ecdsa-p384", "--validity-days", "30", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let patch: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(out.join("webhook-ca-bundle.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(patch[0]["op"], "add");
+    assert_eq!(patch[0]["path"], "/webhooks/0/clientConfig/caBundle");
+    let ca_bundle = base64::engine::general_purpose::STANDARD
+        .decode(patch[0]["value"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(ca_bundle, std::fs::read(out.join("ca.crt")).unwrap());
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for private in ["ca.key", "tls.key", "secret.yaml"] {
+            let mode = std::fs::metadata(out.join(private))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{private} is readable by others: {mode:o}");
+        }
+    }
+
+    let config = config_file(dir.path());
+    let process = spawn(&config, &out.join("tls.crt"), &out.join("tls.key"), &[]);
+    let client = client(&process, &ca_bundle);
+    wait_for_status(&client, &process, "/readyz", 200).await;
+    // Every Service DNS name the apiserver may use is in the certificate.
+    for name in [
+        "image-rewriter",
+        "image-rewriter.image-rewriter",
+        "image-rewriter.image-rewriter.svc",
+        "image-rewriter.image-rewriter.svc.cluster.local",
+    ] {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca_bundle).unwrap())
+            .resolve(name, process.https_addr)
+            .build()
+            .unwrap();
+        let url = format!("https://{name}:{}/healthz", process.https_addr.port());
+        let response = client
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(response.status(), 200, "{name}");
+    }
+}
