@@ -38,20 +38,34 @@ impl Sources {
     }
 }
 
-/// What the files held when last read, so only changes are loaded.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen<T> {
-    Nothing,
-    Content(T),
-    ReadError(String),
+/// What a file (or pair of files) held when last read, or why it could not
+/// be read; `None` before the first poll.
+type LastRead<T> = Option<Result<T, String>>;
+
+/// Loads `read` when it differs from what was last read: `None` when nothing
+/// changed, otherwise the load's result (a read error is a failed load).
+fn load_if_changed<B: PartialEq, T>(
+    last: &mut LastRead<B>,
+    read: Result<B, String>,
+    load: impl FnOnce(&B) -> Result<T, String>,
+) -> Option<Result<T, String>> {
+    if last.as_ref() == Some(&read) {
+        return None;
+    }
+    let loaded = match &read {
+        Ok(content) => load(content),
+        Err(reason) => Err(reason.clone()),
+    };
+    *last = Some(read);
+    Some(loaded)
 }
 
 pub struct Watcher {
     sources: Sources,
     state: Arc<AppState>,
     slot: Arc<CertificateSlot>,
-    config_seen: Seen<Vec<u8>>,
-    certificate_seen: Seen<PemPair>,
+    config_seen: LastRead<Vec<u8>>,
+    certificate_seen: LastRead<PemPair>,
 }
 
 impl Watcher {
@@ -60,8 +74,8 @@ impl Watcher {
             sources,
             state,
             slot,
-            config_seen: Seen::Nothing,
-            certificate_seen: Seen::Nothing,
+            config_seen: None,
+            certificate_seen: None,
         }
     }
 
@@ -73,23 +87,18 @@ impl Watcher {
 
     fn poll_config(&mut self) {
         let path = &self.sources.config;
-        let seen = match std::fs::read(path) {
-            Ok(bytes) => Seen::Content(bytes),
-            Err(e) => Seen::ReadError(format!("cannot read config file {}: {e}", path.display())),
-        };
-        if seen == self.config_seen {
-            return;
-        }
-        let loaded = match &seen {
-            Seen::Content(bytes) => std::str::from_utf8(bytes)
+        let namespace = self.sources.namespace.as_deref();
+        let read = std::fs::read(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()));
+        let Some(loaded) = load_if_changed(&mut self.config_seen, read, |bytes| {
+            std::str::from_utf8(bytes)
                 .map_err(|e| ConfigError::Syntax(format!("not UTF-8: {e}")))
                 .and_then(ConfigFile::from_yaml)
-                .and_then(|file| file.into_policy(self.sources.namespace.as_deref()))
-                .map_err(|e| e.to_string()),
-            Seen::ReadError(message) => Err(message.clone()),
-            Seen::Nothing => return,
+                .and_then(|file| file.into_policy(namespace))
+                .map_err(|e| e.to_string())
+        }) else {
+            return;
         };
-        self.config_seen = seen;
         Metrics::count_reload(&self.state.metrics.config_reloads, loaded.is_ok());
         match loaded {
             Ok(policy) => {
@@ -106,21 +115,13 @@ impl Watcher {
 
     fn poll_certificate(&mut self) {
         let sources = &self.sources;
-        let seen = match PemPair::read(&sources.tls_cert, &sources.tls_key) {
-            Ok(pair) => Seen::Content(pair),
-            Err(e) => Seen::ReadError(e.to_string()),
-        };
-        if seen == self.certificate_seen {
+        let read = PemPair::read(&sources.tls_cert, &sources.tls_key).map_err(|e| e.to_string());
+        let Some(loaded) = load_if_changed(&mut self.certificate_seen, read, |pair| {
+            pair.certified_key(&sources.provider, &sources.tls_cert, &sources.tls_key)
+                .map_err(|e| e.to_string())
+        }) else {
             return;
-        }
-        let loaded = match &seen {
-            Seen::Content(pair) => pair
-                .certified_key(&sources.provider, &sources.tls_cert, &sources.tls_key)
-                .map_err(|e| e.to_string()),
-            Seen::ReadError(message) => Err(message.clone()),
-            Seen::Nothing => return,
         };
-        self.certificate_seen = seen;
         Metrics::count_reload(&self.state.metrics.certificate_reloads, loaded.is_ok());
         match loaded {
             Ok(key) => {
