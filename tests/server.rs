@@ -150,6 +150,7 @@ impl Harness {
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(5),
             max_connections: 256,
+            pull_secret_sync: false,
         };
         adjust(&mut options);
         let server = Server::start(options).await.unwrap();
