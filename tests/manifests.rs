@@ -1620,8 +1620,23 @@ impl Workspace {
 }
 
 /// `$KUBECTL` or `kubectl`, if it runs; None (after saying so) if it is absent.
+/// `$KUBECTL`, else the kubectl the test control plane built (the same one
+/// on every machine), else `kubectl` on the PATH.
 fn kubectl(test: &str) -> Option<OsString> {
-    let program = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
+    let built =
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh"))
+            .arg("--print-dir")
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| {
+                let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                OsString::from(Path::new(&dir).join("kubectl"))
+            });
+    let program = std::env::var_os("KUBECTL")
+        .or(built)
+        .unwrap_or_else(|| "kubectl".into());
     match Command::new(&program)
         .args(["version", "--client"])
         .output()

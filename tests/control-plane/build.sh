@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Builds the test control plane -- kube-apiserver (k8s.io/kubernetes) and etcd
-# (go.etcd.io/etcd/server/v3) -- from the Go modules pinned in go.mod/go.sum
-# next to this script, into a cache directory keyed by their versions:
+# Builds the test control plane -- kube-apiserver and kubectl (k8s.io/kubernetes)
+# and etcd (go.etcd.io/etcd/server/v3) -- from the Go modules pinned in
+# go.mod/go.sum next to this script, into a cache directory keyed by their versions:
 #
-#   ${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-rewriter}/control-plane/k8s-<ver>-etcd-<ver>/{kube-apiserver,etcd}
+#   ${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-rewriter}/control-plane/k8s-<ver>-etcd-<ver>/{kube-apiserver,etcd,kubectl}
 #
 # Usage:
-#   tests/control-plane/build.sh               build if missing (no-op when already built)
-#   tests/control-plane/build.sh --print-dir   print the directory; exit 1 if not built
-#   tests/control-plane/build.sh --rebuild     build again even if present
+#   tests/control-plane/build.sh               build what is missing (no-op when all three exist)
+#   tests/control-plane/build.sh --print-dir   print the directory; exit 1 unless all three exist
+#   tests/control-plane/build.sh --rebuild     build all three again even if present
 #
 # Environment: GO (go binary to use; default: `go` on PATH, else /usr/local/go/bin/go),
 # IMAGE_REWRITER_CACHE, XDG_CACHE_HOME; the usual GOMODCACHE/GOCACHE/GOPROXY.
@@ -35,8 +35,24 @@ etcd_version="$(mod_version go.etcd.io/etcd/server/v3)"
 cache_root="${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-${HOME:?HOME is not set}/.cache}/image-rewriter}"
 out_dir="$cache_root/control-plane/k8s-${k8s_version}-etcd-${etcd_version}"
 
+binaries=(kube-apiserver etcd kubectl)
+
 built() {
-    [[ -x "$out_dir/kube-apiserver" && -x "$out_dir/etcd" ]]
+    local bin
+    for bin in "${binaries[@]}"; do
+        [[ -x "$out_dir/$bin" ]] || return 1
+    done
+}
+
+# The binaries to build: all of them with --rebuild, else the missing ones (a
+# cache directory from before kubectl was added only gets kubectl).
+wanted() {
+    local bin
+    for bin in "${binaries[@]}"; do
+        if [[ "$mode" == rebuild || ! -x "$out_dir/$bin" ]]; then
+            printf '%s\n' "$bin"
+        fi
+    done
 }
 
 mode=build
@@ -45,7 +61,7 @@ case "${1:-}" in
     --print-dir) mode=print ;;
     --rebuild) mode=rebuild ;;
     -h | --help)
-        sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *) die "unknown argument '$1' (try --help)" ;;
@@ -56,7 +72,7 @@ if [[ "$mode" == print ]]; then
         printf '%s\n' "$out_dir"
         exit 0
     fi
-    echo "control-plane/build.sh: kube-apiserver/etcd are not built in $out_dir;" \
+    echo "control-plane/build.sh: kube-apiserver/etcd/kubectl are not all built in $out_dir;" \
         "run tests/control-plane/build.sh first (cold build takes 5-10 minutes on 2 cores)" >&2
     exit 1
 fi
@@ -111,28 +127,45 @@ export CGO_ENABLED=0
 # -mod=readonly: build exactly what go.mod/go.sum pin; never rewrite them.
 export GOFLAGS="-mod=readonly -buildvcs=false"
 
+mapfile -t todo < <(wanted)
+
 start=$SECONDS
-echo "control-plane/build.sh: building kube-apiserver $k8s_version and etcd $etcd_version with $("$go_bin" version)" >&2
+echo "control-plane/build.sh: building ${todo[*]} (kubernetes $k8s_version, etcd $etcd_version) with $("$go_bin" version)" >&2
 echo "control-plane/build.sh: output: $out_dir (a cold build takes 5-10 minutes on 2 cores)" >&2
 
 cd "$here"
-"$go_bin" build -trimpath -ldflags="$k8s_ldflags" -o "$tmp_dir/kube-apiserver" \
-    k8s.io/kubernetes/cmd/kube-apiserver ||
-    die "building kube-apiserver $k8s_version failed (see the go output above)"
-echo "control-plane/build.sh: kube-apiserver built after $((SECONDS - start)) s" >&2
+for bin in "${todo[@]}"; do
+    case "$bin" in
+        kube-apiserver | kubectl)
+            pkg="k8s.io/kubernetes/cmd/$bin"
+            ldflags="$k8s_ldflags"
+            ;;
+        etcd)
+            pkg=go.etcd.io/etcd/server/v3
+            ldflags="-s -w"
+            ;;
+        *) die "internal error: unknown binary $bin" ;;
+    esac
+    "$go_bin" build -trimpath -ldflags="$ldflags" -o "$tmp_dir/$bin" "$pkg" ||
+        die "building $bin ($pkg) failed (see the go output above)"
+    echo "control-plane/build.sh: $bin built after $((SECONDS - start)) s" >&2
+done
 
-"$go_bin" build -trimpath -ldflags="-s -w" -o "$tmp_dir/etcd" go.etcd.io/etcd/server/v3 ||
-    die "building etcd $etcd_version failed (see the go output above)"
-echo "control-plane/build.sh: etcd built after $((SECONDS - start)) s" >&2
+for bin in "${todo[@]}"; do
+    case "$bin" in
+        kubectl) "$tmp_dir/kubectl" version --client >/dev/null 2>&1 ;;
+        *) "$tmp_dir/$bin" --version >/dev/null 2>&1 ;;
+    esac || die "the built $bin does not run"
+done
 
-"$tmp_dir/kube-apiserver" --version >/dev/null 2>&1 || die "the built kube-apiserver does not run"
-"$tmp_dir/etcd" --version >/dev/null 2>&1 || die "the built etcd does not run"
-
-# Publish atomically: the directory either holds both binaries or does not exist.
-rm -rf "$out_dir"
-mv "$tmp_dir" "$out_dir"
+# Publish: each binary appears in $out_dir by an atomic rename, only once it
+# has been built and run, so a binary in $out_dir is always complete.
+mkdir -p "$out_dir"
 chmod 755 "$out_dir"
-trap - EXIT
+for bin in "${todo[@]}"; do
+    mv -f "$tmp_dir/$bin" "$out_dir/$bin"
+done
 echo "control-plane/build.sh: done in $((SECONDS - start)) s: $out_dir" >&2
 "$out_dir/kube-apiserver" --version >&2
 "$out_dir/etcd" --version | head -n 1 >&2
+"$out_dir/kubectl" version --client 2>&1 | head -n 1 >&2

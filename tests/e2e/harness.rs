@@ -13,7 +13,8 @@
 //!
 //! Authentication uses a static token file with two identities, see [`Identity`].
 //!
-//! The binaries are found through `IMAGE_REWRITER_CONTROL_PLANE_DIR`, or else
+//! The binaries (kube-apiserver, etcd, and kubectl for rendering and applying
+//! manifests) are found through `IMAGE_REWRITER_CONTROL_PLANE_DIR`, or else
 //! `tests/control-plane/build.sh --print-dir`. When they are missing the test
 //! fails (it never skips) and says to run `tests/control-plane/build.sh`.
 //!
@@ -351,9 +352,15 @@ impl ControlPlane {
         self.dir.as_ref().expect("control plane directory").path()
     }
 
-    /// The directory holding the `kube-apiserver` and `etcd` binaries.
+    /// The directory holding the `kube-apiserver`, `etcd` and `kubectl` binaries.
     pub fn binaries_dir(&self) -> &Path {
         &self.binaries
+    }
+
+    /// `kubectl` built from the same `k8s.io/kubernetes` module as the
+    /// apiserver (see [`kubectl_path`]).
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.binaries.join("kubectl")
     }
 
     /// The bearer token of an identity.
@@ -531,11 +538,12 @@ fn https_client(ca_pem: &str) -> Result<reqwest::Client> {
         .context("building an HTTPS client")
 }
 
-/// Where the control plane binaries are: `$IMAGE_REWRITER_CONTROL_PLANE_DIR`,
-/// or what `tests/control-plane/build.sh --print-dir` prints.
+/// Where the control plane binaries (kube-apiserver, etcd, kubectl) are:
+/// `$IMAGE_REWRITER_CONTROL_PLANE_DIR`, or what
+/// `tests/control-plane/build.sh --print-dir` prints.
 pub fn control_plane_dir() -> Result<PathBuf> {
     const HOW: &str = "build them with `tests/control-plane/build.sh` (needs Go; takes 5-10 min cold), \
-                       or point IMAGE_REWRITER_CONTROL_PLANE_DIR at a directory holding kube-apiserver and etcd";
+                       or point IMAGE_REWRITER_CONTROL_PLANE_DIR at a directory holding kube-apiserver, etcd and kubectl";
     let dir = if let Some(dir) =
         std::env::var_os("IMAGE_REWRITER_CONTROL_PLANE_DIR").filter(|d| !d.is_empty())
     {
@@ -558,12 +566,22 @@ pub fn control_plane_dir() -> Result<PathBuf> {
         }
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     };
-    for bin in ["kube-apiserver", "etcd"] {
+    for bin in CONTROL_PLANE_BINARIES {
         if !dir.join(bin).is_file() {
             bail!("{} does not exist; {HOW}", dir.join(bin).display());
         }
     }
     Ok(dir)
+}
+
+/// What `tests/control-plane/build.sh` builds into one directory.
+pub const CONTROL_PLANE_BINARIES: [&str; 3] = ["kube-apiserver", "etcd", "kubectl"];
+
+/// `kubectl` v1.34.4, built by `tests/control-plane/build.sh` next to the
+/// apiserver, so rendering (`kubectl kustomize`) and applying need no kubectl
+/// on the machine. Errors (with how to build it) when it is missing.
+pub fn kubectl_path() -> Result<PathBuf> {
+    Ok(control_plane_dir()?.join("kubectl"))
 }
 
 // ---------------------------------------------------------------------------
