@@ -433,6 +433,30 @@ async fn dry_run_returns_the_rewritten_pod_and_copies_no_secret() {
         pods(&env, "team-a").get_opt("web").await.unwrap().is_none(),
         "a dry run must not store the pod"
     );
+    // The README's check, with kubectl as a user runs it.
+    let output = std::process::Command::new(&env.kubectl)
+        .arg("--kubeconfig")
+        .arg(&env.admin_kubeconfig)
+        .args([
+            "run",
+            "check",
+            "--image=nginx:1.27",
+            "-n",
+            "team-a",
+            "--dry-run=server",
+        ])
+        .args(["-o", "jsonpath={.spec.containers[0].image}"])
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "harbor.corp.example/dockerhub/library/nginx:1.27"
+    );
     // Give a (wrong) background copy time to show up before checking.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let secrets: Api<Secret> = Api::namespaced(env.admin(), "team-a");
