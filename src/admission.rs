@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::Serialize;
@@ -155,7 +156,10 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
                     .namespace
                     .as_deref()
                     .or(pod.metadata.namespace.as_deref()),
-                metadata: Some(&pod.metadata),
+                // A Pod sent without `metadata` (or with `null`) decodes to
+                // an empty ObjectMeta: plan for none, so the patch adds
+                // `/metadata` whole instead of `/metadata/annotations`.
+                metadata: (pod.metadata != ObjectMeta::default()).then_some(&pod.metadata),
                 spec: pod.spec.as_ref(),
                 location: &[],
             };
