@@ -1,0 +1,1727 @@
+//! Load benchmark of the real `image-rewriter serve` process, against a bare
+//! rustls + hyper baseline that answers a fixed AdmissionReview of the same
+//! size.
+//!
+//!     cargo run --release --example loadbench -- [--duration 10s] [--concurrency 32]
+//!     cargo run --release --example loadbench -- --smoke            # ~1 s per mode (CI)
+//!     cargo run --release --example loadbench -- --soak --requests 1000000
+//!     cargo run --release --example loadbench -- --soak --requests 20000   # CI soak
+//!
+//! The server binary is `IMAGE_REWRITER_BIN` if set; otherwise the example
+//! runs `cargo build --release --bin image-rewriter` itself (a no-op when it
+//! is up to date; `--no-build` skips it) and uses `<target dir>/release/
+//! image-rewriter`. Build the example with `--release` too: the load
+//! generator shares the machine with the server.
+//!
+//! What it does:
+//! 1. Generates a CA and a serving certificate (ECDSA P-256, `certs::generate`)
+//!    and a config with two rules; starts the server as a separate process
+//!    and measures startup (process spawn to the first `/readyz` 200).
+//! 2. Sends one apiserver-shaped CREATE review of a realistic pod (an init
+//!    container and two containers, images from both rules), checks the
+//!    answer (uid, patch applies, patched pod decodes, second review yields
+//!    no patch) and keeps the response as the baseline's answer.
+//! 3. Re-executes itself with `--baseline-server`: rustls + hyper, same
+//!    certificate, reads the body and returns that fixed response.
+//! 4. For each mode (HTTP/1.1 keep-alive, HTTP/2 on one connection, a new TLS
+//!    connection per request), a fixed concurrency for a fixed time against
+//!    ours and the baseline: requests/s, latency percentiles (hdrhistogram),
+//!    errors, the server's peak RSS and CPU seconds per 1000 requests
+//!    (`/proc/<pid>/stat`); then a rate-limited run at half of our measured
+//!    peak rate in the keep-alive modes.
+//!
+//! `--soak` instead sends `--requests` requests (half the workers on HTTP/1.1
+//! keep-alive, half on one HTTP/2 connection, plus a new-connection probe
+//! every 100 ms) while the certificate is rotated (same CA, files swapped
+//! atomically like the kubelet does) and the config rewritten (temp file +
+//! rename) every second. It fails unless no request failed, no keep-alive
+//! connection was dropped, the probes saw the rotated certificates, every
+//! reload succeeded, and RSS at the end is within 10% of RSS after warm-up.
+//!
+//! The exit status is 1 when any request failed or a check did not hold;
+//! the performance goals are reported, and only fail the run with
+//! `--enforce-goals`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+const SERVICE_HOST: &str = "image-rewriter.image-rewriter.svc";
+const UID_PLACEHOLDER: &str = "00000000-0000-4000-8000-000000000000";
+
+const CONFIG_A: &str = "\
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: harbor-pull
+";
+
+/// The soak alternates with this one: a third rule and an exclusion that
+/// do not change the answer for the benchmark pod.
+const CONFIG_B: &str = "\
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: harbor-pull
+  - match: ghcr.io
+    target: harbor.corp.example/ghcr
+exclude:
+  namespaces: [legacy]
+";
+
+#[derive(Debug, Parser)]
+#[command(about = "Load benchmark of image-rewriter serve against a bare rustls+hyper baseline")]
+struct Args {
+    /// Measured time per mode and server (after a warm-up).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Modes to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::H1, Mode::H2, Mode::NewConn])]
+    modes: Vec<Mode>,
+    /// The rate-limited run's rate, as a fraction of our peak rate.
+    #[arg(long, default_value_t = 0.5)]
+    rate_fraction: f64,
+    /// How many times to start the server to measure startup.
+    #[arg(long, default_value_t = 5)]
+    startup_runs: usize,
+    /// CI: each mode for about a second, one startup.
+    #[arg(long)]
+    smoke: bool,
+    /// Skip the baseline server.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Fail (exit 1) when a performance goal is missed, not only on errors.
+    #[arg(long)]
+    enforce_goals: bool,
+    /// Soak: rotate the certificate and rewrite the config every second
+    /// under load until `--requests` requests were answered.
+    #[arg(long)]
+    soak: bool,
+    /// Requests the soak sends.
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: u64,
+    /// Use the server binary as it is, do not run `cargo build --release`.
+    #[arg(long)]
+    no_build: bool,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Keep the temporary directory (certificates, configs, server logs).
+    #[arg(long)]
+    keep_dir: bool,
+
+    // Internal: the example re-executes itself as the baseline server.
+    #[arg(long, hide = true)]
+    baseline_server: bool,
+    #[arg(long, hide = true)]
+    port: Option<u16>,
+    #[arg(long, hide = true)]
+    cert: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    key: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    response: Option<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// HTTP/1.1, keep-alive connections (one per worker).
+    H1,
+    /// HTTP/2, all workers multiplexed on one connection.
+    H2,
+    /// A new TLS connection (full handshake) per request, HTTP/1.1.
+    NewConn,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Self::H1 => "http1 keep-alive",
+            Self::H2 => "http2",
+            Self::NewConn => "new TLS conn/req",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    if args.baseline_server {
+        return baseline::main(&args);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("loadbench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes and /proc.
+// ---------------------------------------------------------------------------
+
+fn target_dir() -> anyhow::Result<PathBuf> {
+    // <target>/<profile>/examples/loadbench
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .nth(3)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory from {exe:?}"))
+}
+
+/// The server binary: `IMAGE_REWRITER_BIN`, or a fresh release build.
+fn server_binary(no_build: bool) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("IMAGE_REWRITER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let target = target_dir()?;
+    if !no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        eprintln!("loadbench: cargo build --release --bin image-rewriter");
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--quiet", "--bin", "image-rewriter"])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()?;
+        anyhow::ensure!(status.success(), "cargo build --release failed");
+    }
+    let bin = target.join("release").join("image-rewriter");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` first, or set IMAGE_REWRITER_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process, killed (by its pid, SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// `VmRSS`, `VmHWM` and the like from `/proc/<pid>/status`, in KiB.
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in clock ticks.
+fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Field 14 (utime) and 15 (stime); the first field after ')' is field 3.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------
+// Certificates and files.
+// ---------------------------------------------------------------------------
+
+struct Pki {
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let mut name = rcgen::DistinguishedName::new();
+        name.push(rcgen::DnType::CommonName, "loadbench CA");
+        params.distinguished_name = name;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let ca_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            ca_pem,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// A fresh serving certificate (new key) for the Service DNS names.
+    fn serving_pair(&self) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let names = image_rewriter::certs::service_dns_names("image-rewriter", "image-rewriter");
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Writes `files` into `dir` the way the kubelet updates a mounted Secret:
+/// a new versioned directory, the `..data` symlink swapped by rename, stable
+/// symlinks to `..data/<name>`. Certificate and key change together.
+fn write_atomically(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result<()> {
+    static VERSION: AtomicU64 = AtomicU64::new(0);
+    std::fs::create_dir_all(dir)?;
+    let version = format!("..v{}", VERSION.fetch_add(1, Ordering::Relaxed));
+    std::fs::create_dir(dir.join(&version))?;
+    for (name, content) in files {
+        std::fs::write(dir.join(&version).join(name), content)?;
+    }
+    let previous = std::fs::read_link(dir.join("..data")).ok();
+    let _ = std::fs::remove_file(dir.join("..data_tmp"));
+    std::os::unix::fs::symlink(&version, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), link)?;
+        }
+    }
+    if let Some(previous) = previous {
+        std::fs::remove_dir_all(dir.join(previous))?;
+    }
+    Ok(())
+}
+
+/// Replaces `path` by writing a temporary file beside it and renaming it.
+fn replace_file(path: &Path, content: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Files {
+    fn new() -> anyhow::Result<Self> {
+        let files = Self {
+            dir: tempfile::Builder::new().prefix("loadbench-").tempdir()?,
+            pki: Pki::new()?,
+        };
+        files.rotate_certificate()?;
+        replace_file(&files.config(), CONFIG_A.as_bytes())?;
+        Ok(files)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("tls/tls.crt")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("tls/tls.key")
+    }
+
+    fn rotate_certificate(&self) -> anyhow::Result<()> {
+        let (cert, key) = self.pki.serving_pair()?;
+        write_atomically(
+            &self.dir.path().join("tls"),
+            &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client side.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    root: reqwest::Certificate,
+    /// For new connections: only our CA, HTTP/1.1, no session resumption
+    /// (every request pays the full handshake, as a client without a
+    /// session cache does).
+    fresh_tls: rustls::ClientConfig,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, ca_pem: &str) -> anyhow::Result<Self> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let mut fresh_tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        fresh_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        fresh_tls.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            addr,
+            root: reqwest::Certificate::from_pem(ca_pem.as_bytes())?,
+            fresh_tls,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{SERVICE_HOST}:{}{path}", self.addr.port())
+    }
+
+    fn client(&self, mode: Mode) -> reqwest::Client {
+        let builder = reqwest::Client::builder()
+            .resolve(SERVICE_HOST, self.addr)
+            .timeout(Duration::from_secs(10))
+            .tls_info(true);
+        let builder = match mode {
+            Mode::H1 => self.verified(builder).http1_only(),
+            Mode::H2 => self.verified(builder).http2_prior_knowledge(),
+            Mode::NewConn => builder
+                .use_preconfigured_tls(self.fresh_tls.clone())
+                .pool_max_idle_per_host(0),
+        };
+        builder.build().expect("reqwest client")
+    }
+
+    fn verified(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        builder
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(self.root.clone())
+    }
+}
+
+/// The review body, with the uid to be filled in per request.
+struct Payload {
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+}
+
+impl Payload {
+    fn new(review: &Value) -> Self {
+        let text = serde_json::to_string(review).expect("serializes");
+        let (prefix, suffix) = text
+            .split_once(UID_PLACEHOLDER)
+            .expect("the review carries the placeholder uid");
+        Self {
+            prefix: prefix.as_bytes().to_vec(),
+            suffix: suffix.as_bytes().to_vec(),
+        }
+    }
+
+    fn body(&self, uid: &str) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.prefix.len() + uid.len() + self.suffix.len());
+        body.extend_from_slice(&self.prefix);
+        body.extend_from_slice(uid.as_bytes());
+        body.extend_from_slice(&self.suffix);
+        body
+    }
+
+    fn len(&self) -> usize {
+        self.prefix.len() + UID_PLACEHOLDER.len() + self.suffix.len()
+    }
+}
+
+fn uid(run: u32, seq: u64) -> String {
+    format!("{run:08x}-0000-4000-8000-{:012x}", seq & 0xffff_ffff_ffff)
+}
+
+fn container(name: &str, image: &str) -> Value {
+    json!({
+        "name": name,
+        "image": image,
+        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "env": [{"name": "LOG_LEVEL", "value": "info"}],
+        "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+        "volumeMounts": [{
+            "name": "kube-api-access-x7k2p",
+            "readOnly": true,
+            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"
+        }],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent"
+    })
+}
+
+/// A Deployment's pod as the apiserver sends it after defaulting: an init
+/// container and two containers, images from both rules.
+fn sample_pod() -> Value {
+    json!({
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "generateName": "web-7d4b9c8f6-",
+            "namespace": "team-a",
+            "creationTimestamp": null,
+            "labels": {"app.kubernetes.io/name": "web", "pod-template-hash": "7d4b9c8f6"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2025-01-01T00:00:00Z"},
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9c8f6",
+                "uid": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "controller": true, "blockOwnerDeletion": true
+            }],
+            "managedFields": [{
+                "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                "time": "2025-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app.kubernetes.io/name": {}, "f:pod-template-hash": {}}}}
+            }]
+        },
+        "spec": {
+            "volumes": [{"name": "kube-api-access-x7k2p", "projected": {"sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+            ], "defaultMode": 420}}],
+            "initContainers": [container("init", "busybox:1.36")],
+            "containers": [
+                container("web", "nginx:1.27"),
+                container("exporter", "quay.io/prometheus/node-exporter:v1.8.0"),
+            ],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "serviceAccountName": "default",
+            "serviceAccount": "default",
+            "securityContext": {},
+            "schedulerName": "default-scheduler",
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            ],
+            "priority": 0,
+            "enableServiceLinks": true,
+            "preemptionPolicy": "PreemptLowerPriority"
+        },
+        "status": {}
+    })
+}
+
+fn create_review(pod: Value, uid: &str) -> Value {
+    json!({
+        "kind": "AdmissionReview",
+        "apiVersion": "admission.k8s.io/v1",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "team-a",
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "uid": "6b0c3b2c-3c9a-4a57-9d6c-1f7e6ab3d0a1",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system", "system:authenticated"]
+            },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
+        }
+    })
+}
+
+/// How a load response is judged.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Ours: 200 and the request's uid in the answer.
+    Uid,
+    /// Baseline: 200 and the fixed answer's length.
+    Length(usize),
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    uid: &str,
+    check: Check,
+) -> Result<reqwest::Version, String> {
+    let response = client
+        .post(url)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status();
+    let version = response.version();
+    let bytes = response.bytes().await.map_err(|e| format!("{e:?}"))?;
+    if status != 200 {
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ));
+    }
+    let ok = match check {
+        Check::Uid => bytes
+            .windows(uid.len())
+            .any(|window| window == uid.as_bytes()),
+        Check::Length(len) => bytes.len() == len,
+    };
+    if ok {
+        Ok(version)
+    } else {
+        Err(format!(
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ))
+    }
+}
+
+/// Polls `/readyz` until it answers 200; the time since `spawned`.
+async fn wait_ready(
+    endpoint: &Endpoint,
+    proc: &mut Proc,
+    spawned: Instant,
+) -> anyhow::Result<Duration> {
+    let client = endpoint.client(Mode::H1);
+    let url = endpoint.url("/readyz");
+    let deadline = spawned + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = client.get(&url).send().await
+            && response.status() == 200
+        {
+            return Ok(spawned.elapsed());
+        }
+        if let Some(status) = proc.exited() {
+            anyhow::bail!("the server exited before it was ready: {status}");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server was not ready within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Started {
+    proc: Proc,
+    endpoint: Endpoint,
+    metrics_addr: Option<SocketAddr>,
+    startup: Duration,
+}
+
+async fn start_ours(
+    bin: &Path,
+    files: &Files,
+    reload_interval: &str,
+    log: &Path,
+) -> anyhow::Result<Started> {
+    let port = free_port()?;
+    let metrics_port = free_port()?;
+    let log = std::fs::File::create(log)?;
+    let spawned = Instant::now();
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(files.config())
+        .arg("--tls-cert")
+        .arg(files.cert())
+        .arg("--tls-key")
+        .arg(files.key())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--namespace", "image-rewriter"])
+        .args(["--reload-interval", reload_interval])
+        .args(["--shutdown-delay", "0s", "--shutdown-grace", "1s"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut proc = Proc { child };
+    let endpoint = Endpoint::new(([127, 0, 0, 1], port).into(), &files.pki.ca_pem)?;
+    let startup = wait_ready(&endpoint, &mut proc, spawned).await?;
+    Ok(Started {
+        proc,
+        endpoint,
+        metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
+        startup,
+    })
+}
+
+async fn start_baseline(files: &Files, response: &Path, log: &Path) -> anyhow::Result<Started> {
+    let port = free_port()?;
+    let log = std::fs::File::create(log)?;
+    let spawned = Instant::now();
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--baseline-server")
+        .args(["--port", &port.to_string()])
+        .arg("--cert")
+        .arg(files.cert())
+        .arg("--key")
+        .arg(files.key())
+        .arg("--response")
+        .arg(response)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut proc = Proc { child };
+    let endpoint = Endpoint::new(([127, 0, 0, 1], port).into(), &files.pki.ca_pem)?;
+    let startup = wait_ready(&endpoint, &mut proc, spawned).await?;
+    Ok(Started {
+        proc,
+        endpoint,
+        metrics_addr: None,
+        startup,
+    })
+}
+
+/// Sends one review to our server and checks the answer as the apiserver
+/// would use it; returns the response body.
+async fn capture_and_verify(endpoint: &Endpoint) -> anyhow::Result<Vec<u8>> {
+    let client = endpoint.client(Mode::H1);
+    let uid = "11111111-2222-4333-8444-555555555555";
+    let review = create_review(sample_pod(), uid);
+    let response = client
+        .post(endpoint.url("/mutate?timeout=10s"))
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&review)?)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == 200, "status {}", response.status());
+    let body = response.bytes().await?.to_vec();
+    let answer: Value = serde_json::from_slice(&body)?;
+    let inner = &answer["response"];
+    anyhow::ensure!(inner["uid"] == uid, "uid mismatch: {answer}");
+    anyhow::ensure!(inner["allowed"] == true, "not allowed: {answer}");
+    anyhow::ensure!(inner["patchType"] == "JSONPatch", "no JSONPatch: {answer}");
+    let patch_bytes = base64::engine::general_purpose::STANDARD
+        .decode(inner["patch"].as_str().unwrap_or_default())?;
+    let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes)?;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch)?;
+    let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod.clone())?;
+    let spec = typed.spec.unwrap_or_default();
+    let images: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter_map(|c| c.image.clone())
+        .collect();
+    anyhow::ensure!(
+        images
+            == [
+                "harbor.corp.example/dockerhub/library/busybox:1.36",
+                "harbor.corp.example/dockerhub/library/nginx:1.27",
+                "harbor.corp.example/quay/prometheus/node-exporter:v1.8.0",
+            ],
+        "unexpected images after the patch: {images:?}"
+    );
+    let again = create_review(pod, uid);
+    let response = client
+        .post(endpoint.url("/mutate?timeout=10s"))
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&again)?)
+        .send()
+        .await?;
+    let second: Value = serde_json::from_slice(&response.bytes().await?)?;
+    anyhow::ensure!(
+        second["response"].get("patch").is_none(),
+        "the second review patched again: {second}"
+    );
+    Ok(body)
+}
+
+// ---------------------------------------------------------------------------
+// Load.
+// ---------------------------------------------------------------------------
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+#[derive(Default)]
+struct Errors {
+    count: AtomicU64,
+    samples: Mutex<Vec<String>>,
+}
+
+impl Errors {
+    fn record(&self, error: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.samples.lock().unwrap();
+        if samples.len() < 5 {
+            samples.push(error);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct LoadSpec {
+    mode: Mode,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    /// Requests per second, when rate-limited.
+    rate: Option<f64>,
+}
+
+struct LoadResult {
+    requests: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    elapsed: Duration,
+    /// Microseconds from send to the whole answer read.
+    latency: Histogram<u64>,
+    /// Rate-limited runs: microseconds from the scheduled start.
+    from_schedule: Option<Histogram<u64>>,
+    cpu_seconds: f64,
+    rss_max_kib: u64,
+    version: Option<reqwest::Version>,
+}
+
+impl LoadResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn cpu_per_1000(&self) -> f64 {
+        self.cpu_seconds / (self.requests.max(1) as f64 / 1000.0)
+    }
+}
+
+struct Phase {
+    deadline: Instant,
+    start: Instant,
+    record: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    client: Option<reqwest::Client>,
+    endpoint: Endpoint,
+    url: Arc<str>,
+    payload: Arc<Payload>,
+    check: Check,
+    spec: LoadSpec,
+    phase: Arc<Phase>,
+    next: Arc<AtomicU64>,
+    errors: Arc<Errors>,
+    run_id: u32,
+) -> (
+    Histogram<u64>,
+    Histogram<u64>,
+    u64,
+    Option<reqwest::Version>,
+) {
+    let mut latency = histogram();
+    let mut from_schedule = histogram();
+    let mut requests = 0;
+    let mut version = None;
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        let scheduled = match spec.rate {
+            Some(rate) => {
+                let at = phase.start + Duration::from_secs_f64(seq as f64 / rate);
+                if at >= phase.deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                Some(at)
+            }
+            None => {
+                if Instant::now() >= phase.deadline {
+                    break;
+                }
+                None
+            }
+        };
+        let fresh;
+        let client = match &client {
+            Some(client) => client,
+            None => {
+                fresh = endpoint.client(spec.mode);
+                &fresh
+            }
+        };
+        let uid = uid(run_id, seq);
+        let body = payload.body(&uid);
+        let sent = Instant::now();
+        let result = post(client, &url, body, &uid, check).await;
+        let done = Instant::now();
+        match result {
+            Ok(v) => {
+                version = Some(v);
+                if phase.record {
+                    requests += 1;
+                    latency.saturating_record((done - sent).as_micros() as u64);
+                    if let Some(at) = scheduled {
+                        from_schedule.saturating_record((done - at).as_micros() as u64);
+                    }
+                }
+            }
+            Err(error) => errors.record(error),
+        }
+    }
+    (latency, from_schedule, requests, version)
+}
+
+async fn run_load(
+    endpoint: &Endpoint,
+    pid: u32,
+    payload: Arc<Payload>,
+    check: Check,
+    spec: &LoadSpec,
+) -> LoadResult {
+    static RUN: AtomicU64 = AtomicU64::new(1);
+    let shared = match spec.mode {
+        Mode::H1 | Mode::H2 => Some(endpoint.client(spec.mode)),
+        Mode::NewConn => None,
+    };
+    let url: Arc<str> = endpoint.url("/mutate?timeout=10s").into();
+    let ticks_per_second = clock_ticks();
+    let mut result = None;
+    // Warm-up (connections, allocator, caches) first, then the measurement.
+    for record in [false, true] {
+        let errors = Arc::new(Errors::default());
+        let run_id = RUN.fetch_add(1, Ordering::Relaxed) as u32;
+        let length = if record { spec.duration } else { spec.warmup };
+        if length.is_zero() {
+            continue;
+        }
+        let start = Instant::now();
+        let phase = Arc::new(Phase {
+            start,
+            deadline: start + length,
+            record,
+        });
+        let cpu_before = proc_cpu_ticks(pid).unwrap_or(0);
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = tokio::spawn({
+            let sampling = sampling.clone();
+            async move {
+                let mut max = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    max = max.max(proc_status_kib(pid, "VmRSS").unwrap_or(0));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                max.max(proc_status_kib(pid, "VmRSS").unwrap_or(0))
+            }
+        });
+        let next = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..spec.concurrency.max(1))
+            .map(|_| {
+                tokio::spawn(worker(
+                    shared.clone(),
+                    endpoint.clone(),
+                    url.clone(),
+                    payload.clone(),
+                    check,
+                    spec.clone(),
+                    phase.clone(),
+                    next.clone(),
+                    errors.clone(),
+                    run_id,
+                ))
+            })
+            .collect();
+        let mut latency = histogram();
+        let mut from_schedule = histogram();
+        let mut requests = 0;
+        let mut version = None;
+        for handle in workers {
+            let (l, s, n, v) = handle.await.expect("worker");
+            latency.add(l).expect("same bounds");
+            from_schedule.add(s).expect("same bounds");
+            requests += n;
+            version = version.or(v);
+        }
+        let elapsed = start.elapsed();
+        sampling.store(false, Ordering::Relaxed);
+        let rss_max_kib = sampler.await.unwrap_or(0);
+        let cpu_after = proc_cpu_ticks(pid).unwrap_or(0);
+        let errors_count = errors.count.load(Ordering::Relaxed);
+        let error_samples = std::mem::take(&mut *errors.samples.lock().unwrap());
+        if record {
+            result = Some(LoadResult {
+                requests,
+                errors: errors_count,
+                error_samples,
+                elapsed,
+                latency,
+                from_schedule: spec.rate.map(|_| from_schedule),
+                cpu_seconds: (cpu_after - cpu_before) as f64 / ticks_per_second,
+                rss_max_kib,
+                version,
+            });
+        } else if errors_count > 0 {
+            eprintln!("  warm-up errors: {errors_count}: {error_samples:?}");
+        }
+    }
+    result.expect("a measured phase")
+}
+
+fn print_header() {
+    println!(
+        "{:<18} {:<8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
+        "mode",
+        "server",
+        "req/s",
+        "errors",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "version",
+        "cpu s/1k",
+        "rss MiB"
+    );
+}
+
+fn print_row(mode: &str, server: &str, r: &LoadResult) {
+    println!(
+        "{:<18} {:<8} {:>9.0} {:>7} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>9.3} {:>8.1}",
+        mode,
+        server,
+        r.rps(),
+        r.errors,
+        r.ms(0.5),
+        r.ms(0.9),
+        r.ms(0.99),
+        r.latency.max() as f64 / 1000.0,
+        match r.version {
+            Some(reqwest::Version::HTTP_11) => "h1.1",
+            Some(reqwest::Version::HTTP_2) => "h2",
+            _ => "?",
+        },
+        r.cpu_per_1000(),
+        mib(r.rss_max_kib),
+    );
+    for sample in &r.error_samples {
+        println!("    error: {sample}");
+    }
+}
+
+async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let bin = server_binary(args.no_build)?;
+    if cfg!(debug_assertions) {
+        eprintln!("loadbench: WARNING: the load generator is a debug build; use --release");
+    }
+    if args.soak {
+        return soak(&args, &bin).await;
+    }
+    let (duration, warmup, startup_runs) = if args.smoke {
+        (Duration::from_secs(1), Duration::from_millis(200), 1)
+    } else {
+        (
+            args.duration,
+            (args.duration / 5).min(Duration::from_secs(2)),
+            args.startup_runs.max(1),
+        )
+    };
+    let files = Files::new()?;
+    let log_dir = files.dir.path().to_path_buf();
+
+    // Startup: spawn to the first /readyz 200, several times.
+    let mut startups = Vec::new();
+    for run in 0..startup_runs.saturating_sub(1) {
+        let started = start_ours(
+            &bin,
+            &files,
+            "2s",
+            &log_dir.join(format!("startup-{run}.log")),
+        )
+        .await?;
+        startups.push(started.startup);
+    }
+    let ours = start_ours(&bin, &files, "2s", &log_dir.join("server.log")).await?;
+    startups.push(ours.startup);
+    startups.sort();
+
+    let response = capture_and_verify(&ours.endpoint).await?;
+    let response_path = log_dir.join("response.json");
+    std::fs::write(&response_path, &response)?;
+    let payload = Arc::new(Payload::new(&create_review(sample_pod(), UID_PLACEHOLDER)));
+
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        Some(start_baseline(&files, &response_path, &log_dir.join("baseline.log")).await?)
+    };
+
+    println!("== image-rewriter loadbench ==");
+    println!("server binary: {}", bin.display());
+    println!(
+        "machine: {} CPUs, {}; load average before: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "request: {} bytes (CREATE review, 1 init container + 2 containers); response: {} bytes",
+        payload.len(),
+        response.len()
+    );
+    println!(
+        "concurrency {}, {:?} per run after {:?} warm-up; load generator: {} worker threads",
+        args.concurrency, duration, warmup, args.client_threads
+    );
+    println!(
+        "startup (spawn -> /readyz 200) over {} runs: min {:.1} ms, median {:.1} ms, max {:.1} ms{}",
+        startups.len(),
+        ms(startups[0]),
+        ms(startups[startups.len() / 2]),
+        ms(startups[startups.len() - 1]),
+        baseline
+            .as_ref()
+            .map(|b| format!(" (baseline: {:.1} ms)", ms(b.startup)))
+            .unwrap_or_default()
+    );
+    println!(
+        "server RSS when idle after startup: {:.1} MiB",
+        mib(proc_status_kib(ours.proc.pid(), "VmRSS").unwrap_or(0))
+    );
+    println!();
+    print_header();
+
+    let mut ok = true;
+    let mut ours_results: Vec<(Mode, LoadResult)> = Vec::new();
+    let mut ratios = Vec::new();
+    for &mode in &args.modes {
+        let spec = LoadSpec {
+            mode,
+            concurrency: args.concurrency,
+            warmup,
+            duration,
+            rate: None,
+        };
+        let mine = run_load(
+            &ours.endpoint,
+            ours.proc.pid(),
+            payload.clone(),
+            Check::Uid,
+            &spec,
+        )
+        .await;
+        print_row(mode.label(), "ours", &mine);
+        ok &= mine.errors == 0 && mine.requests > 0;
+        if let Some(baseline) = &baseline {
+            let theirs = run_load(
+                &baseline.endpoint,
+                baseline.proc.pid(),
+                payload.clone(),
+                Check::Length(response.len()),
+                &spec,
+            )
+            .await;
+            print_row(mode.label(), "baseline", &theirs);
+            ok &= theirs.errors == 0 && theirs.requests > 0;
+            ratios.push((
+                mode,
+                mine.rps() / theirs.rps(),
+                mine.ms(0.99) / theirs.ms(0.99),
+                mine.cpu_per_1000() / theirs.cpu_per_1000(),
+            ));
+        }
+        ours_results.push((mode, mine));
+    }
+
+    // Rate-limited: half of our peak rate in the keep-alive modes.
+    let mut half_rate = Vec::new();
+    for (mode, peak) in &ours_results {
+        if *mode == Mode::NewConn {
+            continue;
+        }
+        let rate = peak.rps() * args.rate_fraction;
+        let spec = LoadSpec {
+            mode: *mode,
+            concurrency: args.concurrency,
+            warmup,
+            duration,
+            rate: Some(rate),
+        };
+        let limited = run_load(
+            &ours.endpoint,
+            ours.proc.pid(),
+            payload.clone(),
+            Check::Uid,
+            &spec,
+        )
+        .await;
+        print_row(
+            &format!("{} @{:.0}/s", short(*mode), rate),
+            "ours",
+            &limited,
+        );
+        ok &= limited.errors == 0 && limited.requests > 0;
+        half_rate.push((*mode, rate, limited));
+    }
+
+    let hwm = proc_status_kib(ours.proc.pid(), "VmHWM").unwrap_or(0);
+    let baseline_hwm = baseline
+        .as_ref()
+        .and_then(|b| proc_status_kib(b.proc.pid(), "VmHWM"))
+        .unwrap_or(0);
+    println!();
+    if !ratios.is_empty() {
+        println!("ours / baseline:");
+        for (mode, throughput, p99, cpu) in &ratios {
+            println!(
+                "  {:<18} throughput x{throughput:.2}   p99 x{p99:.2}   cpu/request x{cpu:.2}",
+                mode.label()
+            );
+        }
+    }
+    for (mode, rate, r) in &half_rate {
+        let scheduled = r
+            .from_schedule
+            .as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0);
+        println!(
+            "  {} at {:.0}/s ({:.0}% of peak): achieved {:.0}/s, p99 {:.3} ms (from the scheduled start, incl. the 1 ms timer: {:.3} ms)",
+            mode.label(),
+            rate,
+            args.rate_fraction * 100.0,
+            r.rps(),
+            r.ms(0.99),
+            scheduled
+        );
+    }
+    println!(
+        "peak RSS (VmHWM) ours: {:.1} MiB; baseline: {:.1} MiB",
+        mib(hwm),
+        mib(baseline_hwm)
+    );
+    if let Some(metrics_addr) = ours.metrics_addr {
+        let metrics = scrape(metrics_addr).await?;
+        let patched = metrics
+            .get("image_rewriter_admission_requests_total{result=\"patched\"}")
+            .copied()
+            .unwrap_or(0.0);
+        println!("server counted {patched:.0} patched reviews");
+    }
+
+    println!();
+    println!("goals:");
+    let mut goals_met = true;
+    for (mode, throughput, _, _) in &ratios {
+        let met = *throughput >= 0.7;
+        goals_met &= met;
+        println!(
+            "  [{}] throughput >= 0.7x baseline ({}): x{throughput:.2}",
+            mark(met),
+            mode.label()
+        );
+    }
+    for (mode, _, r) in &half_rate {
+        let met = r.ms(0.99) < 2.0;
+        goals_met &= met;
+        println!(
+            "  [{}] p99 < 2 ms at half peak rate ({}): {:.3} ms",
+            mark(met),
+            mode.label(),
+            r.ms(0.99)
+        );
+    }
+    let met = mib(hwm) < 40.0;
+    goals_met &= met;
+    println!("  [{}] peak RSS < 40 MiB: {:.1} MiB", mark(met), mib(hwm));
+    if !ok {
+        println!("FAILED: some requests failed (see the errors above)");
+    }
+    if args.keep_dir {
+        let kept = files.dir.keep();
+        println!("kept {}", kept.display());
+    }
+    Ok(ok && (goals_met || !args.enforce_goals))
+}
+
+fn short(mode: Mode) -> &'static str {
+    match mode {
+        Mode::H1 => "http1",
+        Mode::H2 => "http2",
+        Mode::NewConn => "new-conn",
+    }
+}
+
+fn mark(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+// ---------------------------------------------------------------------------
+// Soak.
+// ---------------------------------------------------------------------------
+
+/// Client-side ports of the established TCP connections to `port` on
+/// loopback, from /proc/net/tcp.
+fn established_client_ports(port: u16) -> HashSet<u16> {
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state)) =
+                (fields.get(1), fields.get(2), fields.get(3))
+            else {
+                continue;
+            };
+            let port_of = |address: &str| {
+                address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            };
+            if *state == "01"
+                && port_of(remote) == Some(port)
+                && let Some(local) = port_of(local)
+            {
+                ports.insert(local);
+            }
+        }
+    }
+    ports
+}
+
+async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
+    let files = Arc::new(Files::new()?);
+    let log_dir = files.dir.path().to_path_buf();
+    // Reload checks every 250 ms, so every one-second rotation is picked up.
+    let ours = start_ours(bin, &files, "250ms", &log_dir.join("server.log")).await?;
+    let pid = ours.proc.pid();
+    let metrics_addr = ours.metrics_addr.expect("ours has metrics");
+    capture_and_verify(&ours.endpoint).await?;
+    let payload = Arc::new(Payload::new(&create_review(sample_pod(), UID_PLACEHOLDER)));
+    let url: Arc<str> = ours.endpoint.url("/mutate?timeout=10s").into();
+    let total = args.requests;
+    let concurrency = args.concurrency.max(2);
+    println!("== image-rewriter soak ==");
+    println!(
+        "{total} requests, concurrency {concurrency} ({} HTTP/1.1 keep-alive + {} on one HTTP/2 connection) + a new-connection probe every 100 ms;",
+        concurrency / 2,
+        concurrency - concurrency / 2
+    );
+    println!(
+        "certificate rotated (same CA) and config rewritten every second; server reloads every 250 ms"
+    );
+
+    let errors = Arc::new(Errors::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let warm = (total / 20).max(1000).min(total);
+    let h1 = ours.endpoint.client(Mode::H1);
+    let h2 = ours.endpoint.client(Mode::H2);
+
+    // The keep-alive connections, once all workers have one.
+    let warm_up = |client: &reqwest::Client| {
+        let client = client.clone();
+        let url = url.clone();
+        let payload = payload.clone();
+        async move {
+            let uid = uid(0, 0);
+            post(&client, &url, payload.body(&uid), &uid, Check::Uid).await
+        }
+    };
+    let mut warmups = Vec::new();
+    for i in 0..concurrency {
+        warmups.push(tokio::spawn(warm_up(if i % 2 == 0 { &h1 } else { &h2 })));
+    }
+    for warmup in warmups {
+        warmup
+            .await?
+            .map_err(|e| anyhow::anyhow!("warm-up request failed: {e}"))?;
+    }
+    let port = ours.endpoint.addr.port();
+    let connections_before = established_client_ports(port);
+
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let client = if i % 2 == 0 { h1.clone() } else { h2.clone() };
+            let (url, payload, next, done, errors) = (
+                url.clone(),
+                payload.clone(),
+                next.clone(),
+                done.clone(),
+                errors.clone(),
+            );
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                loop {
+                    let seq = next.fetch_add(1, Ordering::Relaxed);
+                    if seq >= total {
+                        break;
+                    }
+                    let uid = uid(1, seq);
+                    let sent = Instant::now();
+                    match post(&client, &url, payload.body(&uid), &uid, Check::Uid).await {
+                        Ok(_) => latency.saturating_record(sent.elapsed().as_micros() as u64),
+                        Err(error) => errors.record(error),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                latency
+            })
+        })
+        .collect();
+
+    // Rotation: a new certificate and the other config every second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotations = Arc::new(AtomicU64::new(0));
+    let rotator = std::thread::spawn({
+        let (files, stop, rotations) = (files.clone(), stop.clone(), rotations.clone());
+        move || -> anyhow::Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let n = rotations.fetch_add(1, Ordering::Relaxed);
+                files.rotate_certificate()?;
+                replace_file(
+                    &files.config(),
+                    if n % 2 == 0 { CONFIG_B } else { CONFIG_A }.as_bytes(),
+                )?;
+            }
+            Ok(())
+        }
+    });
+
+    // Probe: a new TLS connection every 100 ms, recording the certificate.
+    let probe = tokio::spawn({
+        let (endpoint, stop, payload, errors) = (
+            ours.endpoint.clone(),
+            stop.clone(),
+            payload.clone(),
+            errors.clone(),
+        );
+        async move {
+            let mut certificates = HashSet::new();
+            let mut probes = 0u64;
+            let url = endpoint.url("/mutate?timeout=10s");
+            while !stop.load(Ordering::Relaxed) {
+                let client = endpoint.client(Mode::NewConn);
+                let uid = uid(2, probes);
+                probes += 1;
+                match client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(payload.body(&uid))
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status() == 200 => {
+                        if let Some(info) = response.extensions().get::<reqwest::tls::TlsInfo>()
+                            && let Some(cert) = info.peer_certificate()
+                        {
+                            certificates.insert(cert.to_vec());
+                        }
+                        let _ = response.bytes().await;
+                    }
+                    Ok(response) => errors.record(format!("probe: status {}", response.status())),
+                    Err(error) => errors.record(format!("probe: {error:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (probes, certificates.len())
+        }
+    });
+
+    // RSS every second; the first sample after warm-up is the reference.
+    let mut samples: Vec<(Duration, u64, u64)> = Vec::new();
+    let mut last_print = Instant::now();
+    while done.load(Ordering::Relaxed) < total && !workers.iter().all(|w| w.is_finished()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let answered = done.load(Ordering::Relaxed);
+        let rss = proc_status_kib(pid, "VmRSS").unwrap_or(0);
+        samples.push((started.elapsed(), answered, rss));
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            println!(
+                "  {:>6.0} s  {answered:>9} answered  {:.0}/s  RSS {:.1} MiB  errors {}",
+                started.elapsed().as_secs_f64(),
+                answered as f64 / started.elapsed().as_secs_f64(),
+                mib(rss),
+                errors.count.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let mut latency = histogram();
+    for worker in workers {
+        latency.add(worker.await?).expect("same bounds");
+    }
+    let elapsed = started.elapsed();
+    let rss_end = proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    samples.push((elapsed, total, rss_end));
+    stop.store(true, Ordering::Relaxed);
+    let (probes, certificates_seen) = probe.await?;
+    rotator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the rotation thread panicked"))??;
+    // Give the server one more reload cycle, then read its counters.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let connections_after = established_client_ports(port);
+    let dropped = connections_before.difference(&connections_after).count();
+    let metrics = scrape(metrics_addr).await?;
+    let metric = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
+
+    let reference = samples
+        .iter()
+        .find(|(_, answered, _)| *answered >= warm)
+        .or(samples.last())
+        .map_or(rss_end, |s| s.2);
+    let growth = (rss_end as f64 - reference as f64) / reference.max(1) as f64;
+    let failed = errors.count.load(Ordering::Relaxed);
+    println!();
+    println!(
+        "answered {total} in {:.1} s ({:.0}/s); p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        latency.value_at_quantile(0.5) as f64 / 1000.0,
+        latency.value_at_quantile(0.99) as f64 / 1000.0,
+        latency.max() as f64 / 1000.0
+    );
+    for sample in errors.samples.lock().unwrap().iter() {
+        println!("  error: {sample}");
+    }
+    println!(
+        "rotations: {}; server reloads: certificate {} ok / {} failed, config {} ok / {} failed",
+        rotations.load(Ordering::Relaxed),
+        metric("image_rewriter_certificate_reloads_total{result=\"success\"}"),
+        metric("image_rewriter_certificate_reloads_total{result=\"failure\"}"),
+        metric("image_rewriter_config_reloads_total{result=\"success\"}"),
+        metric("image_rewriter_config_reloads_total{result=\"failure\"}"),
+    );
+    println!(
+        "new-connection probes: {probes}, distinct server certificates seen: {certificates_seen}"
+    );
+    println!(
+        "keep-alive connections: {} before, {} still open after, {dropped} dropped",
+        connections_before.len(),
+        connections_before.intersection(&connections_after).count()
+    );
+    let rss_series: Vec<String> = samples
+        .iter()
+        .step_by((samples.len() / 12).max(1))
+        .map(|(t, _, rss)| format!("{:.0}s:{:.1}", t.as_secs_f64(), mib(*rss)))
+        .collect();
+    println!("RSS MiB over time: {}", rss_series.join(" "));
+    println!(
+        "RSS after warm-up {:.1} MiB, at the end {:.1} MiB ({:+.1}%), peak (VmHWM) {:.1} MiB",
+        mib(reference),
+        mib(rss_end),
+        growth * 100.0,
+        mib(proc_status_kib(pid, "VmHWM").unwrap_or(0))
+    );
+
+    let mut ok = true;
+    let mut check = |met: bool, what: String| {
+        ok &= met;
+        println!("  [{}] {what}", if met { "ok" } else { "FAILED" });
+    };
+    println!("checks:");
+    check(failed == 0, format!("zero failed requests ({failed})"));
+    check(
+        dropped == 0 && !connections_before.is_empty(),
+        format!(
+            "zero dropped keep-alive connections ({dropped} of {})",
+            connections_before.len()
+        ),
+    );
+    let rotated = rotations.load(Ordering::Relaxed);
+    check(
+        rotated == 0 || certificates_seen >= 2,
+        format!("probes saw the rotated certificates ({certificates_seen} distinct)"),
+    );
+    check(
+        metric("image_rewriter_certificate_reloads_total{result=\"failure\"}") == 0.0
+            && metric("image_rewriter_config_reloads_total{result=\"failure\"}") == 0.0,
+        "no reload failed".into(),
+    );
+    check(
+        growth.abs() <= 0.10,
+        format!(
+            "RSS at the end within 10% of after warm-up ({:+.1}%)",
+            growth * 100.0
+        ),
+    );
+    if args.keep_dir {
+        let files = Arc::try_unwrap(files).map_err(|_| anyhow::anyhow!("files still shared"))?;
+        println!("kept {}", files.dir.keep().display());
+    }
+    Ok(ok)
+}
+
+// ---------------------------------------------------------------------------
+// The baseline server: rustls + hyper, a fixed answer.
+// ---------------------------------------------------------------------------
+
+mod baseline {
+    use std::convert::Infallible;
+    use std::process::ExitCode;
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::Args;
+
+    pub fn main(args: &Args) -> ExitCode {
+        // The same runtime as `serve`: multi-threaded, one worker per CPU.
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        match runtime.block_on(serve(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("baseline server: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn serve(args: &Args) -> anyhow::Result<()> {
+        let (Some(port), Some(cert), Some(key), Some(response)) =
+            (args.port, &args.cert, &args.key, &args.response)
+        else {
+            anyhow::bail!("--baseline-server needs --port, --cert, --key and --response");
+        };
+        let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key)?;
+        let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[
+            &rustls::version::TLS13,
+            &rustls::version::TLS12,
+        ])
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let answer = Bytes::from(std::fs::read(response)?);
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let (acceptor, answer, builder) = (acceptor.clone(), answer.clone(), builder.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        let ready = request.uri().path() == "/readyz";
+                        // Read the whole body, as a real handler must.
+                        let _ = request.into_body().collect().await;
+                        let response = if ready {
+                            Response::new(Full::new(Bytes::from_static(b"ready")))
+                        } else {
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(answer))
+                                .expect("a valid response")
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+            });
+        }
+    }
+}
