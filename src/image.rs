@@ -51,15 +51,6 @@ static REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     ))
 });
 
-/// A name split into its optional domain and its path.
-static ANCHORED_NAME: LazyLock<Regex> = LazyLock::new(|| {
-    let component = path_component();
-    compile(&format!(
-        "^(?:({})/)?({component}(?:/{component})*)$",
-        domain_and_port()
-    ))
-});
-
 static ANCHORED_DOMAIN: LazyLock<Regex> =
     LazyLock::new(|| compile(&format!("^{}$", domain_and_port())));
 
@@ -115,11 +106,13 @@ impl Reference {
             return Err(ReferenceError::InvalidFormat);
         };
         let name = captures.get(1).map_or("", |m| m.as_str());
-        let name_parts = ANCHORED_NAME
-            .captures(name)
-            .ok_or(ReferenceError::InvalidFormat)?;
-        let domain = name_parts.get(1).map_or("", |m| m.as_str());
-        let path = name_parts.get(2).map_or("", |m| m.as_str());
+        // The name matched the grammar, so its first component is the domain
+        // exactly when it matches the domain pattern and a path follows
+        // (what the upstream anchored-name regexp's captures decide).
+        let (domain, path) = match name.split_once('/') {
+            Some((first, rest)) if ANCHORED_DOMAIN.is_match(first) => (first, rest),
+            _ => ("", name),
+        };
         if path.len() > MAX_PATH_LENGTH {
             return Err(ReferenceError::NameTooLong);
         }
@@ -175,17 +168,6 @@ impl Reference {
         } else {
             format!("{}/{}", self.domain, self.path)
         }
-    }
-
-    /// The same tag and digest under another repository name, validated.
-    pub fn with_name(&self, name: &str) -> Result<Self, ReferenceError> {
-        let mut reference = Self::parse(name)?;
-        if reference.tag.is_some() || reference.digest.is_some() {
-            return Err(ReferenceError::InvalidFormat);
-        }
-        reference.tag.clone_from(&self.tag);
-        reference.digest.clone_from(&self.digest);
-        Ok(reference)
     }
 }
 

@@ -296,23 +296,39 @@ impl Policy {
     }
 }
 
-/// The reference under `new_name`, checked to be valid and to be pulled from
-/// exactly `new_name` (a Docker Hub target must not gain a `library/`).
+/// The reference under `new_name`, tag and digest as written, checked to be
+/// valid and to be pulled from exactly `new_name`. No re-parse is needed:
+/// the target was validated at load time and the rest of the name comes
+/// from a parsed reference, so only the length and the Docker Hub
+/// `library/` rule can break the result.
 fn rewritten(reference: &Reference, new_name: &str) -> Result<String, String> {
-    let moved = reference
-        .with_name(new_name)
-        .map_err(|e| format!("the rewritten name {new_name:?} is not valid: {e}"))?;
-    let text = moved.to_string();
-    match Reference::parse_normalized(&text) {
-        Ok(pulled) if pulled.name() == new_name => Ok(text),
-        Ok(pulled) => Err(format!(
-            "{text:?} would be pulled as {:?}, not from the target",
-            pulled.name()
-        )),
-        Err(e) => Err(format!(
-            "the rewritten reference {text:?} is not valid: {e}"
-        )),
+    let Some((domain, path)) = new_name.split_once('/') else {
+        return Err(format!(
+            "the rewritten name {new_name:?} has no repository path"
+        ));
+    };
+    if path.len() > image::MAX_PATH_LENGTH {
+        return Err(format!(
+            "the rewritten repository path would be {} characters, more than {}",
+            path.len(),
+            image::MAX_PATH_LENGTH
+        ));
     }
+    if domain == image::DOCKER_HUB && !path.contains('/') {
+        return Err(format!(
+            "{new_name:?} would be pulled as \"docker.io/library/{path}\", not from the target"
+        ));
+    }
+    let mut text = new_name.to_owned();
+    if let Some(tag) = reference.tag() {
+        text.push(':');
+        text.push_str(tag);
+    }
+    if let Some(digest) = reference.digest() {
+        text.push('@');
+        text.push_str(digest);
+    }
+    Ok(text)
 }
 
 /// The entry whose key is the longest prefix of `name` ending on a path
@@ -359,7 +375,12 @@ exclude:
 
     fn outcome(policy: &Policy, image: &str) -> (String, Option<String>) {
         match policy.decide(image) {
-            Decision::Rewrite { image, rule } => (image, rule.pull_secret.clone()),
+            Decision::Rewrite { image, rule } => {
+                // What the runtime pulls is exactly the rewritten reference.
+                let pulled = Reference::parse_normalized(&image).unwrap();
+                assert_eq!(pulled.to_string(), image);
+                (image, rule.pull_secret.clone())
+            }
             Decision::AlreadyUnderTarget { rule } => (image.to_owned(), rule.pull_secret.clone()),
             _ => (image.to_owned(), None),
         }
