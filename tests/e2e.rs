@@ -1178,3 +1178,112 @@ async fn apiserver_pod_creation_benchmark() {
         println!("  webhook: {line}");
     }
 }
+
+/// Runs one kubectl command as the admin, as the README writes it; returns stdout.
+fn kubectl(env: &Env, args: &[&str]) -> String {
+    let output = std::process::Command::new(&env.kubectl)
+        .arg("--kubeconfig")
+        .arg(&env.admin_kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The README's kubectl commands, verbatim, against the real apiserver:
+/// the source pull secret (made again with kubectl), labelling a namespace out in cluster-wide mode, the dry-run check, and
+/// the uninstall steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_kubectl_commands_work() {
+    let env = Env::start(Overlay::ClusterWide).await;
+    kubectl(
+        &env,
+        &["delete", "secret", "harbor-pull", "-n", "image-rewriter"],
+    );
+    kubectl(
+        &env,
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "harbor-pull",
+            "-n",
+            "image-rewriter",
+            "--docker-server=harbor.corp.example",
+            "--docker-username=robot$pull",
+            "--docker-password=secret",
+        ],
+    );
+    let check_image = |namespace: &str| {
+        kubectl(
+            &env,
+            &[
+                "run",
+                "check",
+                "--image=nginx:1.27",
+                "-n",
+                namespace,
+                "--dry-run=server",
+                "-o",
+                "jsonpath={.spec.containers[0].image}",
+            ],
+        )
+    };
+    for namespace in ["team-a", "legacy-app"] {
+        kubectl(&env, &["create", "namespace", namespace]);
+        env.cp
+            .ensure_default_service_account(namespace)
+            .await
+            .expect("default ServiceAccount");
+    }
+    kubectl(
+        &env,
+        &[
+            "label",
+            "namespace",
+            "legacy-app",
+            "image-rewriter.io/enabled=false",
+        ],
+    );
+    assert_eq!(
+        check_image("team-a"),
+        "harbor.corp.example/dockerhub/library/nginx:1.27"
+    );
+    assert_eq!(check_image("legacy-app"), "nginx:1.27");
+
+    // A real pod in team-a makes a pull secret copy that uninstall removes.
+    env.create_pod("team-a", &app_pod("web", &[])).await;
+    let copies = |namespace: &str| {
+        let secrets: Api<Secret> = Api::namespaced(env.admin(), namespace);
+        async move { secrets.get_opt(PULL_SECRET).await.unwrap().is_some() }
+    };
+    assert!(copies("team-a").await);
+
+    kubectl(
+        &env,
+        &["delete", "mutatingwebhookconfiguration", "image-rewriter"],
+    );
+    env.wait_webhook_called(false).await;
+    assert_eq!(check_image("team-a"), "nginx:1.27");
+    kubectl(
+        &env,
+        &[
+            "delete",
+            "secret",
+            "-A",
+            "-l",
+            "app.kubernetes.io/managed-by=image-rewriter",
+        ],
+    );
+    assert!(!copies("team-a").await, "the copy is removed");
+    assert!(
+        copies(WEBHOOK_NAMESPACE).await,
+        "the source is not a copy and stays"
+    );
+}
