@@ -216,13 +216,16 @@ fn mutate_object(
             .collect::<Vec<_>>()
             .join(".")
     };
+    // `null` is as good as absent, for both.
     let metadata: Option<ObjectMeta> = template
         .get("metadata")
+        .filter(|m| !m.is_null())
         .map(|m| serde_json::from_value(m.clone()))
         .transpose()
         .map_err(|e| invalid(&field("metadata"), e.to_string()))?;
     let spec: Option<PodSpec> = template
         .get("spec")
+        .filter(|s| !s.is_null())
         .map(|s| serde_json::from_value(s.clone()))
         .transpose()
         .map_err(|e| invalid(&field("spec"), e.to_string()))?;

@@ -538,6 +538,32 @@ fn mutate_workloads_from_stdin() {
     }
 }
 
+/// A template with `metadata: null` (and no metadata at all) gets the
+/// annotation in a metadata object of its own.
+#[test]
+fn mutate_a_template_without_metadata() {
+    let dir = Dir::new();
+    let config = dir.config();
+    for metadata in ["    metadata: null\n", ""] {
+        let job = format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\nspec:\n  template:\n{metadata}\
+             \x20   spec:\n      restartPolicy: Never\n      containers:\n        - name: web\n          image: nginx\n"
+        );
+        let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &job);
+        assert_success(&output);
+        let documents = yaml_documents(&stdout(&output));
+        assert_eq!(
+            images_at(&documents[0], "/spec/template/spec/containers"),
+            ["harbor.corp.example/dockerhub/library/nginx"]
+        );
+        assert_eq!(
+            documents[0]["spec"]["template"]["metadata"]["annotations"]["image-rewriter.io/original-images"],
+            r#"{"web":"nginx"}"#,
+            "{job}"
+        );
+    }
+}
+
 #[test]
 fn mutate_a_multi_document_stream() {
     let dir = Dir::new();
