@@ -90,6 +90,12 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
     let pointer =
         |tokens: &[&str]| PointerBuf::from_tokens(pod.location.iter().chain(tokens).copied());
 
+    let existing_secrets: HashSet<&str> = spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|secret| secret.name.as_str())
+        .collect();
     let mut needed_secrets = PullSecretSet::default();
     for (list, kind, images) in container_images(spec) {
         for (index, name, image) in images {
@@ -136,8 +142,10 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) else {
                 continue;
             };
+            // Once per missing secret, at the first container that needs it.
             if matches!(scope, Scope::NewEphemeralContainers { .. })
-                && !has_pull_secret(spec, secret)
+                && !existing_secrets.contains(secret)
+                && !needed_secrets.contains(secret)
             {
                 plan.warnings.push(format!(
                     "{kind} {name:?}: the pod has no imagePullSecret {secret:?}, which image \
@@ -150,8 +158,12 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
     }
 
     if *scope == Scope::WholePod {
-        plan.operations
-            .extend(pull_secret_operations(spec, &needed_secrets, &pointer));
+        plan.operations.extend(pull_secret_operations(
+            spec,
+            &existing_secrets,
+            &needed_secrets,
+            &pointer,
+        ));
         plan.pull_secrets = needed_secrets.0.iter().map(|s| (*s).to_owned()).collect();
         if !plan.rewritten.is_empty() {
             let (operation, warning) =
@@ -205,6 +217,10 @@ fn container_images(spec: &PodSpec) -> [(&'static str, &'static str, ContainerIm
 struct PullSecretSet<'a>(Vec<&'a str>);
 
 impl<'a> PullSecretSet<'a> {
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(&name)
+    }
+
     fn insert(&mut self, name: &'a str) {
         if !self.0.contains(&name) {
             self.0.push(name);
@@ -212,18 +228,12 @@ impl<'a> PullSecretSet<'a> {
     }
 }
 
-fn has_pull_secret(spec: &PodSpec, name: &str) -> bool {
-    spec.image_pull_secrets
-        .iter()
-        .flatten()
-        .any(|existing| existing.name == name)
-}
-
 /// Adds the missing secrets after the existing entries, which stay as they
 /// are. `add .../imagePullSecrets/-` needs the array to exist, so an absent
 /// field is added whole.
 fn pull_secret_operations(
     spec: &PodSpec,
+    existing: &HashSet<&str>,
     needed: &PullSecretSet<'_>,
     pointer: &impl Fn(&[&str]) -> PointerBuf,
 ) -> Vec<PatchOperation> {
@@ -231,7 +241,7 @@ fn pull_secret_operations(
         .0
         .iter()
         .copied()
-        .filter(|name| !has_pull_secret(spec, name));
+        .filter(|name| !existing.contains(name));
     let entry = |name: &str| {
         serde_json::to_value(LocalObjectReference {
             name: name.to_owned(),

@@ -64,6 +64,16 @@ pub struct ServeOptions {
 pub const MIN_BODY_LIMIT: usize = 7 * 1024 * 1024;
 pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
+const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Bodies being read and decoded at once may take this many times the body
+/// limit in bytes; the rest wait (up to the body timeout), then get 503.
+/// Keeps a burst of huge reviews inside the container's memory limit.
+const BODY_BUDGET_FACTOR: usize = 2;
+const BODY_BUDGET_UNIT: usize = 1024;
+
 /// State shared by every request.
 pub struct AppState {
     policy: ArcSwapOption<Policy>,
@@ -73,6 +83,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    /// In units of [`BODY_BUDGET_UNIT`] bytes.
+    body_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -85,6 +97,9 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             max_body_bytes,
             body_read_timeout,
+            body_budget: Arc::new(Semaphore::new(
+                max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT,
+            )),
         }
     }
 
@@ -202,6 +217,28 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "Content-Type must be application/json\n".into(),
         );
     }
+    // Reserve what the body will take (Content-Length, else the limit)
+    // before reading it.
+    let expected = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .unwrap_or(state.max_body_bytes)
+        .clamp(1, state.max_body_bytes);
+    let units = u32::try_from(expected.div_ceil(BODY_BUDGET_UNIT)).unwrap_or(u32::MAX);
+    let reserved = tokio::time::timeout(
+        state.body_read_timeout,
+        state.body_budget.clone().acquire_many_owned(units),
+    )
+    .await;
+    let Ok(Ok(_reservation)) = reserved else {
+        metrics.count_request("overloaded");
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many large AdmissionReviews in flight; retry\n".into(),
+        );
+    };
     let limited = Limited::new(request.into_body(), state.max_body_bytes);
     let bytes = match tokio::time::timeout(state.body_read_timeout, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -408,8 +445,19 @@ async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    // Pings find dead peers; few streams per connection bound the bodies
+    // one connection can hold in memory.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    // The protocol comes from ALPN, never from sniffing the first bytes:
+    // that phase has no timeout, so a silent client would hold its
+    // connection slot forever.
+    let http1 = Arc::new(builder.clone().http1_only());
+    let http2 = Arc::new(builder.http2_only());
 
     loop {
         let permit = tokio::select! {
@@ -434,7 +482,7 @@ async fn run(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
+        let (http1, http2) = (http1.clone(), http2.clone());
         let watcher = graceful.watcher();
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
@@ -449,6 +497,11 @@ async fn run(
                     debug!(%peer, "TLS handshake timed out");
                     return;
                 }
+            };
+            let builder = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                http2
+            } else {
+                http1
             };
             let connection = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(error) = watcher.watch(connection).await {
@@ -465,7 +518,14 @@ async fn run(
         warn!("grace period over; closing remaining connections");
     }
     let _ = reloads.await;
-    let _ = metrics_server.await;
+    // A metrics scrape stuck mid-request must not hold the exit.
+    let metrics_abort = metrics_server.abort_handle();
+    if tokio::time::timeout(METRICS_SHUTDOWN_GRACE, metrics_server)
+        .await
+        .is_err()
+    {
+        metrics_abort.abort();
+    }
     info!("shut down");
 }
 

@@ -864,3 +864,34 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     );
     harness.stop().await;
 }
+
+/// A client that finishes the TLS handshake and then sends nothing holds no
+/// connection slot for long: with one slot, a real client still gets in.
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_a_slot_forever() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = Duration::from_millis(300);
+        options.max_connections = 1;
+    })
+    .await;
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    let mut silent = tls_connect(&harness, config).await;
+    let started = Instant::now();
+    let mut buffer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buffer)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a silent connection was kept for {:?}",
+        started.elapsed()
+    );
+    let response = harness
+        .client(true)
+        .get(harness.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    harness.stop().await;
+}
