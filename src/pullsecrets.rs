@@ -62,6 +62,13 @@ enum Work {
     },
 }
 
+/// One running watch. Its task writes the cache only while it is still the
+/// registered watch of its name: an aborted task may be mid-event.
+struct Watch {
+    id: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// What happened to one requested copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -76,7 +83,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     cache: RwLock<HashMap<String, NameCache>>,
     source_namespace: RwLock<Option<String>>,
-    watches: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    watches: Mutex<HashMap<String, Watch>>,
+    next_watch_id: std::sync::atomic::AtomicU64,
     work: mpsc::Sender<Work>,
 }
 
@@ -108,6 +116,7 @@ impl PullSecretSync {
             cache: RwLock::default(),
             source_namespace: RwLock::default(),
             watches: Mutex::default(),
+            next_watch_id: std::sync::atomic::AtomicU64::new(0),
             work,
         });
         tokio::spawn(worker(inner.clone(), queue));
@@ -124,10 +133,10 @@ impl PullSecretSync {
         let Ok(mut watches) = inner.watches.lock() else {
             return;
         };
-        watches.retain(|name, task| {
+        watches.retain(|name, watch| {
             let keep = names.contains(name);
             if !keep {
-                task.abort();
+                watch.task.abort();
                 if let Ok(mut cache) = inner.cache.write() {
                     cache.remove(name);
                 }
@@ -135,9 +144,13 @@ impl PullSecretSync {
             keep
         });
         for name in names {
-            watches
-                .entry(name.clone())
-                .or_insert_with(|| tokio::spawn(watch_name(inner.clone(), name)));
+            watches.entry(name.clone()).or_insert_with(|| {
+                let id = inner
+                    .next_watch_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let task = tokio::spawn(watch_name(inner.clone(), name, id));
+                Watch { id, task }
+            });
         }
     }
 
@@ -242,6 +255,21 @@ impl Inner {
         self.source_namespace.read().ok().and_then(|s| s.clone())
     }
 
+    /// Runs `update` on the cache of `name` if watch `id` is still the one
+    /// registered for it (locks in the order `configure` takes them).
+    fn update_if_current(&self, name: &str, id: u64, update: impl FnOnce(&mut NameCache)) {
+        let Ok(watches) = self.watches.lock() else {
+            return;
+        };
+        if watches.get(name).map(|watch| watch.id) != Some(id) {
+            return;
+        }
+        if let Ok(mut cache) = self.cache.write() {
+            update(cache.entry(name.to_owned()).or_default());
+            self.update_cache_size(&cache);
+        }
+    }
+
     fn remember(&self, name: &str, namespace: &str, cached: Cached) {
         if let Ok(mut cache) = self.cache.write() {
             cache
@@ -295,7 +323,7 @@ fn cached(secret: &Secret) -> Cached {
 }
 
 /// Keeps the cache of one secret name current, across all namespaces.
-async fn watch_name(inner: Arc<Inner>, name: String) {
+async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
     let api: Api<Secret> = Api::all(inner.client.clone());
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
@@ -320,12 +348,10 @@ async fn watch_name(inner: Arc<Inner>, name: String) {
                     error!(secret = %name, source = ?source_namespace, "source pull secret does not exist; no copies can be made");
                     inner.metrics.pull_secret_sync_errors.inc();
                 }
-                if let Ok(mut cache) = inner.cache.write() {
-                    let entry = cache.entry(name.clone()).or_default();
+                inner.update_if_current(&name, id, |entry| {
                     entry.namespaces = namespaces;
                     entry.synced = true;
-                    inner.update_cache_size(&cache);
-                }
+                });
                 let _ = inner
                     .work
                     .send(Work::Reconcile { name: name.clone() })
@@ -340,7 +366,9 @@ async fn watch_name(inner: Arc<Inner>, name: String) {
                 if !is_source && !entry.managed {
                     warn!(secret = %name, %namespace, "a Secret image-rewriter did not create has this name; it is left alone");
                 }
-                inner.remember(&name, &namespace, entry);
+                inner.update_if_current(&name, id, |cache| {
+                    cache.namespaces.insert(namespace.clone(), entry);
+                });
                 if is_source {
                     let _ = inner
                         .work
@@ -352,12 +380,9 @@ async fn watch_name(inner: Arc<Inner>, name: String) {
                 let Some(namespace) = secret.metadata.namespace.clone() else {
                     continue;
                 };
-                if let Ok(mut cache) = inner.cache.write() {
-                    if let Some(entry) = cache.get_mut(&name) {
-                        entry.namespaces.remove(&namespace);
-                    }
-                    inner.update_cache_size(&cache);
-                }
+                inner.update_if_current(&name, id, |entry| {
+                    entry.namespaces.remove(&namespace);
+                });
                 if source_namespace.as_deref() == Some(namespace.as_str()) {
                     error!(secret = %name, %namespace, "source pull secret deleted; copies are left in place");
                     inner.metrics.pull_secret_sync_errors.inc();
