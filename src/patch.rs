@@ -55,12 +55,6 @@ pub struct PodPlan {
     pub pull_secrets: Vec<String>,
 }
 
-impl PodPlan {
-    pub fn is_empty(&self) -> bool {
-        self.operations.is_empty()
-    }
-}
-
 /// A pod, or the pod template of a workload, located in a larger document.
 #[derive(Debug, Clone, Copy)]
 pub struct PodView<'a> {

@@ -630,59 +630,50 @@ async fn not_ready_until_a_config_loads() {
 async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
     let harness = Harness::start(CONFIG).await;
     let client = harness.client(true);
-    let first_image = |body: &[u8], review: &Value| {
-        let patch = check_response(review, body);
+    // The first container's image after a review under the config in force.
+    let first_image = || async {
+        let review = sample_review();
+        let body = harness
+            .post_review(&client, &review)
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        let patch = check_response(&review, &body);
         let (_, pod) = pod_after(&review["request"]["object"], patch.as_ref());
         pod.spec.unwrap().containers[0].image.clone().unwrap()
     };
-
-    let moved = CONFIG.replace("harbor.corp.example/dockerhub", "mirror.corp.example/hub");
-    write_like_kubelet(
-        &harness.path("config"),
-        &[("config.yaml", moved.as_bytes())],
-    );
-    harness
-        .wait_for_metric(
+    let reload = |config: String, result: &'static str, count: f64| {
+        write_like_kubelet(
+            &harness.path("config"),
+            &[("config.yaml", config.as_bytes())],
+        );
+        harness.wait_for_metric(
             "image_rewriter_config_reloads_total",
-            ("result", "success"),
-            2.0,
+            ("result", result),
+            count,
         )
-        .await;
-    let review = sample_review();
-    let body = harness
-        .post_review(&client, &review)
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    };
+
+    reload(
+        CONFIG.replace("harbor.corp.example/dockerhub", "mirror.corp.example/hub"),
+        "success",
+        2.0,
+    )
+    .await;
     assert_eq!(
-        first_image(&body, &review),
+        first_image().await,
         "mirror.corp.example/hub/library/nginx:1.27"
     );
 
-    write_like_kubelet(
-        &harness.path("config"),
-        &[(
-            "config.yaml",
-            b"rules:\n  - match: docker.io\n    target: \"\"\n",
-        )],
-    );
-    harness
-        .wait_for_metric(
-            "image_rewriter_config_reloads_total",
-            ("result", "failure"),
-            1.0,
-        )
-        .await;
-    let review = sample_review();
-    let body = harness
-        .post_review(&client, &review)
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    reload(
+        "rules:\n  - match: docker.io\n    target: \"\"\n".to_owned(),
+        "failure",
+        1.0,
+    )
+    .await;
     assert_eq!(
-        first_image(&body, &review),
+        first_image().await,
         "mirror.corp.example/hub/library/nginx:1.27"
     );
     let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
