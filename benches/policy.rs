@@ -18,8 +18,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use image_rewriter::admission;
 use image_rewriter::config::ConfigFile;
 use image_rewriter::patch::{PodView, Scope, plan_pod_patch};
+use image_rewriter::pod::PodObject;
 use image_rewriter::policy::{Decision, Policy};
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 const CONTAINER_COUNTS: [usize; 4] = [1, 10, 100, 1000];
@@ -171,7 +171,7 @@ fn create_review(pod: Value) -> Vec<u8> {
     .expect("serializes")
 }
 
-fn plan(policy: &Policy, pod: &Pod) -> usize {
+fn plan(policy: &Policy, pod: &PodObject) -> usize {
     let view = PodView {
         namespace: Some("team-a"),
         metadata: Some(&pod.metadata),
@@ -213,7 +213,7 @@ fn bench_pods(c: &mut Criterion) {
 
     let mut plan_group = c.benchmark_group("plan_pod_patch");
     for count in CONTAINER_COUNTS {
-        let pod: Pod = serde_json::from_value(pod_with(count)).expect("a Pod");
+        let pod: PodObject = serde_json::from_value(pod_with(count)).expect("a Pod");
         plan_group.throughput(Throughput::Elements(count as u64));
         plan_group.bench_with_input(BenchmarkId::from_parameter(count), &pod, |b, pod| {
             b.iter(|| plan(&policy, black_box(pod)))
@@ -293,7 +293,7 @@ fn scaling_report(budget: Duration) -> Vec<String> {
     let mut per_container = Vec::new();
     for count in CONTAINER_COUNTS {
         let body = create_review(pod_with(count));
-        let pod: Pod = serde_json::from_value(pod_with(count)).expect("a Pod");
+        let pod: PodObject = serde_json::from_value(pod_with(count)).expect("a Pod");
         let review = median_ns(budget, || {
             black_box(
                 admission::review(&policy, black_box(&body))

@@ -7,13 +7,12 @@
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::Serialize;
 
 use crate::patch::{PodPlan, PodView, RewrittenImage, Scope, plan_pod_patch};
+use crate::pod::PodObject;
 use crate::policy::Policy;
 
 const ADMISSION_V1: &str = "admission.k8s.io/v1";
@@ -53,6 +52,7 @@ pub struct ReviewSummary {
     pub dry_run: bool,
     /// Whether the request was a Pod request the policy looked at.
     pub examined: bool,
+    /// Filled when the answer is encoded ([`Planned::into_response`]).
     pub rewritten: Vec<RewrittenImage>,
     pub unparsable: usize,
     pub warnings: usize,
@@ -114,6 +114,7 @@ impl Planned {
             if !plan.operations.is_empty() {
                 patch = Some(json_patch::Patch(plan.operations));
             }
+            self.summary.rewritten = plan.rewritten;
         }
         Reviewed {
             body: encode(self.response, patch.as_ref()),
@@ -129,7 +130,7 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
 
 /// Decodes one AdmissionReview body and plans the patch.
 pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
-    let request = match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
+    let request = match serde_json::from_slice::<AdmissionReview<PodObject>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If
         // it claims to be a Pod, the Pod decoding error is the reason.
@@ -156,10 +157,10 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
                     .namespace
                     .as_deref()
                     .or(pod.metadata.namespace.as_deref()),
-                // A Pod sent without `metadata` (or with `null`) decodes to
-                // an empty ObjectMeta: plan for none, so the patch adds
-                // `/metadata` whole instead of `/metadata/annotations`.
-                metadata: (pod.metadata != ObjectMeta::default()).then_some(&pod.metadata),
+                // A Pod sent without `metadata` (or with `null`): plan for
+                // none, so the patch adds `/metadata` whole instead of
+                // `/metadata/annotations`.
+                metadata: pod.has_metadata.then_some(&pod.metadata),
                 spec: pod.spec.as_ref(),
                 location: &[],
             };
@@ -202,7 +203,7 @@ fn is_pod(group: &str, kind: &str) -> bool {
 
 /// Which containers this request may change, or `None` when it is not a
 /// request the webhook acts on (it is then allowed untouched).
-fn pod_scope(request: &AdmissionRequest<Pod>) -> Result<Option<Scope>, ReviewError> {
+fn pod_scope(request: &AdmissionRequest<PodObject>) -> Result<Option<Scope>, ReviewError> {
     if !is_pod(&request.kind.group, &request.kind.kind) {
         return Ok(None);
     }
@@ -250,7 +251,6 @@ fn summarize<T: kube::Resource>(
     };
     if let Some(plan) = plan {
         summary.examined = true;
-        summary.rewritten.clone_from(&plan.rewritten);
         summary.unparsable = plan.unparsable;
         summary.warnings = plan.warnings.len();
         summary.patched = !plan.operations.is_empty();

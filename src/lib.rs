@@ -1,7 +1,7 @@
 //! image-rewriter: a Kubernetes mutating admission webhook that moves
 //! container images to a private registry.
 //!
-//! The policy (`image`, `policy`, `patch`, `admission`) is pure and tested
+//! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
 //! without a server; `server`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
@@ -14,6 +14,7 @@ pub mod image;
 pub mod metrics;
 pub mod offline;
 pub mod patch;
+pub mod pod;
 pub mod policy;
 pub mod pullsecrets;
 pub mod reload;

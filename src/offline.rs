@@ -1,12 +1,12 @@
 //! The offline commands: `rewrite` and `mutate` try a policy on images and
 //! manifests before it is deployed. Text in, text out; the CLI does the I/O.
 
-use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::patch::{PodView, Scope, plan_pod_patch};
+use crate::pod::PodImages;
 use crate::policy::{Decision, Policy};
 
 /// One line of `rewrite --output json`.
@@ -223,10 +223,10 @@ fn mutate_object(
         .map(|m| serde_json::from_value(m.clone()))
         .transpose()
         .map_err(|e| invalid(&field("metadata"), e.to_string()))?;
-    let spec: Option<PodSpec> = template
+    let spec: Option<PodImages> = template
         .get("spec")
         .filter(|s| !s.is_null())
-        .map(|s| serde_json::from_value(s.clone()))
+        .map(PodImages::deserialize)
         .transpose()
         .map_err(|e| invalid(&field("spec"), e.to_string()))?;
     let namespace = object

@@ -8,10 +8,11 @@ use std::collections::HashSet;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::{LocalObjectReference, PodSpec};
+use k8s_openapi::api::core::v1::LocalObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Map, Value, json};
 
+use crate::pod::{ContainerImage, PodImages};
 use crate::policy::{Decision, Policy};
 
 /// Records, per container name, the image as written before the rewrite.
@@ -61,7 +62,7 @@ pub struct PodView<'a> {
     /// The namespace the pod is created in, when known.
     pub namespace: Option<&'a str>,
     pub metadata: Option<&'a ObjectMeta>,
-    pub spec: Option<&'a PodSpec>,
+    pub spec: Option<&'a PodImages>,
     /// JSON Pointer tokens from the document root to the object holding
     /// `metadata` and `spec`: empty for a Pod, `["spec", "template"]` for a
     /// Deployment.
@@ -180,29 +181,27 @@ type ContainerImages<'a> = Vec<(usize, &'a str, Option<&'a str>)>;
 
 /// The image of every container, in the order pull secrets are first used:
 /// init containers, containers, then ephemeral containers.
-fn container_images(spec: &PodSpec) -> [(&'static str, &'static str, ContainerImages<'_>); 3] {
-    fn of(containers: &[k8s_openapi::api::core::v1::Container]) -> ContainerImages<'_> {
+fn container_images(spec: &PodImages) -> [(&'static str, &'static str, ContainerImages<'_>); 3] {
+    fn of(containers: Option<&[ContainerImage]>) -> ContainerImages<'_> {
         containers
+            .unwrap_or_default()
             .iter()
             .enumerate()
             .map(|(i, c)| (i, c.name.as_str(), c.image.as_deref()))
             .collect()
     }
-    let ephemeral = spec
-        .ephemeral_containers
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, c)| (i, c.name.as_str(), c.image.as_deref()))
-        .collect();
     [
         (
             "initContainers",
             "init container",
-            of(spec.init_containers.as_deref().unwrap_or_default()),
+            of(spec.init_containers.as_deref()),
         ),
-        ("containers", "container", of(&spec.containers)),
-        ("ephemeralContainers", "ephemeral container", ephemeral),
+        ("containers", "container", of(Some(&spec.containers))),
+        (
+            "ephemeralContainers",
+            "ephemeral container",
+            of(spec.ephemeral_containers.as_deref()),
+        ),
     ]
 }
 
@@ -226,7 +225,7 @@ impl<'a> PullSecretSet<'a> {
 /// are. `add .../imagePullSecrets/-` needs the array to exist, so an absent
 /// field is added whole.
 fn pull_secret_operations(
-    spec: &PodSpec,
+    spec: &PodImages,
     existing: &HashSet<&str>,
     needed: &PullSecretSet<'_>,
     pointer: &impl Fn(&[&str]) -> PointerBuf,

@@ -981,13 +981,55 @@ fn unknown_fields_survive_the_patch() {
     assert_eq!(patched, expected);
 }
 
+/// The webhook decodes only the fields it reads (`image_rewriter::pod`):
+/// empty and `null` forms of those fields must still give patches that
+/// apply to the object as sent.
+#[test]
+fn empty_and_null_forms_of_the_fields_read_are_patched_correctly() {
+    type Change = dyn Fn(&mut Value);
+    let cases: [(&str, &Change); 5] = [
+        ("metadata: {}", &|o| o["metadata"] = json!({})),
+        ("annotations: null", &|o| {
+            o["metadata"]["annotations"] = Value::Null
+        }),
+        ("labels: null", &|o| o["metadata"]["labels"] = Value::Null),
+        ("imagePullSecrets: null", &|o| {
+            o["spec"]["imagePullSecrets"] = Value::Null
+        }),
+        ("initContainers: null, ephemeralContainers: null", &|o| {
+            o["spec"]["initContainers"] = Value::Null;
+            o["spec"]["ephemeralContainers"] = Value::Null;
+        }),
+    ];
+    for (what, change) in cases {
+        let mut object = pod(NS, &[], &[("app", "nginx:1.27")], None);
+        change(&mut object);
+        let out = create(&policy(), object, NS);
+        assert_eq!(
+            out.patched["spec"]["containers"][0]["image"],
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "{what}"
+        );
+        assert_eq!(
+            out.patched["spec"]["imagePullSecrets"],
+            json!([{"name": "harbor-pull"}]),
+            "{what}"
+        );
+        assert_eq!(
+            out.annotation(),
+            Some(json!({"app": "nginx:1.27"})),
+            "{what}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // plan_pod_patch on a pod template (the offline path)
 // ---------------------------------------------------------------------------
 
 #[test]
 fn plan_on_a_deployment_template_applies_at_its_location() {
-    use k8s_openapi::api::core::v1::PodSpec;
+    use image_rewriter::pod::PodImages;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     let policy = policy();
     for with_metadata in [true, false] {
@@ -1002,7 +1044,7 @@ fn plan_on_a_deployment_template_applies_at_its_location() {
         let metadata: Option<ObjectMeta> = template
             .get("metadata")
             .map(|m| serde_json::from_value(m.clone()).unwrap());
-        let spec: PodSpec = serde_json::from_value(template["spec"].clone()).unwrap();
+        let spec: PodImages = serde_json::from_value(template["spec"].clone()).unwrap();
         let plan = plan_pod_patch(
             &policy,
             PodView {

@@ -4,8 +4,10 @@
 //! again in canonical form, so duplicate keys cannot make the typed and the
 //! untyped view disagree): the answer is JSON with the request's uid,
 //! `patchType` only beside a non-empty patch; a patch applies to the object
-//! exactly as sent, the patched object still decodes as a Pod, and
-//! reviewing the patched object again yields no patch.
+//! exactly as sent, the patched object still decodes as a Pod when the
+//! object as sent did (the webhook decodes only the fields it reads, so it
+//! also answers objects that k8s-openapi would refuse), and reviewing the
+//! patched object again yields no patch.
 #![no_main]
 
 #[path = "common.rs"]
@@ -58,7 +60,8 @@ fuzz_target!(|data: &[u8]| {
             request["request"]["object"]
         );
     }
-    if let Err(error) = serde_json::from_value::<Pod>(object.clone()) {
+    let sent_a_pod = serde_json::from_value::<Pod>(request["request"]["object"].clone()).is_ok();
+    if let (true, Err(error)) = (sent_a_pod, serde_json::from_value::<Pod>(object.clone())) {
         panic!("the patched object is not a Pod: {error}\nobject: {object}");
     }
 
