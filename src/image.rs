@@ -43,10 +43,10 @@ fn compile(pattern: &str) -> Regex {
     Regex::new(pattern).unwrap_or_else(|e| unreachable!("constant pattern {pattern}: {e}"))
 }
 
-/// `name[:tag][@digest]`, capturing the three parts.
+/// `name[:tag][@digest]`.
 static REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     compile(&format!(
-        "^({})(?::({TAG}))?(?:@({DIGEST}))?$",
+        "^(?:{})(?::{TAG})?(?:@{DIGEST})?$",
         name_pattern()
     ))
 });
@@ -82,49 +82,68 @@ pub enum ReferenceError {
     DigestInvalidLength,
 }
 
-/// A parsed reference. `domain` is empty only for references parsed with the
-/// strict [`Reference::parse`] that name no registry host.
+/// A parsed reference: its text, and where its parts are in it. The text is
+/// exactly `[domain/]path[:tag][@digest]`, so every part is a slice of it and
+/// a parse allocates once. `domain` is empty only for references parsed with
+/// the strict [`Reference::parse`] that name no registry host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
-    domain: String,
-    path: String,
-    tag: Option<String>,
-    digest: Option<String>,
+    text: String,
+    /// `text[..domain_end]` is the domain; 0 when there is none.
+    domain_end: usize,
+    /// `text[..name_end]` is the name (`domain/path`).
+    name_end: usize,
+    /// `text[name_end + 1..tag_end]` is the tag, when `tag_end > name_end`;
+    /// `text[tag_end + 1..]` is the digest, when `tag_end < text.len()`.
+    tag_end: usize,
 }
 
 impl Reference {
     /// distribution/reference `Parse`: the strict grammar, no normalization
     /// (no `docker.io`, no `library/`).
     pub fn parse(input: &str) -> Result<Self, ReferenceError> {
-        let Some(captures) = REFERENCE.captures(input) else {
-            if input.is_empty() {
+        Self::parse_text(input.to_owned())
+    }
+
+    fn parse_text(text: String) -> Result<Self, ReferenceError> {
+        // A DFA match, then a split by hand: capture groups would need the
+        // (much slower) backtracking engine, and once the whole grammar
+        // matched the parts are unambiguous. Neither name nor tag contains
+        // `@`; a tag has no `/`, while a `:port` is always followed by a path.
+        if !REFERENCE.is_match(&text) {
+            if text.is_empty() {
                 return Err(ReferenceError::NameEmpty);
             }
-            if REFERENCE.is_match(&input.to_lowercase()) {
+            if REFERENCE.is_match(&text.to_lowercase()) {
                 return Err(ReferenceError::NameContainsUppercase);
             }
             return Err(ReferenceError::InvalidFormat);
+        }
+        let tag_end = text.find('@').unwrap_or(text.len());
+        let name_end = match text[..tag_end].rfind(':') {
+            Some(colon) if !text[colon..tag_end].contains('/') => colon,
+            _ => tag_end,
         };
-        let name = captures.get(1).map_or("", |m| m.as_str());
+        let name = &text[..name_end];
         // The name matched the grammar, so its first component is the domain
         // exactly when it matches the domain pattern and a path follows
         // (what the upstream anchored-name regexp's captures decide).
-        let (domain, path) = match name.split_once('/') {
-            Some((first, rest)) if ANCHORED_DOMAIN.is_match(first) => (first, rest),
-            _ => ("", name),
+        let domain_end = match name.split_once('/') {
+            Some((first, _)) if ANCHORED_DOMAIN.is_match(first) => first.len(),
+            _ => 0,
         };
-        if path.len() > MAX_PATH_LENGTH {
+        let path_start = if domain_end == 0 { 0 } else { domain_end + 1 };
+        if name_end - path_start > MAX_PATH_LENGTH {
             return Err(ReferenceError::NameTooLong);
         }
-        let digest = match captures.get(3) {
-            Some(digest) => Some(validate_digest(digest.as_str())?.to_owned()),
-            None => None,
-        };
+        if tag_end < text.len() {
+            validate_digest(&text[tag_end + 1..])?;
+        }
         Ok(Self {
-            domain: domain.to_owned(),
-            path: path.to_owned(),
-            tag: captures.get(2).map(|m| m.as_str().to_owned()),
-            digest,
+            text,
+            domain_end,
+            name_end,
+            tag_end,
         })
     }
 
@@ -135,53 +154,62 @@ impl Reference {
         if ANCHORED_IDENTIFIER.is_match(input) {
             return Err(ReferenceError::NameIsIdentifier);
         }
-        let (domain, remainder) = split_docker_domain(input);
-        let repository = remainder.split_once(':').map_or(&*remainder, |(r, _)| r);
-        if repository.to_lowercase() != repository {
+        let (domain, library, remainder) = split_docker_domain(input);
+        let repository = remainder.split_once(':').map_or(remainder, |(r, _)| r);
+        if changes_when_lowercased(repository) {
             return Err(ReferenceError::NameContainsUppercase);
         }
-        Self::parse(&format!("{domain}/{remainder}"))
+        let mut text = String::with_capacity(domain.len() + 1 + library.len() + remainder.len());
+        text.push_str(domain);
+        text.push('/');
+        text.push_str(library);
+        text.push_str(remainder);
+        Self::parse_text(text)
     }
 
     /// The registry host (and port), or `""` when a strict parse found none.
     pub fn domain(&self) -> &str {
-        &self.domain
+        &self.text[..self.domain_end]
     }
 
     /// The repository path, without the registry host.
     pub fn path(&self) -> &str {
-        &self.path
+        let start = if self.domain_end == 0 {
+            0
+        } else {
+            self.domain_end + 1
+        };
+        &self.text[start..self.name_end]
     }
 
     pub fn tag(&self) -> Option<&str> {
-        self.tag.as_deref()
+        (self.tag_end > self.name_end).then(|| &self.text[self.name_end + 1..self.tag_end])
     }
 
     pub fn digest(&self) -> Option<&str> {
-        self.digest.as_deref()
+        (self.tag_end < self.text.len()).then(|| &self.text[self.tag_end + 1..])
     }
 
     /// `domain/path`: the repository, without tag or digest.
-    pub fn name(&self) -> String {
-        if self.domain.is_empty() {
-            self.path.clone()
-        } else {
-            format!("{}/{}", self.domain, self.path)
-        }
+    pub fn name(&self) -> &str {
+        &self.text[..self.name_end]
+    }
+
+    /// `[:tag][@digest]` as written, empty when there is neither.
+    pub fn tag_and_digest(&self) -> &str {
+        &self.text[self.name_end..]
     }
 }
 
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name())?;
-        if let Some(tag) = &self.tag {
-            write!(f, ":{tag}")?;
-        }
-        if let Some(digest) = &self.digest {
-            write!(f, "@{digest}")?;
-        }
-        Ok(())
+        f.write_str(&self.text)
     }
+}
+
+/// Go's `strings.ToLower(s) != s`, without building the lowercase copy.
+fn changes_when_lowercased(text: &str) -> bool {
+    text.chars().any(|c| c.to_lowercase().ne([c]))
 }
 
 /// Whether `host` is a registry host (with optional port) in the grammar.
@@ -197,9 +225,7 @@ pub fn is_valid_path_component(component: &str) -> bool {
 /// Whether the first component of a name would be taken as a registry host
 /// rather than a Docker Hub namespace (distribution/reference's rule).
 pub fn looks_like_domain(component: &str) -> bool {
-    component == "localhost"
-        || component.contains(['.', ':'])
-        || component.to_lowercase() != component
+    component == "localhost" || component.contains(['.', ':']) || changes_when_lowercased(component)
 }
 
 /// Canonicalizes the legacy Docker Hub host name.
@@ -211,14 +237,12 @@ pub fn canonical_domain(host: &str) -> &str {
     }
 }
 
-/// distribution/reference `splitDockerDomain`.
-fn split_docker_domain(name: &str) -> (&str, std::borrow::Cow<'_, str>) {
-    use std::borrow::Cow;
+/// distribution/reference `splitDockerDomain`: the domain, and the path
+/// with its tag and digest as `library` (`"library/"` or `""`) followed by
+/// the remainder.
+fn split_docker_domain(name: &str) -> (&str, &'static str, &str) {
     let Some((first, rest)) = name.split_once('/') else {
-        return (
-            DOCKER_HUB,
-            Cow::Owned(format!("{OFFICIAL_REPO_PREFIX}{name}")),
-        );
+        return (DOCKER_HUB, OFFICIAL_REPO_PREFIX, name);
     };
     let (domain, remainder) = if first == LEGACY_DOCKER_HUB {
         (DOCKER_HUB, rest)
@@ -228,12 +252,9 @@ fn split_docker_domain(name: &str) -> (&str, std::borrow::Cow<'_, str>) {
         (DOCKER_HUB, name)
     };
     if domain == DOCKER_HUB && !remainder.contains('/') {
-        return (
-            domain,
-            Cow::Owned(format!("{OFFICIAL_REPO_PREFIX}{remainder}")),
-        );
+        return (domain, OFFICIAL_REPO_PREFIX, remainder);
     }
-    (domain, Cow::Borrowed(remainder))
+    (domain, "", remainder)
 }
 
 /// go-digest `Parse` as distribution/reference links it: only sha256 is

@@ -276,35 +276,37 @@ impl Policy {
             Err(error) => return Decision::Unparsable(error),
         };
         let name = reference.name();
-        if self.excluded_images.is_match(&name) {
+        if self.excluded_images.is_match(name) {
             return Decision::Excluded;
         }
-        if let Some((index, _)) = longest_prefix(&self.rule_by_target, &name) {
+        if let Some((index, _)) = longest_prefix(&self.rule_by_target, name) {
             return Decision::AlreadyUnderTarget {
                 rule: &self.rules[index],
             };
         }
-        let Some((index, rest)) = longest_prefix(&self.rule_by_match, &name) else {
+        let Some((index, rest)) = longest_prefix(&self.rule_by_match, name) else {
             return Decision::NoMatchingRule;
         };
         let rule = &self.rules[index];
-        let new_name = format!("{}{rest}", rule.target);
-        match rewritten(&reference, &new_name) {
+        match rewritten(&rule.target, rest, reference.tag_and_digest()) {
             Ok(image) => Decision::Rewrite { image, rule },
             Err(reason) => Decision::InvalidResult { rule, reason },
         }
     }
 }
 
-/// The reference under `new_name`, tag and digest as written, checked to be
-/// valid and to be pulled from exactly `new_name`. No re-parse is needed:
-/// the target was validated at load time and the rest of the name comes
-/// from a parsed reference, so only the length and the Docker Hub
-/// `library/` rule can break the result.
-fn rewritten(reference: &Reference, new_name: &str) -> Result<String, String> {
-    let Some((domain, path)) = new_name.split_once('/') else {
+/// `target` + `rest` (the new name) with tag and digest as written, checked
+/// to be valid and to be pulled from exactly that name. No re-parse is
+/// needed: the target was validated at load time and `rest` comes from a
+/// parsed reference, so only the length and the Docker Hub `library/` rule
+/// can break the result.
+fn rewritten(target: &str, rest: &str, tag_and_digest: &str) -> Result<String, String> {
+    let mut text = String::with_capacity(target.len() + rest.len() + tag_and_digest.len());
+    text.push_str(target);
+    text.push_str(rest);
+    let Some((domain, path)) = text.split_once('/') else {
         return Err(format!(
-            "the rewritten name {new_name:?} has no repository path"
+            "the rewritten name {text:?} has no repository path"
         ));
     };
     if path.len() > image::MAX_PATH_LENGTH {
@@ -316,18 +318,10 @@ fn rewritten(reference: &Reference, new_name: &str) -> Result<String, String> {
     }
     if domain == image::DOCKER_HUB && !path.contains('/') {
         return Err(format!(
-            "{new_name:?} would be pulled as \"docker.io/library/{path}\", not from the target"
+            "{text:?} would be pulled as \"docker.io/library/{path}\", not from the target"
         ));
     }
-    let mut text = new_name.to_owned();
-    if let Some(tag) = reference.tag() {
-        text.push(':');
-        text.push_str(tag);
-    }
-    if let Some(digest) = reference.digest() {
-        text.push('@');
-        text.push_str(digest);
-    }
+    text.push_str(tag_and_digest);
     Ok(text)
 }
 

@@ -63,7 +63,7 @@ fn check(record: &Value, result: Result<Reference, ReferenceError>) -> Option<St
         ("path", Some(reference.path())),
         ("tag", reference.tag()),
         ("digest", reference.digest()),
-        ("name", Some(name.as_str())),
+        ("name", Some(name)),
         ("string", Some(string.as_str())),
     ] {
         if !asserted(record, key)
