@@ -1,11 +1,16 @@
 //! `image-rewriter serve` as a separate process: the key encodings it loads,
-//! readiness turning off at SIGTERM, and a clean exit.
+//! readiness turning off at SIGTERM, a clean exit, and what it logs.
+
+mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 const SERVICE_HOST: &str = "image-rewriter.image-rewriter.svc";
 
@@ -19,6 +24,8 @@ fn fixture(name: &str) -> PathBuf {
 struct Process {
     child: Child,
     https_addr: SocketAddr,
+    /// Every JSON log line after "listening", as it arrives.
+    log: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Drop for Process {
@@ -64,8 +71,22 @@ fn spawn(config: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Process {
         }
     };
     // Keep draining the log so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Process { child, https_addr }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str(&line) {
+                    log.lock().unwrap().push(event);
+                }
+            }
+        }
+    });
+    Process {
+        child,
+        https_addr,
+        log,
+    }
 }
 
 fn client(process: &Process, root_pem: &[u8]) -> reqwest::Client {
@@ -237,4 +258,60 @@ async fn the_certs_command_output_is_served_and_trusted_through_its_ca_bundle() 
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(response.status(), 200, "{name}");
     }
+}
+
+/// Default logging (`info`): a review that warned the user is logged with
+/// its uid; a clean rewrite is not (it is on record in the pod's annotation,
+/// the audit annotation and the metrics).
+#[tokio::test]
+async fn reviews_that_warn_are_logged_at_info_and_clean_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let process = spawn(&config, &fixture("ec.crt"), &fixture("ec-pkcs8.key"), &[]);
+    let root = std::fs::read(fixture("ec.crt")).unwrap();
+    let client = client(&process, &root);
+    wait_for_status(&client, &process, "/readyz", 200).await;
+    let url = format!(
+        "https://{SERVICE_HOST}:{}/mutate?timeout=10s",
+        process.https_addr.port()
+    );
+    let mut uids = Vec::new();
+    for image in ["nginx:1.27", "NGINX:latest"] {
+        let review = common::admission_review(
+            common::pod("shop", &[], &[("app", image)], None),
+            "CREATE",
+            "shop",
+        );
+        let response = client.post(&url).json(&review).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await.unwrap();
+        common::check_response(&review, &body);
+        uids.push(common::uid_of(&review).to_owned());
+    }
+    let (clean, warned) = (&uids[0], &uids[1]);
+    let reviewed = |uid: &str| {
+        process
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|event| event["message"] == "admission reviewed" && event["uid"] == uid)
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        if let Some(line) = reviewed(warned) {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the warned review"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["unparsable"], 1);
+    assert_eq!(line["namespace"], "shop");
+    // Lines arrive in order: the clean review's would be there by now.
+    assert_eq!(reviewed(clean), None);
 }
