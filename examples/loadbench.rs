@@ -1206,6 +1206,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // Rate-limited: half of our peak rate in the keep-alive modes.
     let mut half_rate = Vec::new();
+    let mut half_rate_baseline = Vec::new();
     for (mode, peak) in &ours_results {
         if *mode == Mode::NewConn {
             continue;
@@ -1232,6 +1233,25 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             &limited,
         );
         ok &= limited.errors == 0 && limited.requests > 0;
+        // The same rate against the baseline: what the load generator, TLS
+        // and the kernel alone give at this rate on this machine.
+        if let Some(baseline) = &baseline {
+            let theirs = run_load(
+                &baseline.endpoint,
+                baseline.proc.pid(),
+                payload.clone(),
+                Check::Length(response.len()),
+                &spec,
+            )
+            .await;
+            print_row(
+                &format!("{} @{:.0}/s", short(*mode), rate),
+                "baseline",
+                &theirs,
+            );
+            ok &= theirs.errors == 0 && theirs.requests > 0;
+            half_rate_baseline.push((*mode, theirs));
+        }
         half_rate.push((*mode, rate, limited));
     }
 
@@ -1264,6 +1284,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             r.ms(0.99),
             scheduled
         );
+        if let Some((_, theirs)) = half_rate_baseline.iter().find(|(m, _)| m == mode) {
+            println!(
+                "    the baseline at the same rate: p99 {:.3} ms (ours x{:.2})",
+                theirs.ms(0.99),
+                r.ms(0.99) / theirs.ms(0.99)
+            );
+        }
     }
     println!(
         "peak RSS (VmHWM) ours: {:.1} MiB; baseline: {:.1} MiB",
