@@ -8,16 +8,23 @@
 //! the rest without building it. The patch never re-serializes them, so the
 //! skipped fields are untouched in the pod the apiserver stores.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+
+use crate::patch::{ENABLED_LABEL, ORIGINAL_IMAGES_ANNOTATION};
 
 /// A Pod as the policy sees it. Implements `kube::Resource` so kube-core's
 /// `AdmissionRequest<PodObject>` carries it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodObject {
-    /// Only name, generateName, namespace, labels and annotations are kept.
+    /// Only name, generateName and namespace, the `image-rewriter.io/enabled`
+    /// label and the original-images annotation are kept; `labels` and
+    /// `annotations` are `Some` exactly when the object had them.
     pub metadata: ObjectMeta,
     /// Whether the object had a `metadata` object at all (`null` or absent
     /// is none: a patch must then add `/metadata` whole).
@@ -67,10 +74,84 @@ struct MetadataFields {
     generate_name: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "enabled_label")]
     labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "original_images_annotation")]
     annotations: Option<BTreeMap<String, String>>,
+}
+
+fn enabled_label<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    deserializer.deserialize_option(OnlyEntry(ENABLED_LABEL))
+}
+
+fn original_images_annotation<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    deserializer.deserialize_option(OnlyEntry(ORIGINAL_IMAGES_ANNOTATION))
+}
+
+/// A label or annotation map reduced to the one entry the policy reads: the
+/// others (an annotation can hold a whole last-applied manifest) are skipped,
+/// not copied. `null` is `None`; a map without the entry is an empty map.
+struct OnlyEntry(&'static str);
+
+impl<'de> Visitor<'de> for OnlyEntry {
+    type Value = Option<BTreeMap<String, String>>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a map of strings, or null")
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = BTreeMap::new();
+        while let Some(Key(key)) = map.next_key()? {
+            if key == self.0 {
+                kept.insert(key.into_owned(), map.next_value::<String>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Some(kept))
+    }
+}
+
+/// A map key, borrowed from the input when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+            fn visit_string<E>(self, key: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
 impl From<MetadataFields> for ObjectMeta {

@@ -562,6 +562,58 @@ fn a_pod_labelled_enabled_false_is_left_alone() {
     );
 }
 
+/// Only the opt-out label and the original-images annotation are read from
+/// the pod's maps (the others are skipped, not copied): they must be found
+/// among many entries and when their keys are written with JSON escapes,
+/// which the apiserver's encoder does not do but any JSON allows.
+#[test]
+fn the_label_and_annotation_read_are_found_among_others_and_escaped() {
+    let policy = policy();
+    let mut object = pod(NS, &[], &[("app", "nginx:1.27")], None);
+    for i in 0..20 {
+        object["metadata"]["labels"][format!("team.example/l{i}")] = json!(format!("v{i}"));
+    }
+    object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+        json!(serde_json::to_string(&object).unwrap());
+    object["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION] = json!(r#"{"old":"busybox"}"#);
+    let escape = |body: Vec<u8>, key: &str| {
+        let text = String::from_utf8(body).unwrap();
+        let escaped = format!("\"{}\"", key.replace('/', "\\/"));
+        assert!(text.contains(&format!("\"{key}\":")));
+        text.replace(&format!("\"{key}\":"), &format!("{escaped}:"))
+            .into_bytes()
+    };
+
+    let review_value = admission_review(object.clone(), "CREATE", NS);
+    let body = escape(
+        serde_json::to_vec(&review_value).unwrap(),
+        ORIGINAL_IMAGES_ANNOTATION,
+    );
+    let answer = review(&policy, &body).expect("answered");
+    let patch = check_response(&review_value, &answer.body).expect("a patch");
+    let (patched, _) = pod_after(&object, Some(&patch));
+    let originals: Value = serde_json::from_str(
+        patched["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(originals, json!({"old": "busybox", "app": "nginx:1.27"}));
+    assert_eq!(
+        patched["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+        object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+    );
+
+    object["metadata"]["labels"]["image-rewriter.io/enabled"] = json!("false");
+    let review_value = admission_review(object, "CREATE", NS);
+    let body = escape(
+        serde_json::to_vec(&review_value).unwrap(),
+        "image-rewriter.io/enabled",
+    );
+    let answer = review(&policy, &body).expect("answered");
+    assert_no_patch(&answer.body);
+}
+
 // ---------------------------------------------------------------------------
 // Unparsable images
 // ---------------------------------------------------------------------------
