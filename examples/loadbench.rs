@@ -1039,6 +1039,29 @@ fn print_header() {
     );
 }
 
+/// One load run against the baseline, printed as a row; `ok` turns false
+/// on a failed request.
+async fn run_baseline(
+    baseline: &Started,
+    payload: &Arc<Payload>,
+    response_len: usize,
+    spec: &LoadSpec,
+    label: &str,
+    ok: &mut bool,
+) -> LoadResult {
+    let theirs = run_load(
+        &baseline.endpoint,
+        baseline.proc.pid(),
+        payload.clone(),
+        Check::Length(response_len),
+        spec,
+    )
+    .await;
+    print_row(label, "baseline", &theirs);
+    *ok &= theirs.errors == 0 && theirs.requests > 0;
+    theirs
+}
+
 fn print_row(mode: &str, server: &str, r: &LoadResult) {
     println!(
         "{:<18} {:<8} {:>9.0} {:>7} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>9.3} {:>8.1}",
@@ -1184,16 +1207,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         print_row(mode.label(), "ours", &mine);
         ok &= mine.errors == 0 && mine.requests > 0;
         if let Some(baseline) = &baseline {
-            let theirs = run_load(
-                &baseline.endpoint,
-                baseline.proc.pid(),
-                payload.clone(),
-                Check::Length(response.len()),
+            let theirs = run_baseline(
+                baseline,
+                &payload,
+                response.len(),
                 &spec,
+                mode.label(),
+                &mut ok,
             )
             .await;
-            print_row(mode.label(), "baseline", &theirs);
-            ok &= theirs.errors == 0 && theirs.requests > 0;
             ratios.push((
                 mode,
                 mine.rps() / theirs.rps(),
@@ -1236,20 +1258,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         // The same rate against the baseline: what the load generator, TLS
         // and the kernel alone give at this rate on this machine.
         if let Some(baseline) = &baseline {
-            let theirs = run_load(
-                &baseline.endpoint,
-                baseline.proc.pid(),
-                payload.clone(),
-                Check::Length(response.len()),
-                &spec,
-            )
-            .await;
-            print_row(
-                &format!("{} @{:.0}/s", short(*mode), rate),
-                "baseline",
-                &theirs,
-            );
-            ok &= theirs.errors == 0 && theirs.requests > 0;
+            let label = format!("{} @{:.0}/s", short(*mode), rate);
+            let theirs =
+                run_baseline(baseline, &payload, response.len(), &spec, &label, &mut ok).await;
             half_rate_baseline.push((*mode, theirs));
         }
         half_rate.push((*mode, rate, limited));
