@@ -534,8 +534,12 @@ async fn run(
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn serve_until_signal(options: ServeOptions) -> anyhow::Result<()> {
     let delay = options.shutdown_delay;
+    // Listen before the server can report ready: until a handler is
+    // installed, SIGTERM's default action kills the process without the
+    // drain (seen once in CI, under load, right after /readyz said 200).
+    let signalled = shutdown_signal()?;
     let server = Server::start(options).await?;
-    shutdown_signal().await;
+    signalled.await;
     info!(
         delay_ms = delay.as_millis() as u64,
         "shutdown signal received; not ready"
@@ -547,20 +551,17 @@ pub async fn serve_until_signal(options: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes at
+/// the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context as _;
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
