@@ -127,6 +127,11 @@ struct Args {
     /// Keep the temporary directory (certificates, configs, server logs).
     #[arg(long)]
     keep_dir: bool,
+    /// Run the servers (ours and the baseline) on these CPUs only
+    /// (`taskset -c LIST`); run the load generator itself elsewhere, e.g.
+    /// `taskset -c 1 loadbench --server-cpus 0`, so they do not share cores.
+    #[arg(long)]
+    server_cpus: Option<String>,
 
     // Internal: the example re-executes itself as the baseline server.
     #[arg(long, hide = true)]
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
     if args.baseline_server {
         return baseline::main(&args);
     }
+    let _ = SERVER_CPUS.set(args.server_cpus.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -189,6 +195,19 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // Processes and /proc.
 // ---------------------------------------------------------------------------
+
+/// The CPUs this process may run on (`Cpus_allowed_list`).
+fn own_cpus() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+                .map(|list| list.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".to_owned())
+}
 
 fn target_dir() -> anyhow::Result<PathBuf> {
     // <target>/<profile>/examples/loadbench
@@ -666,6 +685,22 @@ struct Started {
     startup: Duration,
 }
 
+/// `--server-cpus`, set once at startup.
+static SERVER_CPUS: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// A command that runs `program` as a server: under `taskset` when
+/// `--server-cpus` was given (taskset execs it, so the pid is the server's).
+fn server_command(program: &Path) -> Command {
+    match SERVER_CPUS.get().and_then(Option::as_deref) {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpus]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 async fn start_ours(
     bin: &Path,
     files: &Files,
@@ -676,7 +711,7 @@ async fn start_ours(
     let metrics_port = free_port()?;
     let log = std::fs::File::create(log)?;
     let spawned = Instant::now();
-    let child = Command::new(bin)
+    let child = server_command(bin)
         .arg("serve")
         .arg("--config")
         .arg(files.config())
@@ -708,7 +743,7 @@ async fn start_baseline(files: &Files, response: &Path, log: &Path) -> anyhow::R
     let port = free_port()?;
     let log = std::fs::File::create(log)?;
     let spawned = Instant::now();
-    let child = Command::new(std::env::current_exe()?)
+    let child = server_command(&std::env::current_exe()?)
         .arg("--baseline-server")
         .args(["--port", &port.to_string()])
         .arg("--cert")
@@ -1158,6 +1193,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .unwrap_or_default()
             .trim()
     );
+    if let Some(cpus) = &args.server_cpus {
+        println!(
+            "CPUs: servers on {cpus} (taskset), load generator on {}",
+            own_cpus()
+        );
+    }
     println!(
         "request: {} bytes (CREATE review, 1 init container + 2 containers); response: {} bytes",
         payload.len(),
