@@ -1187,7 +1187,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     println!("server binary: {}", bin.display());
     println!(
         "machine: {} CPUs, {}; load average before: {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine_cpus(),
         cpu_model(),
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
@@ -1407,6 +1407,17 @@ fn mark(met: bool) -> &'static str {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+/// The machine's CPUs (not only those this process may use).
+fn machine_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|line| line.starts_with("processor"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn cpu_model() -> String {
