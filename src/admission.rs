@@ -48,7 +48,7 @@ pub struct ReviewSummary {
     pub uid: String,
     pub namespace: String,
     pub name: String,
-    pub operation: String,
+    pub operation: &'static str,
     pub dry_run: bool,
     /// Whether the request was a Pod request the policy looked at.
     pub examined: bool,
@@ -222,13 +222,21 @@ fn pod_scope(request: &AdmissionRequest<PodObject>) -> Result<Option<Scope>, Rev
         _ => return Ok(None),
     };
     if request.object.is_none() {
-        let operation = match scope {
-            Scope::WholePod => "CREATE",
-            Scope::NewEphemeralContainers { .. } => "UPDATE",
-        };
-        return Err(ReviewError::MissingObject(operation));
+        return Err(ReviewError::MissingObject(operation_name(
+            &request.operation,
+        )));
     }
     Ok(Some(scope))
+}
+
+/// The operation as the apiserver spells it.
+fn operation_name(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
+    }
 }
 
 fn summarize<T: kube::Resource>(
@@ -245,7 +253,7 @@ fn summarize<T: kube::Resource>(
         uid: request.uid.clone(),
         namespace: request.namespace.clone().unwrap_or_default(),
         name,
-        operation: format!("{:?}", request.operation).to_uppercase(),
+        operation: operation_name(&request.operation),
         dry_run: request.dry_run,
         ..ReviewSummary::default()
     };

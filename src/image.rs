@@ -57,9 +57,6 @@ static ANCHORED_DOMAIN: LazyLock<Regex> =
 static ANCHORED_PATH_COMPONENT: LazyLock<Regex> =
     LazyLock::new(|| compile(&format!("^{}$", path_component())));
 
-/// A 64-hex string is an image ID, never a repository name.
-static ANCHORED_IDENTIFIER: LazyLock<Regex> = LazyLock::new(|| compile("^[a-f0-9]{64}$"));
-
 /// Why a string is not a valid image reference. The variants mirror
 /// distribution/reference's errors so the upstream tables map onto them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,7 +148,8 @@ impl Reference {
     /// runtime pulls. `nginx` is `docker.io/library/nginx`; tag and digest are
     /// kept as written and no `:latest` is added.
     pub fn parse_normalized(input: &str) -> Result<Self, ReferenceError> {
-        if ANCHORED_IDENTIFIER.is_match(input) {
+        // A 64-hex string is an image ID, never a repository name.
+        if is_lower_hex64(input) {
             return Err(ReferenceError::NameIsIdentifier);
         }
         let (domain, library, remainder) = split_docker_domain(input);
@@ -272,13 +270,15 @@ fn validate_digest(digest: &str) -> Result<&str, ReferenceError> {
     if encoded.len() != 64 {
         return Err(ReferenceError::DigestInvalidLength);
     }
-    if !encoded
-        .bytes()
-        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    if !is_lower_hex64(encoded) {
         return Err(ReferenceError::DigestInvalidFormat);
     }
     Ok(digest)
+}
+
+/// 64 lowercase hex digits: a sha256 digest, or an image ID.
+fn is_lower_hex64(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]

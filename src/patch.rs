@@ -8,7 +8,6 @@ use std::collections::HashSet;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::LocalObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Map, Value, json};
 
@@ -92,8 +91,9 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         .map(|secret| secret.name.as_str())
         .collect();
     let mut needed_secrets = PullSecretSet::default();
-    for (list, kind, images) in container_images(spec) {
-        for (index, name, image) in images {
+    for (list, kind, containers) in container_lists(spec) {
+        for (index, container) in containers.iter().enumerate() {
+            let (name, image) = (container.name.as_str(), container.image.as_deref());
             let is_new = match scope {
                 Scope::WholePod => true,
                 Scope::NewEphemeralContainers { existing } => {
@@ -177,30 +177,20 @@ fn opted_out(metadata: Option<&ObjectMeta>) -> bool {
         .is_some_and(|value| value == "false")
 }
 
-type ContainerImages<'a> = Vec<(usize, &'a str, Option<&'a str>)>;
-
-/// The image of every container, in the order pull secrets are first used:
-/// init containers, containers, then ephemeral containers.
-fn container_images(spec: &PodImages) -> [(&'static str, &'static str, ContainerImages<'_>); 3] {
-    fn of(containers: Option<&[ContainerImage]>) -> ContainerImages<'_> {
-        containers
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.name.as_str(), c.image.as_deref()))
-            .collect()
-    }
+/// Every container list, in the order pull secrets are first used: init
+/// containers, containers, then ephemeral containers.
+fn container_lists(spec: &PodImages) -> [(&'static str, &'static str, &[ContainerImage]); 3] {
     [
         (
             "initContainers",
             "init container",
-            of(spec.init_containers.as_deref()),
+            spec.init_containers.as_deref().unwrap_or_default(),
         ),
-        ("containers", "container", of(Some(&spec.containers))),
+        ("containers", "container", &spec.containers),
         (
             "ephemeralContainers",
             "ephemeral container",
-            of(spec.ephemeral_containers.as_deref()),
+            spec.ephemeral_containers.as_deref().unwrap_or_default(),
         ),
     ]
 }
@@ -235,12 +225,7 @@ fn pull_secret_operations(
         .iter()
         .copied()
         .filter(|name| !existing.contains(name));
-    let entry = |name: &str| {
-        serde_json::to_value(LocalObjectReference {
-            name: name.to_owned(),
-        })
-        .unwrap_or_else(|_| json!({ "name": name }))
-    };
+    let entry = |name: &str| json!({ "name": name });
     if spec.image_pull_secrets.is_some() {
         missing
             .map(|name| {

@@ -84,7 +84,7 @@ pub struct AppState {
     max_body_bytes: usize,
     body_read_timeout: Duration,
     /// In units of [`BODY_BUDGET_UNIT`] bytes.
-    body_budget: Arc<Semaphore>,
+    body_budget: Semaphore,
 }
 
 impl AppState {
@@ -97,9 +97,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             max_body_bytes,
             body_read_timeout,
-            body_budget: Arc::new(Semaphore::new(
-                max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT,
-            )),
+            body_budget: Semaphore::new(max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT),
         }
     }
 
@@ -217,7 +215,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
     let units = u32::try_from(expected.div_ceil(BODY_BUDGET_UNIT)).unwrap_or(u32::MAX);
     let reserved = tokio::time::timeout(
         state.body_read_timeout,
-        state.body_budget.clone().acquire_many_owned(units),
+        state.body_budget.acquire_many(units),
     )
     .await;
     let Ok(Ok(_reservation)) = reserved else {
@@ -263,13 +261,14 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
     };
     match admission::plan_review(&policy, &bytes) {
         Ok(mut planned) => {
-            let needed = planned
-                .pull_secrets_needed()
-                .map(|(namespace, names)| (namespace.to_owned(), names.to_vec()));
-            if let (Some(sync), Some((namespace, names))) = (state.pull_secrets.get(), needed) {
-                for warning in sync.ensure_for_pod(&policy, &namespace, &names).await {
-                    planned.add_warning(warning);
+            let warnings = match (state.pull_secrets.get(), planned.pull_secrets_needed()) {
+                (Some(sync), Some((namespace, names))) => {
+                    sync.ensure_for_pod(&policy, namespace, names).await
                 }
+                _ => Vec::new(),
+            };
+            for warning in warnings {
+                planned.add_warning(warning);
             }
             let reviewed = planned.into_response();
             record(state, &reviewed.summary, started);
