@@ -420,12 +420,8 @@ async fn opt_in_mode_rewrites_only_namespaces_labelled_true() {
 async fn dry_run_returns_the_rewritten_pod_and_copies_no_secret() {
     let env = Env::start(Overlay::ClusterWide).await;
     env.namespace("team-a", &[]).await;
-    let dry_run = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    let created = pods(&env, "team-a")
-        .create(&dry_run, &app_pod("web", &[]))
+    let created = env
+        .create_pod_dry_run("team-a", &app_pod("web", &[]))
         .await
         .expect("dry-run create");
     assert_rewritten(&created, "dry-run answer");
@@ -627,14 +623,8 @@ async fn reinvocation_rewrites_a_sidecar_injected_after_us() {
         "the injector is called",
         Duration::from_secs(20),
         || async {
-            let created = pods(&env, "mesh")
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &sent,
-                )
+            let created = env
+                .create_pod_dry_run("mesh", &sent)
                 .await
                 .map_err(|e| e.to_string())?;
             if container_images(&created, "containers")
@@ -700,14 +690,8 @@ async fn reinvocation_rewrites_a_sidecar_injected_after_us() {
         "reinvocationPolicy Never takes effect",
         Duration::from_secs(20),
         || async {
-            let created = pods(&env, "mesh")
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &control,
-                )
+            let created = env
+                .create_pod_dry_run("mesh", &control)
                 .await
                 .map_err(|e| e.to_string())?;
             let images: BTreeMap<String, String> = container_images(&created, "containers")

@@ -593,18 +593,11 @@ impl Env {
     /// Waits until a dry-run pod in [`PROBE_NAMESPACE`] comes back rewritten
     /// (`called`) or not (the webhook configuration is gone or ignored).
     pub async fn wait_webhook_called(&self, called: bool) {
-        let pods: Api<Pod> = Api::namespaced(self.admin(), PROBE_NAMESPACE);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let probe = pod("probe", &[("app", "nginx:1.27")], &[]);
-            let created = pods
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &probe,
-                )
+            let created = self
+                .create_pod_dry_run(PROBE_NAMESPACE, &probe)
                 .await
                 .expect("dry-run probe pod");
             let rewritten = container_images(&created, "containers")[0].1 != "nginx:1.27";
@@ -670,6 +663,17 @@ impl Env {
                     self.webhook.log_text()
                 )
             })
+    }
+
+    /// A `dryRun=All` create: the pod as admission left it, nothing stored.
+    pub async fn create_pod_dry_run(&self, namespace: &str, pod: &Pod) -> kube::Result<Pod> {
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        Api::<Pod>::namespaced(self.admin(), namespace)
+            .create(&dry_run, pod)
+            .await
     }
 
     /// The apiserver's own `/metrics` (admin).
