@@ -14,6 +14,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use image_rewriter::admission;
 use image_rewriter::config::ConfigFile;
@@ -82,24 +85,6 @@ fn sample_images() -> Vec<(&'static str, String)> {
     ]
 }
 
-fn container(name: &str, image: &str) -> Value {
-    json!({
-        "name": name,
-        "image": image,
-        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-        "env": [{"name": "LOG_LEVEL", "value": "info"}],
-        "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
-        "volumeMounts": [{
-            "name": "kube-api-access-x7k2p",
-            "readOnly": true,
-            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"
-        }],
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "File",
-        "imagePullPolicy": "IfNotPresent"
-    })
-}
-
 /// A defaulted Pod with `count` containers, images alternating between the
 /// two rules (and one in ten already rewritten).
 fn pod_with(count: usize) -> Value {
@@ -109,7 +94,7 @@ fn pod_with(count: usize) -> Value {
         _ => format!("quay.io/org/app-{i}:v{i}"),
     };
     let containers: Vec<Value> = (0..count)
-        .map(|i| container(&format!("c-{i}"), &image(i)))
+        .map(|i| common::container(&format!("c-{i}"), &image(i)))
         .collect();
     json!({
         "kind": "Pod",

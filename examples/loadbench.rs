@@ -50,6 +50,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use base64::Engine as _;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
@@ -509,24 +512,6 @@ fn uid(run: u32, seq: u64) -> String {
     format!("{run:08x}-0000-4000-8000-{:012x}", seq & 0xffff_ffff_ffff)
 }
 
-fn container(name: &str, image: &str) -> Value {
-    json!({
-        "name": name,
-        "image": image,
-        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-        "env": [{"name": "LOG_LEVEL", "value": "info"}],
-        "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
-        "volumeMounts": [{
-            "name": "kube-api-access-x7k2p",
-            "readOnly": true,
-            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"
-        }],
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "File",
-        "imagePullPolicy": "IfNotPresent"
-    })
-}
-
 /// A Deployment's pod as the apiserver sends it after defaulting: an init
 /// container and two containers, images from both rules.
 fn sample_pod() -> Value {
@@ -555,10 +540,10 @@ fn sample_pod() -> Value {
                 {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
                 {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
             ], "defaultMode": 420}}],
-            "initContainers": [container("init", "busybox:1.36")],
+            "initContainers": [common::container("init", "busybox:1.36")],
             "containers": [
-                container("web", "nginx:1.27"),
-                container("exporter", "quay.io/prometheus/node-exporter:v1.8.0"),
+                common::container("web", "nginx:1.27"),
+                common::container("exporter", "quay.io/prometheus/node-exporter:v1.8.0"),
             ],
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": 30,
@@ -709,9 +694,8 @@ async fn start_ours(
 ) -> anyhow::Result<Started> {
     let port = free_port()?;
     let metrics_port = free_port()?;
-    let log = std::fs::File::create(log)?;
-    let spawned = Instant::now();
-    let child = server_command(bin)
+    let mut command = server_command(bin);
+    command
         .arg("serve")
         .arg("--config")
         .arg(files.config())
@@ -723,27 +707,15 @@ async fn start_ours(
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--namespace", "image-rewriter"])
         .args(["--reload-interval", reload_interval])
-        .args(["--shutdown-delay", "0s", "--shutdown-grace", "1s"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let mut proc = Proc { child };
-    let endpoint = Endpoint::new(([127, 0, 0, 1], port).into(), &files.pki.ca_pem)?;
-    let startup = wait_ready(&endpoint, &mut proc, spawned).await?;
-    Ok(Started {
-        proc,
-        endpoint,
-        metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
-        startup,
-    })
+        .args(["--shutdown-delay", "0s", "--shutdown-grace", "1s"]);
+    let metrics_addr = ([127, 0, 0, 1], metrics_port).into();
+    start_server(command, port, Some(metrics_addr), files, log).await
 }
 
 async fn start_baseline(files: &Files, response: &Path, log: &Path) -> anyhow::Result<Started> {
     let port = free_port()?;
-    let log = std::fs::File::create(log)?;
-    let spawned = Instant::now();
-    let child = server_command(&std::env::current_exe()?)
+    let mut command = server_command(&std::env::current_exe()?);
+    command
         .arg("--baseline-server")
         .args(["--port", &port.to_string()])
         .arg("--cert")
@@ -751,7 +723,22 @@ async fn start_baseline(files: &Files, response: &Path, log: &Path) -> anyhow::R
         .arg("--key")
         .arg(files.key())
         .arg("--response")
-        .arg(response)
+        .arg(response);
+    start_server(command, port, None, files, log).await
+}
+
+/// Spawns a server (its output to `log`) and waits until it is ready on
+/// `port`; the startup time is measured from the spawn.
+async fn start_server(
+    mut command: Command,
+    port: u16,
+    metrics_addr: Option<SocketAddr>,
+    files: &Files,
+    log: &Path,
+) -> anyhow::Result<Started> {
+    let log = std::fs::File::create(log)?;
+    let spawned = Instant::now();
+    let child = command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -762,7 +749,7 @@ async fn start_baseline(files: &Files, response: &Path, log: &Path) -> anyhow::R
     Ok(Started {
         proc,
         endpoint,
-        metrics_addr: None,
+        metrics_addr,
         startup,
     })
 }
