@@ -81,8 +81,7 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
     {
         return plan;
     }
-    let pointer =
-        |tokens: &[&str]| PointerBuf::from_tokens(pod.location.iter().chain(tokens).copied());
+    let pointer = |tokens: &[&str]| json_pointer(pod.location, tokens, None);
 
     let existing_secrets: HashSet<&str> = spec
         .image_pull_secrets
@@ -109,9 +108,10 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                     image: new_image,
                     rule,
                 } => {
+                    let path = json_pointer(pod.location, &["spec", list], Some((index, "image")));
                     plan.operations
                         .push(PatchOperation::Replace(ReplaceOperation {
-                            path: pointer(&["spec", list, &index.to_string(), "image"]),
+                            path,
                             value: Value::String(new_image.clone()),
                         }));
                     plan.rewritten.push(RewrittenImage {
@@ -168,6 +168,57 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         }
     }
     plan
+}
+
+/// `location` and `tokens` as a JSON Pointer, then `/index/last` when given,
+/// written into one buffer of the right size (`PointerBuf::from_tokens`
+/// grows its string token by token: a third of the plan's allocations).
+fn json_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str)>) -> PointerBuf {
+    use std::fmt::Write as _;
+    const INDEX_DIGITS: usize = 20;
+    let escaped_len = |token: &&str| 1 + token.len() + token.matches(['~', '/']).count();
+    let item_len = item.map_or(0, |(_, last)| 2 + INDEX_DIGITS + escaped_len(&last));
+    let mut text = String::with_capacity(
+        location
+            .iter()
+            .chain(tokens)
+            .map(escaped_len)
+            .sum::<usize>()
+            + item_len,
+    );
+    let push_token = |text: &mut String, token: &str| {
+        text.push('/');
+        for part in token.split_inclusive(['~', '/']) {
+            match part.as_bytes().last() {
+                Some(b'~') => {
+                    text.push_str(&part[..part.len() - 1]);
+                    text.push_str("~0");
+                }
+                Some(b'/') => {
+                    text.push_str(&part[..part.len() - 1]);
+                    text.push_str("~1");
+                }
+                _ => text.push_str(part),
+            }
+        }
+    };
+    for token in location.iter().chain(tokens) {
+        push_token(&mut text, token);
+    }
+    if let Some((index, last)) = item {
+        let _ = write!(text, "/{index}");
+        push_token(&mut text, last);
+    }
+    // Every token was escaped as RFC 6901 says, so this parse only checks;
+    // the slow path is there so no mistake here can panic.
+    PointerBuf::parse(text).unwrap_or_else(|_| {
+        let index = item.map(|(index, _)| index.to_string());
+        let item_tokens = index
+            .as_deref()
+            .into_iter()
+            .chain(item.map(|(_, last)| last));
+        PointerBuf::from_tokens(location.iter().chain(tokens).copied().chain(item_tokens))
+    })
 }
 
 fn opted_out(metadata: Option<&ObjectMeta>) -> bool {
@@ -270,7 +321,9 @@ fn original_images_operation(
     for image in rewritten {
         originals.insert(image.container.clone(), Value::String(image.from.clone()));
     }
-    let value = Value::String(Value::Object(originals).to_string());
+    let value = Value::String(
+        serde_json::to_string(&originals).unwrap_or_else(|_| Value::Object(originals).to_string()),
+    );
     let operation = match (
         metadata.is_some(),
         annotations.is_some(),
@@ -294,4 +347,75 @@ fn original_images_operation(
         }),
     };
     (operation, warning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reference(location: &[&str], tokens: &[&str], item: Option<(usize, &str)>) -> PointerBuf {
+        let index = item.map(|(index, _)| index.to_string());
+        let item_tokens = index
+            .as_deref()
+            .into_iter()
+            .chain(item.map(|(_, last)| last));
+        PointerBuf::from_tokens(location.iter().chain(tokens).copied().chain(item_tokens))
+    }
+
+    #[test]
+    fn json_pointer_escapes_like_jsonptr() {
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], Option<(usize, &'a str)>);
+        let cases: [Case; 6] = [
+            (&[], &[], None),
+            (&[], &["spec", "containers"], Some((0, "image"))),
+            (
+                &["spec", "template"],
+                &["spec", "initContainers"],
+                Some((12, "image")),
+            ),
+            (
+                &[],
+                &["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION],
+                None,
+            ),
+            (
+                &["a~b", "~1/~0", ""],
+                &["/", "~"],
+                Some((usize::MAX, "x/~y")),
+            ),
+            (&["ümlaut/é~"], &[], None),
+        ];
+        for (location, tokens, item) in cases {
+            let ours = json_pointer(location, tokens, item);
+            assert_eq!(
+                ours,
+                reference(location, tokens, item),
+                "{location:?} {tokens:?} {item:?}"
+            );
+        }
+        assert_eq!(
+            json_pointer(
+                &[],
+                &["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION],
+                None
+            )
+            .as_str(),
+            "/metadata/annotations/image-rewriter.io~1original-images"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn json_pointer_matches_from_tokens(
+            location in proptest::collection::vec(".*", 0..3),
+            tokens in proptest::collection::vec("[a-z~/]*", 0..3),
+            item in proptest::option::of((any::<usize>(), "\\PC*")),
+        ) {
+            let location: Vec<&str> = location.iter().map(String::as_str).collect();
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let item = item.as_ref().map(|(index, last)| (*index, last.as_str()));
+            prop_assert_eq!(json_pointer(&location, &tokens, item), reference(&location, &tokens, item));
+        }
+    }
 }
