@@ -134,12 +134,15 @@ impl<'p> Decision<'p> {
     }
 }
 
+/// Rule numbers by prefix.
+type RuleIndex = HashMap<String, usize, foldhash::fast::RandomState>;
+
 /// The validated config, ready to answer per image and per namespace.
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
-    rule_by_match: HashMap<String, usize>,
-    rule_by_target: HashMap<String, usize>,
+    rule_by_match: RuleIndex,
+    rule_by_target: RuleIndex,
     excluded_images: GlobSet,
     excluded_namespaces: BTreeSet<String>,
     pull_secret_sync: PullSecretSync,
@@ -152,8 +155,10 @@ impl Policy {
         own_namespace: Option<&str>,
         pull_secret_sync: PullSecretSync,
     ) -> Result<Self, ConfigError> {
-        let mut rule_by_match = HashMap::with_capacity(rules.len());
-        let mut rule_by_target = HashMap::with_capacity(rules.len());
+        let mut rule_by_match =
+            RuleIndex::with_capacity_and_hasher(rules.len(), Default::default());
+        let mut rule_by_target =
+            RuleIndex::with_capacity_and_hasher(rules.len(), Default::default());
         for (index, rule) in rules.iter().enumerate() {
             if let Some(first) = rule_by_match.insert(rule.match_prefix.clone(), index) {
                 return Err(ConfigError::invalid(
@@ -327,7 +332,7 @@ fn rewritten(target: &str, rest: &str, tag_and_digest: &str) -> Result<String, S
 
 /// The entry whose key is the longest prefix of `name` ending on a path
 /// component boundary, and the rest of `name` after it.
-fn longest_prefix<'n>(keys: &HashMap<String, usize>, name: &'n str) -> Option<(usize, &'n str)> {
+fn longest_prefix<'n>(keys: &RuleIndex, name: &'n str) -> Option<(usize, &'n str)> {
     let mut end = name.len();
     loop {
         let (prefix, rest) = name.split_at(end);
