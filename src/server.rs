@@ -66,6 +66,12 @@ pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer gone without closing (its node lost) is found by TCP keepalive on
+/// every connection, so an idle HTTP/1.1 connection does not hold its slot
+/// forever: probes after 30 s idle, every 10 s, closed after 3 unanswered.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bodies being read and decoded at once may take this many times the body
@@ -446,8 +452,9 @@ async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .keep_alive(true);
-    // Pings find dead peers; few streams per connection bound the bodies
-    // one connection can hold in memory.
+    // Pings also find an HTTP/2 peer that keeps its socket but stopped
+    // answering; few streams per connection bound the bodies one connection
+    // can hold in memory.
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -480,7 +487,9 @@ async fn run(
             },
             _ = stopped.changed() => break,
         };
-        let _ = stream.set_nodelay(true);
+        if let Err(error) = tune_accepted(&stream) {
+            debug!(%peer, %error, "could not set TCP_NODELAY or keepalive");
+        }
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let (http1, http2) = (http1.clone(), http2.clone());
@@ -530,6 +539,17 @@ async fn run(
     info!("shut down");
 }
 
+/// Answers leave at once (no Nagle delay), and a peer that vanished without
+/// closing is found by TCP keepalive.
+pub fn tune_accepted(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn serve_until_signal(options: ServeOptions) -> anyhow::Result<()> {
     let delay = options.shutdown_delay;
@@ -563,4 +583,35 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {},
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_get_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"));
+        let (accepted, _client) = tokio::join!(listener.accept(), client);
+        let (stream, _) = accepted.expect("accept");
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"), "off before");
+
+        tune_accepted(&stream).expect("tuned");
+        assert!(stream.nodelay().expect("TCP_NODELAY"));
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            TCP_KEEPALIVE_IDLE
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
+            TCP_KEEPALIVE_RETRIES
+        );
+    }
 }

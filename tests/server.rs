@@ -886,3 +886,45 @@ async fn a_silent_connection_does_not_hold_a_slot_forever() {
     assert_eq!(response.status(), 200);
     harness.stop().await;
 }
+
+/// The server's side of an established connection to `port`, from the
+/// kernel's table: (timer kind, seconds until it fires). Timer kind 2 is the
+/// keepalive timer (`proc(5)`, /proc/net/tcp).
+fn server_socket_timer(port: u16) -> Option<(u8, f64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+        let established = *fields.get(3)? == "01";
+        let (kind, when) = fields.get(5)?.split_once(':')?;
+        let ticks = u64::from_str_radix(when, 16).ok()?;
+        (local_port == port && established)
+            .then(|| Some((u8::from_str_radix(kind, 16).ok()?, ticks as f64 / 100.0)))
+            .flatten()
+    })
+}
+
+/// A peer that disappears without closing (a node lost) is found by TCP
+/// keepalive on every connection, HTTP/1.1 and HTTP/2 alike: the server's
+/// socket has the keepalive timer armed at 30 s while idle.
+#[tokio::test]
+async fn idle_connections_are_probed_by_tcp_keepalive() {
+    let harness = Harness::start(CONFIG).await;
+    for http1_only in [true, false] {
+        let client = harness.client(http1_only);
+        let response = client.get(harness.url("/healthz")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (kind, seconds) = server_socket_timer(harness.https_addr.port())
+            .expect("the server's socket is in /proc/net/tcp");
+        assert_eq!(kind, 2, "keepalive timer armed (http1_only: {http1_only})");
+        assert!(
+            (25.0..=30.0).contains(&seconds),
+            "first probe in {seconds} s, expected ~30 s"
+        );
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    harness.stop().await;
+}
