@@ -5,7 +5,7 @@
 //!     cargo run --release --example loadbench -- [--duration 10s] [--concurrency 32]
 //!     cargo run --release --example loadbench -- --smoke            # ~1 s per mode (CI)
 //!     cargo run --release --example loadbench -- --soak --requests 1000000
-//!     cargo run --release --example loadbench -- --soak --requests 20000   # CI soak
+//!     cargo run --release --example loadbench -- --soak --requests 50000   # CI soak
 //!
 //! The server binary is `IMAGE_REWRITER_BIN` if set; otherwise the example
 //! runs `cargo build --release --bin image-rewriter` itself (a no-op when it
@@ -895,7 +895,16 @@ type Schedule = tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(u64, In
 /// up in the latency as if the server had caused it.
 fn pace(rate: f64, start: Instant, deadline: Instant) -> Arc<Schedule> {
     let (release, schedule) = tokio::sync::mpsc::unbounded_channel();
+    // No rate (a peak run that answered nothing): release nothing.
+    let rate = if rate.is_finite() && rate > 0.0 {
+        rate
+    } else {
+        0.0
+    };
     std::thread::spawn(move || {
+        if rate == 0.0 {
+            return;
+        }
         for seq in 0u64.. {
             let at = start + Duration::from_secs_f64(seq as f64 / rate);
             if at >= deadline {
@@ -1120,7 +1129,8 @@ async fn run_baseline(
     theirs
 }
 
-/// The middle result by `key` (the lower middle for an even count).
+/// The middle result by `key` (the lower middle for an even count: keys
+/// are chosen so that lower is worse).
 fn median_by(mut results: Vec<LoadResult>, key: impl Fn(&LoadResult) -> f64) -> LoadResult {
     results.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let middle = (results.len() - 1) / 2;
@@ -1303,10 +1313,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             }
         }
         let mine = median_by(mine, LoadResult::rps);
+        let median_label = format!("{} median", short(mode));
+        if rounds > 1 {
+            print_row(&median_label, "ours", &mine);
+        }
         if let Some(theirs) = median_of_some(theirs, LoadResult::rps) {
             if rounds > 1 {
-                print_row(&format!("{} median", short(mode)), "ours", &mine);
-                print_row(&format!("{} median", short(mode)), "baseline", &theirs);
+                print_row(&median_label, "baseline", &theirs);
             }
             ratios.push((
                 mode,
@@ -1355,9 +1368,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 );
             }
         }
-        let p99 = |result: &LoadResult| result.ms(0.99);
+        // Sorted worst first, so an even round count takes the worse middle.
+        let p99 = |result: &LoadResult| -result.ms(0.99);
         let limited = median_by(mine, p99);
+        let median_label = format!("{} @{:.0} median", short(*mode), rate);
+        if rounds > 1 {
+            print_row(&median_label, "ours", &limited);
+        }
         if let Some(theirs) = median_of_some(theirs, p99) {
+            if rounds > 1 {
+                print_row(&median_label, "baseline", &theirs);
+            }
             half_rate_baseline.push((*mode, theirs));
         }
         half_rate.push((*mode, rate, limited));

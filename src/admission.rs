@@ -271,7 +271,7 @@ fn summarize<T: kube::Resource>(
 ///
 /// The patch is appended by hand: base64 never needs escaping, and passing
 /// it through the JSON string escaper cost more than the rest of the answer
-/// (a profile under load put it at a sixth of the review).
+/// (a profile under load put it at about an eighth of the review).
 fn encode(response: &AdmissionResponse, patch: Option<&json_patch::Patch>) -> Vec<u8> {
     const HEAD: &[u8] =
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":"#;
@@ -354,7 +354,7 @@ mod tests {
             crate::config::load_policy(&root.join("examples/config.yaml"), Some("image-rewriter"))
                 .expect("examples/config.yaml is valid");
         let mut seen_patch = 0;
-        let mut seen_warnings = 0;
+        let mut seen_plan_warnings = 0;
         let fixtures = std::fs::read_dir(root.join("tests/fixtures/admission")).expect("fixtures");
         for entry in fixtures {
             let path = entry.expect("a fixture").path();
@@ -378,7 +378,7 @@ mod tests {
             let patch =
                 (!plan.operations.is_empty()).then(|| json_patch::Patch(plan.operations.clone()));
             seen_patch += usize::from(patch.is_some());
-            seen_warnings += response.warnings.as_ref().map_or(0, Vec::len);
+            seen_plan_warnings += plan.warnings.len();
 
             let body = planned.into_response().body;
             let written: serde_json::Value = serde_json::from_slice(&body)
@@ -391,6 +391,9 @@ mod tests {
             );
         }
         assert!(seen_patch >= 3, "fixtures with a patch: {seen_patch}");
-        assert!(seen_warnings >= 5, "warnings written: {seen_warnings}");
+        assert!(
+            seen_plan_warnings >= 1,
+            "fixtures whose plan warns: {seen_plan_warnings}"
+        );
     }
 }

@@ -72,6 +72,10 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Keepalive probes only an idle connection; an answer the peer never
+/// acknowledges would otherwise be retransmitted for ~15 minutes
+/// (`tcp_retries2`). Also caps the keepalive detection above at a minute.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bodies being read and decoded at once may take this many times the body
@@ -540,14 +544,20 @@ async fn run(
 }
 
 /// Answers leave at once (no Nagle delay), and a peer that vanished without
-/// closing is found by TCP keepalive.
+/// closing is found within about a minute, idle or not. Each option is set
+/// even if another fails; the first error is returned.
 pub fn tune_accepted(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(TCP_KEEPALIVE_IDLE)
         .with_interval(TCP_KEEPALIVE_INTERVAL)
         .with_retries(TCP_KEEPALIVE_RETRIES);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let results = [
+        stream.set_nodelay(true),
+        socket.set_tcp_keepalive(&keepalive),
+        socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)),
+    ];
+    results.into_iter().collect()
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
@@ -612,6 +622,10 @@ mod tests {
         assert_eq!(
             socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
             TCP_KEEPALIVE_RETRIES
+        );
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(TCP_USER_TIMEOUT)
         );
     }
 }

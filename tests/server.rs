@@ -890,18 +890,22 @@ async fn a_silent_connection_does_not_hold_a_slot_forever() {
 /// The server's side of an established connection to `port`, from the
 /// kernel's table: (timer kind, seconds until it fires). Timer kind 2 is the
 /// keepalive timer (`proc(5)`, /proc/net/tcp).
-fn server_socket_timer(port: u16) -> Option<(u8, f64)> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
-        let established = *fields.get(3)? == "01";
-        let (kind, when) = fields.get(5)?.split_once(':')?;
-        let ticks = u64::from_str_radix(when, 16).ok()?;
-        (local_port == port && established)
-            .then(|| Some((u8::from_str_radix(kind, 16).ok()?, ticks as f64 / 100.0)))
-            .flatten()
-    })
+fn server_socket_timers(port: u16) -> Vec<(u8, f64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let established = *fields.get(3)? == "01";
+            let (kind, when) = fields.get(5)?.split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            (local_port == port && established)
+                .then(|| Some((u8::from_str_radix(kind, 16).ok()?, ticks as f64 / 100.0)))
+                .flatten()
+        })
+        .collect()
 }
 
 /// A peer that disappears without closing (a node lost) is found by TCP
@@ -914,10 +918,18 @@ async fn idle_connections_are_probed_by_tcp_keepalive() {
         let client = harness.client(http1_only);
         let response = client.get(harness.url("/healthz")).send().await.unwrap();
         assert_eq!(response.status(), 200);
+        let expected = if http1_only {
+            reqwest::Version::HTTP_11
+        } else {
+            reqwest::Version::HTTP_2
+        };
+        assert_eq!(response.version(), expected);
         let _ = response.bytes().await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (kind, seconds) = server_socket_timer(harness.https_addr.port())
-            .expect("the server's socket is in /proc/net/tcp");
+        let timers = server_socket_timers(harness.https_addr.port());
+        let [(kind, seconds)] = timers[..] else {
+            panic!("one established server socket expected, found {timers:?}");
+        };
         assert_eq!(kind, 2, "keepalive timer armed (http1_only: {http1_only})");
         assert!(
             (25.0..=30.0).contains(&seconds),
