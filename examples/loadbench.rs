@@ -1106,6 +1106,40 @@ fn print_header() {
     );
 }
 
+/// `rounds` runs of `spec` against ours, each followed by the same run
+/// against the baseline when there is one; every run printed as a row, `ok`
+/// turns false on a failed request.
+#[allow(clippy::too_many_arguments)]
+async fn run_rounds(
+    ours: &Started,
+    baseline: Option<&Started>,
+    payload: &Arc<Payload>,
+    response_len: usize,
+    spec: &LoadSpec,
+    label: &str,
+    rounds: usize,
+    ok: &mut bool,
+) -> (Vec<LoadResult>, Vec<LoadResult>) {
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let result = run_load(
+            &ours.endpoint,
+            ours.proc.pid(),
+            payload.clone(),
+            Check::Uid,
+            spec,
+        )
+        .await;
+        print_row(label, "ours", &result);
+        *ok &= result.errors == 0 && result.requests > 0;
+        mine.push(result);
+        if let Some(baseline) = baseline {
+            theirs.push(run_baseline(baseline, payload, response_len, spec, label, ok).await);
+        }
+    }
+    (mine, theirs)
+}
+
 /// One load run against the baseline, printed as a row; `ok` turns false
 /// on a failed request.
 async fn run_baseline(
@@ -1285,33 +1319,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             duration,
             rate: None,
         };
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let result = run_load(
-                &ours.endpoint,
-                ours.proc.pid(),
-                payload.clone(),
-                Check::Uid,
-                &spec,
-            )
-            .await;
-            print_row(mode.label(), "ours", &result);
-            ok &= result.errors == 0 && result.requests > 0;
-            mine.push(result);
-            if let Some(baseline) = &baseline {
-                theirs.push(
-                    run_baseline(
-                        baseline,
-                        &payload,
-                        response.len(),
-                        &spec,
-                        mode.label(),
-                        &mut ok,
-                    )
-                    .await,
-                );
-            }
-        }
+        let (mine, theirs) = run_rounds(
+            &ours,
+            baseline.as_ref(),
+            &payload,
+            response.len(),
+            &spec,
+            mode.label(),
+            rounds,
+            &mut ok,
+        )
+        .await;
         let mine = median_by(mine, LoadResult::rps);
         let median_label = format!("{} median", short(mode));
         if rounds > 1 {
@@ -1347,27 +1365,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             rate: Some(rate),
         };
         let label = format!("{} @{:.0}/s", short(*mode), rate);
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let limited = run_load(
-                &ours.endpoint,
-                ours.proc.pid(),
-                payload.clone(),
-                Check::Uid,
-                &spec,
-            )
-            .await;
-            print_row(&label, "ours", &limited);
-            ok &= limited.errors == 0 && limited.requests > 0;
-            mine.push(limited);
-            // The same rate against the baseline: what the load generator,
-            // TLS and the kernel alone give at this rate on this machine.
-            if let Some(baseline) = &baseline {
-                theirs.push(
-                    run_baseline(baseline, &payload, response.len(), &spec, &label, &mut ok).await,
-                );
-            }
-        }
+        // The same rate against the baseline: what the load generator, TLS
+        // and the kernel alone give at this rate on this machine.
+        let (mine, theirs) = run_rounds(
+            &ours,
+            baseline.as_ref(),
+            &payload,
+            response.len(),
+            &spec,
+            &label,
+            rounds,
+            &mut ok,
+        )
+        .await;
         // Sorted worst first, so an even round count takes the worse middle.
         let p99 = |result: &LoadResult| -result.ms(0.99);
         let limited = median_by(mine, p99);
