@@ -129,7 +129,7 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
 
 /// Decodes one AdmissionReview body and plans the patch.
 pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
-    let request = match serde_json::from_slice::<AdmissionReview<PodObject>>(body) {
+    let mut request = match serde_json::from_slice::<AdmissionReview<PodObject>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If
         // it claims to be a Pod, the Pod decoding error is the reason.
@@ -143,7 +143,7 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
             return Ok(Planned {
                 response: AdmissionResponse::from(&request),
                 plan: None,
-                summary: summarize(&request, None, None),
+                summary: summarize(request, None, None),
             });
         }
     };
@@ -169,11 +169,11 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
     };
     let generate_name = request
         .object
-        .as_ref()
-        .and_then(|pod| pod.metadata.generate_name.as_deref());
+        .as_mut()
+        .and_then(|pod| pod.metadata.generate_name.take());
     Ok(Planned {
         response: AdmissionResponse::from(&request),
-        summary: summarize(&request, plan.as_ref(), generate_name),
+        summary: summarize(request, plan.as_ref(), generate_name),
         plan,
     })
 }
@@ -238,19 +238,24 @@ fn operation_name(operation: &Operation) -> &'static str {
     }
 }
 
+/// Takes the request's strings rather than copying them: the request is
+/// not needed after this.
 fn summarize<T: kube::Resource>(
-    request: &AdmissionRequest<T>,
+    request: AdmissionRequest<T>,
     plan: Option<&PodPlan>,
-    generate_name: Option<&str>,
+    generate_name: Option<String>,
 ) -> ReviewSummary {
     // On CREATE a pod may have only a generateName: log that, marked.
-    let name = match (request.name.as_str(), generate_name) {
-        ("", Some(prefix)) => format!("{prefix}*"),
-        (name, _) => name.to_owned(),
+    let name = match (request.name.is_empty(), generate_name) {
+        (true, Some(mut prefix)) => {
+            prefix.push('*');
+            prefix
+        }
+        _ => request.name,
     };
     let mut summary = ReviewSummary {
-        uid: request.uid.clone(),
-        namespace: request.namespace.clone().unwrap_or_default(),
+        uid: request.uid,
+        namespace: request.namespace.unwrap_or_default(),
         name,
         operation: operation_name(&request.operation),
         dry_run: request.dry_run,
@@ -395,5 +400,47 @@ mod tests {
             seen_plan_warnings >= 1,
             "fixtures whose plan warns: {seen_plan_warnings}"
         );
+    }
+
+    #[test]
+    fn the_summary_names_the_request_and_marks_a_generated_name() {
+        let policy = crate::config::ConfigFile::from_yaml("rules: []\n")
+            .and_then(|config| config.into_policy(None))
+            .expect("an empty config is valid");
+        let review = |name: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "4b1f0c2e-0000-4000-8000-000000000001",
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "name": name,
+                    "namespace": "shop",
+                    "operation": "CREATE",
+                    "userInfo": {"username": "admin"},
+                    "object": {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"generateName": "web-7d4b9c8f5d-", "namespace": "shop"},
+                        "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+                    },
+                    "dryRun": true
+                }
+            }))
+            .expect("serializes")
+        };
+        let generated = plan_review(&policy, &review(""))
+            .expect("a valid review")
+            .summary;
+        assert_eq!(generated.name, "web-7d4b9c8f5d-*");
+        assert_eq!(generated.uid, "4b1f0c2e-0000-4000-8000-000000000001");
+        assert_eq!(generated.namespace, "shop");
+        assert_eq!(generated.operation, "CREATE");
+        assert!(generated.dry_run && generated.examined);
+        let named = plan_review(&policy, &review("web-1"))
+            .expect("a valid review")
+            .summary;
+        assert_eq!(named.name, "web-1");
     }
 }

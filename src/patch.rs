@@ -4,7 +4,7 @@
 //! re-serialized Pod: k8s-openapi would drop fields it does not know, and the
 //! apiserver applies every operation to the pod exactly as it sent it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
@@ -234,6 +234,32 @@ fn pointer_from_tokens(
     PointerBuf::from_tokens(location.iter().chain(tokens).copied().chain(item_tokens))
 }
 
+/// The annotation's text: the entries kept from it, ours over them, in key
+/// order (as a serde_json map writes them), without copying our strings.
+fn originals_text(kept: Map<String, Value>, rewritten: &[RewrittenImage]) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Original<'a> {
+        Kept(&'a Value),
+        Ours(&'a str),
+    }
+    let mut merged: BTreeMap<&str, Original<'_>> = kept
+        .iter()
+        .map(|(container, image)| (container.as_str(), Original::Kept(image)))
+        .collect();
+    for image in rewritten {
+        merged.insert(&image.container, Original::Ours(&image.from));
+    }
+    // Cannot fail (string keys, plain values); if it did, the owned way.
+    serde_json::to_string(&merged).unwrap_or_else(|_| {
+        let mut owned = kept.clone();
+        for image in rewritten {
+            owned.insert(image.container.clone(), Value::String(image.from.clone()));
+        }
+        Value::Object(owned).to_string()
+    })
+}
+
 fn opted_out(metadata: Option<&ObjectMeta>) -> bool {
     metadata
         .and_then(|m| m.labels.as_ref())
@@ -321,7 +347,7 @@ fn original_images_operation(
     let annotations = metadata.and_then(|m| m.annotations.as_ref());
     let existing = annotations.and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION));
     let mut warning = None;
-    let mut originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
+    let originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
         Some(Ok(Value::Object(map))) => map,
         Some(_) => {
             warning = Some(format!(
@@ -331,12 +357,7 @@ fn original_images_operation(
         }
         None => Map::new(),
     };
-    for image in rewritten {
-        originals.insert(image.container.clone(), Value::String(image.from.clone()));
-    }
-    let value = Value::String(
-        serde_json::to_string(&originals).unwrap_or_else(|_| Value::Object(originals).to_string()),
-    );
+    let value = Value::String(originals_text(originals, rewritten));
     let operation = match (
         metadata.is_some(),
         annotations.is_some(),
