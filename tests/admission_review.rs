@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use image_rewriter::admission::{ReviewError, review};
+use image_rewriter::admission::{ReviewError, plan_review, review};
 use image_rewriter::config::load_policy;
 use image_rewriter::policy::Policy;
 use serde_json::{Value, json};
@@ -252,5 +252,31 @@ fn every_fixture_is_an_apiserver_shaped_review() {
         if operation == "CREATE" {
             assert!(request["oldObject"].is_null(), "{}", path.display());
         }
+    }
+}
+
+/// The log line's identities: a pod created from a generateName (the name
+/// is empty until after admission) is named by the prefix, marked `*`.
+#[test]
+fn the_summary_names_the_request_and_marks_a_generated_name() {
+    let policy = example_policy();
+    let named = pod("shop", &[], &[("web", "nginx")], None);
+    let mut generated = named.clone();
+    generated["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("name");
+    for (object, expected_name) in [
+        (named, "web-7d4b9c8f6-x2kqz"),
+        (generated, "web-7d4b9c8f6-*"),
+    ] {
+        let review_body = admission_review(object, "CREATE", "shop");
+        let body = serde_json::to_vec(&review_body).unwrap();
+        let summary = plan_review(&policy, &body).expect("a valid review").summary;
+        assert_eq!(summary.name, expected_name);
+        assert_eq!(summary.uid, uid_of(&review_body));
+        assert_eq!(summary.namespace, "shop");
+        assert_eq!(summary.operation, "CREATE");
+        assert!(summary.examined && !summary.dry_run);
     }
 }
