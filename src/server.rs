@@ -69,13 +69,13 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer gone without closing (its node lost) is found by TCP keepalive on
 /// every connection, so an idle HTTP/1.1 connection does not hold its slot
 /// forever: probes after 30 s idle, every 10 s, closed after 3 unanswered.
-pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// Keepalive probes only an idle connection; an answer the peer never
 /// acknowledges would otherwise be retransmitted for ~15 minutes
 /// (`tcp_retries2`). Also caps the keepalive detection above at a minute.
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bodies being read and decoded at once may take this many times the body
@@ -492,7 +492,7 @@ async fn run(
             _ = stopped.changed() => break,
         };
         if let Err(error) = tune_accepted(&stream) {
-            debug!(%peer, %error, "could not set TCP_NODELAY or keepalive");
+            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
         }
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
@@ -546,7 +546,7 @@ async fn run(
 /// Answers leave at once (no Nagle delay), and a peer that vanished without
 /// closing is found within about a minute, idle or not. Each option is set
 /// even if another fails; the first error is returned.
-pub fn tune_accepted(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+fn tune_accepted(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     let socket = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(TCP_KEEPALIVE_IDLE)
