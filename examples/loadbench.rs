@@ -13,6 +13,14 @@
 //! image-rewriter`. Build the example with `--release` too: the load
 //! generator shares the machine with the server.
 //!
+//! Placement (`--placement`, default `split` on 2 or more CPUs): the servers
+//! run under `taskset` on the first half of the CPUs this process may use,
+//! the load generator (one runtime worker per CPU) on the others, as the
+//! apiserver and the webhook do in a cluster. `shared` puts them all on
+//! every CPU; the generator then competes with the server it measures, and
+//! the half-rate tails measure that competition (BENCHMARKS.md). The `gen %`
+//! column is the generator's own CPU use over a run, as a share of its CPUs.
+//!
 //! What it does:
 //! 1. Generates a CA and a serving certificate (ECDSA P-256, `certs::generate`)
 //!    and a config with two rules; starts the server as a separate process
@@ -135,15 +143,22 @@ struct Args {
     /// Use the server binary as it is, do not run `cargo build --release`.
     #[arg(long)]
     no_build: bool,
-    /// Worker threads of the load generator's runtime.
-    #[arg(long, default_value_t = 2)]
-    client_threads: usize,
+    /// Worker threads of the load generator's runtime [default: one per
+    /// CPU of the load generator].
+    #[arg(long)]
+    client_threads: Option<usize>,
     /// Keep the temporary directory (certificates, configs, server logs).
     #[arg(long)]
     keep_dir: bool,
-    /// Run the servers (ours and the baseline) on these CPUs only
-    /// (`taskset -c LIST`); run the load generator itself elsewhere, e.g.
-    /// `taskset -c 1 loadbench --server-cpus 0`, so they do not share cores.
+    /// Where the servers and the load generator run. `split` (the default
+    /// on 2 or more CPUs): the servers on half of this process's CPUs, the
+    /// load generator on the others, as in a cluster, where the apiserver
+    /// does not run on the webhook's cores. `shared`: all of them on every
+    /// CPU, the generator competing with the server it measures.
+    #[arg(long, value_enum, default_value_t = Placement::Split)]
+    placement: Placement,
+    /// The servers' CPUs (`taskset -c LIST`) instead of the first half;
+    /// with `--placement split` the load generator gets the others.
     #[arg(long)]
     server_cpus: Option<String>,
 
@@ -162,6 +177,14 @@ struct Args {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Placement {
+    /// Servers and load generator on separate CPUs.
+    Split,
+    /// Servers and load generator on the same CPUs.
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -190,13 +213,22 @@ fn main() -> ExitCode {
     if args.baseline_server {
         return baseline::main(&args);
     }
-    let _ = SERVER_CPUS.set(args.server_cpus.clone());
+    let cpus = match CpuPlan::new(args.placement, args.server_cpus.as_deref()) {
+        Ok(cpus) => cpus,
+        Err(error) => {
+            eprintln!("loadbench: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // More threads than cores only adds wake-ups and context switches on
+    // the generator's side.
+    let client_threads = args.client_threads.unwrap_or(cpus.generator_cpu_count());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.max(1))
+        .worker_threads(client_threads.max(1))
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, cpus, client_threads)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
@@ -209,6 +241,117 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // Processes and /proc.
 // ---------------------------------------------------------------------------
+
+/// Which CPUs the servers and the load generator were given; `None` is
+/// every CPU this process may use.
+struct CpuPlan {
+    placement: Placement,
+    servers: Option<Vec<usize>>,
+    generator: Option<Vec<usize>>,
+}
+
+impl CpuPlan {
+    fn new(placement: Placement, server_cpus: Option<&str>) -> anyhow::Result<Self> {
+        let servers = server_cpus.map(parse_cpu_list).transpose()?;
+        let own = parse_cpu_list(&own_cpus())?;
+        if placement == Placement::Shared || own.len() < 2 {
+            return Ok(Self {
+                placement: Placement::Shared,
+                servers,
+                generator: None,
+            });
+        }
+        let servers = servers.unwrap_or_else(|| own[..own.len() / 2].to_vec());
+        let generator: Vec<usize> = own
+            .iter()
+            .copied()
+            .filter(|cpu| !servers.contains(cpu))
+            .collect();
+        anyhow::ensure!(
+            !generator.is_empty(),
+            "--placement split: no CPU left for the load generator (this process may use {}, the servers get {})",
+            format_cpu_list(&own),
+            format_cpu_list(&servers)
+        );
+        Ok(Self {
+            placement,
+            servers: Some(servers),
+            generator: Some(generator),
+        })
+    }
+
+    /// Moves every thread of this process onto the generator's CPUs; the
+    /// threads it starts later inherit them.
+    fn pin_generator(&self) -> anyhow::Result<()> {
+        let Some(cpus) = &self.generator else {
+            return Ok(());
+        };
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", &format_cpu_list(cpus)])
+            .arg(std::process::id().to_string())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|error| anyhow::anyhow!("running taskset (util-linux): {error}"))?;
+        anyhow::ensure!(status.success(), "taskset -a -p failed: {status}");
+        Ok(())
+    }
+
+    /// How many CPUs the load generator runs on.
+    fn generator_cpu_count(&self) -> usize {
+        match &self.generator {
+            Some(cpus) => cpus.len(),
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (&self.servers, self.placement) {
+            (Some(servers), Placement::Split) => format!(
+                "CPUs (--placement split): servers on {} (taskset), load generator on {}",
+                format_cpu_list(servers),
+                own_cpus()
+            ),
+            (Some(servers), Placement::Shared) => format!(
+                "CPUs (--placement shared): servers on {} (taskset), load generator on {}",
+                format_cpu_list(servers),
+                own_cpus()
+            ),
+            (None, _) => format!(
+                "CPUs (--placement shared): servers and load generator on {}",
+                own_cpus()
+            ),
+        }
+    }
+}
+
+/// `0-2,5` -> [0, 1, 2, 5].
+fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let parse = |cpu: &str| {
+            cpu.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("not a CPU list: {list:?}"))
+        };
+        match part.split_once('-') {
+            Some((first, last)) => cpus.extend(parse(first)?..=parse(last)?),
+            None => cpus.push(parse(part)?),
+        }
+    }
+    anyhow::ensure!(!cpus.is_empty(), "not a CPU list: {list:?}");
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+fn format_cpu_list(cpus: &[usize]) -> String {
+    let names: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    names.join(",")
+}
 
 /// The CPUs this process may run on (`Cpus_allowed_list`).
 fn own_cpus() -> String {
@@ -681,11 +824,15 @@ struct Started {
     startup: Duration,
 }
 
-/// `--server-cpus`, set once at startup.
+/// A load generator this busy is what limits the rate it measures.
+const GENERATOR_SATURATED: f64 = 0.95;
+
+/// The servers' CPU list, set once, before the first server starts.
 static SERVER_CPUS: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
-/// A command that runs `program` as a server: under `taskset` when
-/// `--server-cpus` was given (taskset execs it, so the pid is the server's).
+/// A command that runs `program` as a server: under `taskset` when the
+/// servers have CPUs of their own (taskset execs it, so the pid is the
+/// server's).
 fn server_command(program: &Path) -> Command {
     match SERVER_CPUS.get().and_then(Option::as_deref) {
         Some(cpus) => {
@@ -866,6 +1013,9 @@ struct LoadResult {
     /// Rate-limited runs: microseconds from the scheduled start.
     from_schedule: Option<Histogram<u64>>,
     cpu_seconds: f64,
+    /// The load generator's own CPU time over the run, as a share of its
+    /// CPUs: near 1.0 it, not the server, may be what limits the run.
+    generator_busy: f64,
     rss_max_kib: u64,
     version: Option<reqwest::Version>,
 }
@@ -1007,6 +1157,7 @@ async fn run_load(
     };
     let url: Arc<str> = endpoint.url("/mutate?timeout=10s").into();
     let ticks_per_second = clock_ticks();
+    let generator_cpus = parse_cpu_list(&own_cpus()).map_or(1, |cpus| cpus.len());
     let mut result = None;
     // Warm-up (connections, allocator, caches) first, then the measurement.
     for record in [false, true] {
@@ -1022,6 +1173,7 @@ async fn run_load(
             record,
         });
         let cpu_before = proc_cpu_ticks(pid).unwrap_or(0);
+        let generator_before = proc_cpu_ticks(std::process::id()).unwrap_or(0);
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = tokio::spawn({
             let sampling = sampling.clone();
@@ -1068,6 +1220,7 @@ async fn run_load(
         sampling.store(false, Ordering::Relaxed);
         let rss_max_kib = sampler.await.unwrap_or(0);
         let cpu_after = proc_cpu_ticks(pid).unwrap_or(0);
+        let generator_after = proc_cpu_ticks(std::process::id()).unwrap_or(0);
         let errors_count = errors.count.load(Ordering::Relaxed);
         let error_samples = std::mem::take(&mut *errors.samples.lock().unwrap());
         if record {
@@ -1079,6 +1232,10 @@ async fn run_load(
                 latency,
                 from_schedule: spec.rate.map(|_| from_schedule),
                 cpu_seconds: (cpu_after - cpu_before) as f64 / ticks_per_second,
+                generator_busy: (generator_after - generator_before) as f64
+                    / ticks_per_second
+                    / elapsed.as_secs_f64()
+                    / generator_cpus as f64,
                 rss_max_kib,
                 version,
             });
@@ -1091,7 +1248,7 @@ async fn run_load(
 
 fn print_header() {
     println!(
-        "{:<18} {:<8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
+        "{:<18} {:<8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>6}",
         "mode",
         "server",
         "req/s",
@@ -1102,7 +1259,8 @@ fn print_header() {
         "max ms",
         "version",
         "cpu s/1k",
-        "rss MiB"
+        "rss MiB",
+        "gen %"
     );
 }
 
@@ -1180,7 +1338,7 @@ fn median_of_some(
 
 fn print_row(mode: &str, server: &str, r: &LoadResult) {
     println!(
-        "{:<18} {:<8} {:>9.0} {:>7} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>9.3} {:>8.1}",
+        "{:<18} {:<8} {:>9.0} {:>7} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>9.3} {:>8.1} {:>6.0}",
         mode,
         server,
         r.rps(),
@@ -1196,6 +1354,7 @@ fn print_row(mode: &str, server: &str, r: &LoadResult) {
         },
         r.cpu_per_1000(),
         mib(r.rss_max_kib),
+        r.generator_busy * 100.0,
     );
     for sample in &r.error_samples {
         println!("    error: {sample}");
@@ -1217,13 +1376,16 @@ async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
         .collect())
 }
 
-async fn run(args: Args) -> anyhow::Result<bool> {
+async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result<bool> {
+    // Built on every CPU; only then is the generator moved to its own.
     let bin = server_binary(args.no_build)?;
+    cpus.pin_generator()?;
+    let _ = SERVER_CPUS.set(cpus.servers.as_deref().map(format_cpu_list));
     if cfg!(debug_assertions) {
         eprintln!("loadbench: WARNING: the load generator is a debug build; use --release");
     }
     if args.soak {
-        return soak(&args, &bin).await;
+        return soak(&args, &bin, &cpus).await;
     }
     let (duration, warmup, startup_runs) = if args.smoke {
         (Duration::from_secs(1), Duration::from_millis(200), 1)
@@ -1274,12 +1436,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .unwrap_or_default()
             .trim()
     );
-    if let Some(cpus) = &args.server_cpus {
-        println!(
-            "CPUs: servers on {cpus} (taskset), load generator on {}",
-            own_cpus()
-        );
-    }
+    println!("{}", cpus.describe());
     println!(
         "request: {} bytes (CREATE review, 1 init container + 2 containers); response: {} bytes",
         payload.len(),
@@ -1287,7 +1444,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     );
     println!(
         "concurrency {}, {:?} per run after {:?} warm-up; load generator: {} worker threads",
-        args.concurrency, duration, warmup, args.client_threads
+        args.concurrency, duration, warmup, client_threads
     );
     println!(
         "startup (spawn -> /readyz 200) over {} runs: min {:.1} ms, median {:.1} ms, max {:.1} ms{}",
@@ -1344,6 +1501,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 mine.rps() / theirs.rps(),
                 mine.ms(0.99) / theirs.ms(0.99),
                 mine.cpu_per_1000() / theirs.cpu_per_1000(),
+                theirs.generator_busy,
             ));
         }
         ours_results.push((mode, mine));
@@ -1402,11 +1560,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     println!();
     if !ratios.is_empty() {
         println!("ours / baseline:");
-        for (mode, throughput, p99, cpu) in &ratios {
+        for (mode, throughput, p99, cpu, generator_busy) in &ratios {
             println!(
                 "  {:<18} throughput x{throughput:.2}   p99 x{p99:.2}   cpu/request x{cpu:.2}",
                 mode.label()
             );
+            if *generator_busy >= GENERATOR_SATURATED {
+                println!(
+                    "    the load generator was {:.0}% busy in the baseline's run: that rate is the generator's limit, not the baseline's, so the throughput ratio flatters ours; the servers' own costs compare by CPU per request (x{cpu:.2})",
+                    generator_busy * 100.0,
+                );
+            }
         }
     }
     for (mode, rate, r) in &half_rate {
@@ -1448,7 +1612,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     println!();
     println!("goals:");
     let mut goals_met = true;
-    for (mode, throughput, _, _) in &ratios {
+    for (mode, throughput, _, _, _) in &ratios {
         let met = *throughput >= 0.7;
         goals_met &= met;
         println!(
@@ -1554,7 +1718,7 @@ fn established_client_ports(port: u16) -> HashSet<u16> {
     ports
 }
 
-async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
+async fn soak(args: &Args, bin: &Path, cpus: &CpuPlan) -> anyhow::Result<bool> {
     let files = Arc::new(Files::new()?);
     let log_dir = files.dir.path().to_path_buf();
     // Reload checks every 250 ms, so every one-second rotation is picked up.
@@ -1575,6 +1739,7 @@ async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
     println!(
         "certificate rotated (same CA) and config rewritten every second; server reloads every 250 ms"
     );
+    println!("{}", cpus.describe());
 
     let errors = Arc::new(Errors::default());
     let next = Arc::new(AtomicU64::new(0));

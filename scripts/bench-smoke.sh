@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI smoke for the benchmarks: build first, then the timed part (well under
 # 60 s on 2 cores): every criterion benchmark once, the load benchmark for
-# about a second per mode, and a short soak with certificate and config
+# about a second per mode (servers and generator on separate CPUs, then
+# once on shared CPUs), and a short soak with certificate and config
 # rotation. Fails on any failed request or check; the performance goals are
 # printed, not enforced (shared CI runners are too noisy for that).
 set -euo pipefail
@@ -11,4 +12,5 @@ cargo build --release --locked --bin image-rewriter --example loadbench
 cargo bench --locked --bench policy --no-run
 cargo bench --locked --bench policy -- --test
 "$target_dir/release/examples/loadbench" --no-build --smoke
+"$target_dir/release/examples/loadbench" --no-build --smoke --placement shared --modes h1 --no-baseline
 "$target_dir/release/examples/loadbench" --no-build --soak --requests 50000
