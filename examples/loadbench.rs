@@ -14,12 +14,14 @@
 //! generator shares the machine with the server.
 //!
 //! Placement (`--placement`, default `split` on 2 or more CPUs): the servers
-//! run under `taskset` on the first half of the CPUs this process may use,
-//! the load generator (one runtime worker per CPU) on the others, as the
-//! apiserver and the webhook do in a cluster. `shared` puts them all on
-//! every CPU; the generator then competes with the server it measures, and
-//! the half-rate tails measure that competition (BENCHMARKS.md). The `gen %`
-//! column is the generator's own CPU use over a run, as a share of its CPUs.
+//! run under `taskset` on the first half of the CPUs this process may use
+//! (the smaller half of an odd count), the load generator (one runtime
+//! worker per CPU) on the others, as when the apiserver runs on other cores
+//! than the webhook. `shared` puts them all on every CPU; the generator then
+//! competes with the server it measures, and the half-rate tails measure
+//! that competition too (BENCHMARKS.md). The `gen %` column is the
+//! generator's own CPU use over a run, as a share of what it can use; with
+//! split CPUs, near 100% means the generator set the rate.
 //!
 //! What it does:
 //! 1. Generates a CA and a serving certificate (ECDSA P-256, `certs::generate`)
@@ -152,11 +154,12 @@ struct Args {
     keep_dir: bool,
     /// Where the servers and the load generator run. `split` (the default
     /// on 2 or more CPUs): the servers on half of this process's CPUs, the
-    /// load generator on the others, as in a cluster, where the apiserver
-    /// does not run on the webhook's cores. `shared`: all of them on every
-    /// CPU, the generator competing with the server it measures.
-    #[arg(long, value_enum, default_value_t = Placement::Split)]
-    placement: Placement,
+    /// load generator on the others (the servers get the smaller half of an
+    /// odd count). `shared`: the generator on every CPU, competing with the
+    /// server it measures (which runs on every CPU too, unless
+    /// `--server-cpus`).
+    #[arg(long, value_enum)]
+    placement: Option<Placement>,
     /// The servers' CPUs (`taskset -c LIST`) instead of the first half;
     /// with `--placement split` the load generator gets the others.
     #[arg(long)]
@@ -213,22 +216,19 @@ fn main() -> ExitCode {
     if args.baseline_server {
         return baseline::main(&args);
     }
-    let cpus = match CpuPlan::new(args.placement, args.server_cpus.as_deref()) {
-        Ok(cpus) => cpus,
+    let bin = match prepare(&args) {
+        Ok(bin) => bin,
         Err(error) => {
             eprintln!("loadbench: {error:#}");
             return ExitCode::FAILURE;
         }
     };
-    // More threads than cores only adds wake-ups and context switches on
-    // the generator's side.
-    let client_threads = args.client_threads.unwrap_or(cpus.generator_cpu_count());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(client_threads.max(1))
+        .worker_threads(placed().client_threads)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(args, cpus, client_threads)) {
+    match runtime.block_on(run(args, bin)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
@@ -242,26 +242,85 @@ fn main() -> ExitCode {
 // Processes and /proc.
 // ---------------------------------------------------------------------------
 
-/// Which CPUs the servers and the load generator were given; `None` is
-/// every CPU this process may use.
+/// Builds (or finds) the server binary on every CPU, then moves this
+/// process onto the load generator's CPUs. Runs on the main thread before
+/// any other thread exists, so every thread the generator starts later
+/// inherits its CPUs.
+fn prepare(args: &Args) -> anyhow::Result<PathBuf> {
+    let plan = CpuPlan::new(args.placement, args.server_cpus.as_deref())?;
+    let bin = server_binary(args.no_build)?;
+    plan.pin_generator()?;
+    // More threads than cores only adds wake-ups and context switches on
+    // the generator's side.
+    let client_threads = args
+        .client_threads
+        .unwrap_or_else(|| plan.generator_cpu_count())
+        .max(1);
+    let _ = PLACED.set(Placed {
+        servers: plan.servers.as_deref().map(format_cpu_list),
+        split: plan.generator.is_some(),
+        generator_capacity: client_threads.min(plan.generator_cpu_count()) as f64,
+        client_threads,
+        description: plan.describe(),
+    });
+    Ok(bin)
+}
+
+/// Where everything runs, fixed by [`prepare`] before the first server starts.
+struct Placed {
+    /// The servers' `taskset -c` list, when they have CPUs of their own.
+    servers: Option<String>,
+    /// Servers and generator on disjoint CPUs: only then does a busy
+    /// generator mean the generator set the rate.
+    split: bool,
+    /// How many CPUs' worth of time the generator can use at most.
+    generator_capacity: f64,
+    client_threads: usize,
+    description: String,
+}
+
+static PLACED: std::sync::OnceLock<Placed> = std::sync::OnceLock::new();
+
+fn placed() -> &'static Placed {
+    PLACED.get().expect("prepare() ran first")
+}
+
+/// Which CPUs the servers and the load generator get; `None` is every CPU
+/// this process may use.
 struct CpuPlan {
-    placement: Placement,
+    own: Vec<usize>,
     servers: Option<Vec<usize>>,
     generator: Option<Vec<usize>>,
 }
 
 impl CpuPlan {
-    fn new(placement: Placement, server_cpus: Option<&str>) -> anyhow::Result<Self> {
+    fn new(placement: Option<Placement>, server_cpus: Option<&str>) -> anyhow::Result<Self> {
         let servers = server_cpus.map(parse_cpu_list).transpose()?;
-        let own = parse_cpu_list(&own_cpus())?;
-        if placement == Placement::Shared || own.len() < 2 {
+        let own = own_cpus()?;
+        if placement == Some(Placement::Shared) {
             return Ok(Self {
-                placement: Placement::Shared,
+                own,
                 servers,
                 generator: None,
             });
         }
-        let servers = servers.unwrap_or_else(|| own[..own.len() / 2].to_vec());
+        let servers = match servers {
+            Some(servers) => servers,
+            None if own.len() >= 2 => own[..own.len() / 2].to_vec(),
+            None => {
+                anyhow::ensure!(
+                    placement.is_none(),
+                    "--placement split needs 2 CPUs (this process may use {}) or --server-cpus",
+                    format_cpu_list(&own)
+                );
+                eprintln!("loadbench: one CPU: servers and load generator share it");
+                return Ok(Self {
+                    own,
+                    servers: None,
+                    generator: None,
+                });
+            }
+        };
         let generator: Vec<usize> = own
             .iter()
             .copied()
@@ -274,55 +333,54 @@ impl CpuPlan {
             format_cpu_list(&servers)
         );
         Ok(Self {
-            placement,
+            own,
             servers: Some(servers),
             generator: Some(generator),
         })
     }
 
-    /// Moves every thread of this process onto the generator's CPUs; the
-    /// threads it starts later inherit them.
+    /// Moves this process's only thread onto the generator's CPUs.
     fn pin_generator(&self) -> anyhow::Result<()> {
         let Some(cpus) = &self.generator else {
             return Ok(());
         };
         let status = Command::new("taskset")
-            .args(["-a", "-p", "-c", &format_cpu_list(cpus)])
+            .args(["-p", "-c", &format_cpu_list(cpus)])
             .arg(std::process::id().to_string())
             .stdout(Stdio::null())
             .status()
             .map_err(|error| anyhow::anyhow!("running taskset (util-linux): {error}"))?;
-        anyhow::ensure!(status.success(), "taskset -a -p failed: {status}");
+        anyhow::ensure!(status.success(), "taskset -p failed: {status}");
         Ok(())
     }
 
     /// How many CPUs the load generator runs on.
     fn generator_cpu_count(&self) -> usize {
-        match &self.generator {
-            Some(cpus) => cpus.len(),
-            None => std::thread::available_parallelism().map_or(1, usize::from),
-        }
+        self.generator.as_ref().unwrap_or(&self.own).len()
     }
 
     fn describe(&self) -> String {
-        match (&self.servers, self.placement) {
-            (Some(servers), Placement::Split) => format!(
-                "CPUs (--placement split): servers on {} (taskset), load generator on {}",
+        match (&self.servers, &self.generator) {
+            (Some(servers), Some(generator)) => format!(
+                "CPUs (split): servers on {} (taskset), load generator on {}",
                 format_cpu_list(servers),
-                own_cpus()
+                format_cpu_list(generator)
             ),
-            (Some(servers), Placement::Shared) => format!(
-                "CPUs (--placement shared): servers on {} (taskset), load generator on {}",
+            (Some(servers), None) => format!(
+                "CPUs (shared): servers on {} (taskset), load generator on {}",
                 format_cpu_list(servers),
-                own_cpus()
+                format_cpu_list(&self.own)
             ),
             (None, _) => format!(
-                "CPUs (--placement shared): servers and load generator on {}",
-                own_cpus()
+                "CPUs (shared): servers and load generator on {}",
+                format_cpu_list(&self.own)
             ),
         }
     }
 }
+
+/// Linux's own limit (`CONFIG_NR_CPUS` at most 8192).
+const MAX_CPU: usize = 8191;
 
 /// `0-2,5` -> [0, 1, 2, 5].
 fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
@@ -337,10 +395,15 @@ fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
                 .parse::<usize>()
                 .map_err(|_| anyhow::anyhow!("not a CPU list: {list:?}"))
         };
-        match part.split_once('-') {
-            Some((first, last)) => cpus.extend(parse(first)?..=parse(last)?),
-            None => cpus.push(parse(part)?),
-        }
+        let (first, last) = match part.split_once('-') {
+            Some((first, last)) => (parse(first)?, parse(last)?),
+            None => (parse(part)?, parse(part)?),
+        };
+        anyhow::ensure!(
+            first <= last && last <= MAX_CPU,
+            "not a CPU list: {list:?} (ranges low-high, CPUs up to {MAX_CPU})"
+        );
+        cpus.extend(first..=last);
     }
     anyhow::ensure!(!cpus.is_empty(), "not a CPU list: {list:?}");
     cpus.sort_unstable();
@@ -353,17 +416,21 @@ fn format_cpu_list(cpus: &[usize]) -> String {
     names.join(",")
 }
 
-/// The CPUs this process may run on (`Cpus_allowed_list`).
-fn own_cpus() -> String {
-    std::fs::read_to_string("/proc/self/status")
+/// The CPUs this process may run on (`Cpus_allowed_list`; without /proc,
+/// the first `available_parallelism` CPUs).
+fn own_cpus() -> anyhow::Result<Vec<usize>> {
+    let listed = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
                 .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
                 .map(|list| list.trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".to_owned())
+        });
+    match listed {
+        Some(list) => parse_cpu_list(&list),
+        None => Ok((0..std::thread::available_parallelism().map_or(1, usize::from)).collect()),
+    }
 }
 
 fn target_dir() -> anyhow::Result<PathBuf> {
@@ -827,14 +894,11 @@ struct Started {
 /// A load generator this busy is what limits the rate it measures.
 const GENERATOR_SATURATED: f64 = 0.95;
 
-/// The servers' CPU list, set once, before the first server starts.
-static SERVER_CPUS: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-
 /// A command that runs `program` as a server: under `taskset` when the
 /// servers have CPUs of their own (taskset execs it, so the pid is the
 /// server's).
 fn server_command(program: &Path) -> Command {
-    match SERVER_CPUS.get().and_then(Option::as_deref) {
+    match placed().servers.as_deref() {
         Some(cpus) => {
             let mut command = Command::new("taskset");
             command.args(["-c", cpus]).arg(program);
@@ -1013,8 +1077,9 @@ struct LoadResult {
     /// Rate-limited runs: microseconds from the scheduled start.
     from_schedule: Option<Histogram<u64>>,
     cpu_seconds: f64,
-    /// The load generator's own CPU time over the run, as a share of its
-    /// CPUs: near 1.0 it, not the server, may be what limits the run.
+    /// The load generator's own CPU time over the run, as a share of what
+    /// it can use (its CPUs, or its threads if fewer): near 1.0 with split
+    /// CPUs, the generator, not the server, limited the run.
     generator_busy: f64,
     rss_max_kib: u64,
     version: Option<reqwest::Version>,
@@ -1157,7 +1222,6 @@ async fn run_load(
     };
     let url: Arc<str> = endpoint.url("/mutate?timeout=10s").into();
     let ticks_per_second = clock_ticks();
-    let generator_cpus = parse_cpu_list(&own_cpus()).map_or(1, |cpus| cpus.len());
     let mut result = None;
     // Warm-up (connections, allocator, caches) first, then the measurement.
     for record in [false, true] {
@@ -1231,11 +1295,11 @@ async fn run_load(
                 elapsed,
                 latency,
                 from_schedule: spec.rate.map(|_| from_schedule),
-                cpu_seconds: (cpu_after - cpu_before) as f64 / ticks_per_second,
-                generator_busy: (generator_after - generator_before) as f64
+                cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_second,
+                generator_busy: generator_after.saturating_sub(generator_before) as f64
                     / ticks_per_second
                     / elapsed.as_secs_f64()
-                    / generator_cpus as f64,
+                    / placed().generator_capacity,
                 rss_max_kib,
                 version,
             });
@@ -1376,16 +1440,12 @@ async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
         .collect())
 }
 
-async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result<bool> {
-    // Built on every CPU; only then is the generator moved to its own.
-    let bin = server_binary(args.no_build)?;
-    cpus.pin_generator()?;
-    let _ = SERVER_CPUS.set(cpus.servers.as_deref().map(format_cpu_list));
+async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
     if cfg!(debug_assertions) {
         eprintln!("loadbench: WARNING: the load generator is a debug build; use --release");
     }
     if args.soak {
-        return soak(&args, &bin, &cpus).await;
+        return soak(&args, &bin).await;
     }
     let (duration, warmup, startup_runs) = if args.smoke {
         (Duration::from_secs(1), Duration::from_millis(200), 1)
@@ -1436,7 +1496,7 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
             .unwrap_or_default()
             .trim()
     );
-    println!("{}", cpus.describe());
+    println!("{}", placed().description);
     println!(
         "request: {} bytes (CREATE review, 1 init container + 2 containers); response: {} bytes",
         payload.len(),
@@ -1444,7 +1504,10 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
     );
     println!(
         "concurrency {}, {:?} per run after {:?} warm-up; load generator: {} worker threads",
-        args.concurrency, duration, warmup, client_threads
+        args.concurrency,
+        duration,
+        warmup,
+        placed().client_threads
     );
     println!(
         "startup (spawn -> /readyz 200) over {} runs: min {:.1} ms, median {:.1} ms, max {:.1} ms{}",
@@ -1496,13 +1559,13 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
             if rounds > 1 {
                 print_row(&median_label, "baseline", &theirs);
             }
-            ratios.push((
+            ratios.push(Ratio {
                 mode,
-                mine.rps() / theirs.rps(),
-                mine.ms(0.99) / theirs.ms(0.99),
-                mine.cpu_per_1000() / theirs.cpu_per_1000(),
-                theirs.generator_busy,
-            ));
+                throughput: mine.rps() / theirs.rps(),
+                p99: mine.ms(0.99) / theirs.ms(0.99),
+                cpu: mine.cpu_per_1000() / theirs.cpu_per_1000(),
+                generator_busy: (mine.generator_busy, theirs.generator_busy),
+            });
         }
         ours_results.push((mode, mine));
     }
@@ -1560,16 +1623,16 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
     println!();
     if !ratios.is_empty() {
         println!("ours / baseline:");
-        for (mode, throughput, p99, cpu, generator_busy) in &ratios {
+        for ratio in &ratios {
             println!(
-                "  {:<18} throughput x{throughput:.2}   p99 x{p99:.2}   cpu/request x{cpu:.2}",
-                mode.label()
+                "  {:<18} throughput x{:.2}   p99 x{:.2}   cpu/request x{:.2}",
+                ratio.mode.label(),
+                ratio.throughput,
+                ratio.p99,
+                ratio.cpu
             );
-            if *generator_busy >= GENERATOR_SATURATED {
-                println!(
-                    "    the load generator was {:.0}% busy in the baseline's run: that rate is the generator's limit, not the baseline's, so the throughput ratio flatters ours; the servers' own costs compare by CPU per request (x{cpu:.2})",
-                    generator_busy * 100.0,
-                );
+            if let Some(note) = ratio.generator_limit() {
+                println!("    {note}");
             }
         }
     }
@@ -1612,13 +1675,22 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
     println!();
     println!("goals:");
     let mut goals_met = true;
-    for (mode, throughput, _, _, _) in &ratios {
-        let met = *throughput >= 0.7;
+    for ratio in &ratios {
+        let met = ratio.throughput >= 0.7;
         goals_met &= met;
+        let caveat = if ratio.generator_limit().is_some() {
+            format!(
+                " (a rate the load generator limited; CPU per request x{:.2})",
+                ratio.cpu
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "  [{}] throughput >= 0.7x baseline ({}): x{throughput:.2}",
+            "  [{}] throughput >= 0.7x baseline ({}): x{:.2}{caveat}",
             mark(met),
-            mode.label()
+            ratio.mode.label(),
+            ratio.throughput
         );
     }
     for (mode, _, r) in &half_rate {
@@ -1642,6 +1714,41 @@ async fn run(args: Args, cpus: CpuPlan, client_threads: usize) -> anyhow::Result
         println!("kept {}", kept.display());
     }
     Ok(ok && (goals_met || !args.enforce_goals))
+}
+
+/// Ours against the baseline in one mode, at peak (the medians).
+struct Ratio {
+    mode: Mode,
+    throughput: f64,
+    p99: f64,
+    cpu: f64,
+    /// The load generator's busy share in our run and in the baseline's.
+    generator_busy: (f64, f64),
+}
+
+impl Ratio {
+    /// Why the throughput ratio does not compare the two servers, when the
+    /// load generator (on CPUs of its own) set the baseline's rate.
+    fn generator_limit(&self) -> Option<String> {
+        let (ours, theirs) = self.generator_busy;
+        if !placed().split || theirs < GENERATOR_SATURATED {
+            return None;
+        }
+        Some(if ours >= GENERATOR_SATURATED {
+            format!(
+                "the load generator was the limit in both runs ({:.0}% / {:.0}% busy): the throughput ratio compares it with itself; the servers compare by CPU per request (x{:.2})",
+                ours * 100.0,
+                theirs * 100.0,
+                self.cpu
+            )
+        } else {
+            format!(
+                "the load generator was {:.0}% busy in the baseline's run: that rate is the generator's limit, not the baseline's, so the throughput ratio flatters ours; the servers compare by CPU per request (x{:.2})",
+                theirs * 100.0,
+                self.cpu
+            )
+        })
+    }
 }
 
 fn short(mode: Mode) -> &'static str {
@@ -1718,7 +1825,7 @@ fn established_client_ports(port: u16) -> HashSet<u16> {
     ports
 }
 
-async fn soak(args: &Args, bin: &Path, cpus: &CpuPlan) -> anyhow::Result<bool> {
+async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
     let files = Arc::new(Files::new()?);
     let log_dir = files.dir.path().to_path_buf();
     // Reload checks every 250 ms, so every one-second rotation is picked up.
@@ -1739,7 +1846,7 @@ async fn soak(args: &Args, bin: &Path, cpus: &CpuPlan) -> anyhow::Result<bool> {
     println!(
         "certificate rotated (same CA) and config rewritten every second; server reloads every 250 ms"
     );
-    println!("{}", cpus.describe());
+    println!("{}", placed().description);
 
     let errors = Arc::new(Errors::default());
     let next = Arc::new(AtomicU64::new(0));
