@@ -149,7 +149,8 @@ struct Args {
     /// CPU of the load generator].
     #[arg(long)]
     client_threads: Option<usize>,
-    /// Keep the temporary directory (certificates, configs, server logs).
+    /// Keep the temporary directory (certificates, configs, server logs,
+    /// the request and the baseline's answer).
     #[arg(long)]
     keep_dir: bool,
     /// Where the servers and the load generator run. `split` (the default
@@ -1479,6 +1480,9 @@ async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
     let response_path = log_dir.join("response.json");
     std::fs::write(&response_path, &response)?;
     let payload = Arc::new(Payload::new(&create_review(sample_pod(), UID_PLACEHOLDER)));
+    // With --keep-dir, what another load generator needs to send the same
+    // review (certificates and config are kept there too).
+    std::fs::write(log_dir.join("request.json"), payload.body(UID_PLACEHOLDER))?;
 
     let baseline = if args.no_baseline {
         None

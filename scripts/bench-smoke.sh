@@ -2,9 +2,10 @@
 # CI smoke for the benchmarks: build first, then the timed part (well under
 # 60 s on 2 cores): every criterion benchmark once, the load benchmark for
 # about a second per mode (servers and generator on separate CPUs, then
-# once on shared CPUs), and a short soak with certificate and config
-# rotation. Fails on any failed request or check; the performance goals are
-# printed, not enforced (shared CI runners are too noisy for that).
+# once on shared CPUs), h2load against both servers for a second per
+# protocol, and a short soak with certificate and config rotation. Fails on
+# any failed request or check; the performance goals are printed, not
+# enforced (shared CI runners are too noisy for that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -12,5 +13,9 @@ cargo build --release --locked --bin image-rewriter --example loadbench
 cargo bench --locked --bench policy --no-run
 cargo bench --locked --bench policy -- --test
 "$target_dir/release/examples/loadbench" --no-build --smoke
-"$target_dir/release/examples/loadbench" --no-build --smoke --placement shared --modes h1 --no-baseline
+shared_smoke=$("$target_dir/release/examples/loadbench" --no-build --smoke --placement shared --modes h1 --no-baseline --keep-dir)
+echo "$shared_smoke"
+kept=$(sed -n 's/^kept //p' <<<"$shared_smoke")
+scripts/h2load-compare.sh --duration 1 --rounds 1 "$kept"
+rm -rf "$kept"
 "$target_dir/release/examples/loadbench" --no-build --soak --requests 50000

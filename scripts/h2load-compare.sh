@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Server against server, with h2load (Debian's nghttp2-client, written in C)
+# as the load generator: it needs far less CPU per request than loadbench's
+# reqwest client, so on 2 CPUs it can saturate either server from its own
+# core, and the req/s ratio compares the servers rather than the generator.
+#
+#   cargo run --release --example loadbench -- --smoke --modes h1 --no-baseline --keep-dir
+#   scripts/h2load-compare.sh [--duration SECONDS] [--rounds N] <the kept directory>
+#
+# The kept directory holds what loadbench generated: config.yaml, tls/,
+# request.json (the review it sends) and response.json (the baseline's fixed
+# answer). Servers on CPU 0, h2load on CPU 1; HTTP/1.1 (32 connections) and
+# HTTP/2 (one connection, 32 streams); ours and the baseline alternate.
+# Prints req/s, the server's CPU per request and how busy each side was;
+# exits 1 if any request failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+duration=10
+rounds=3
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --duration) duration=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+dir=${1:?usage: $0 [--duration SECONDS] [--rounds N] <loadbench --keep-dir directory>}
+for file in config.yaml tls/tls.crt tls/tls.key request.json response.json; do
+  [ -f "$dir/$file" ] || { echo "$dir/$file is missing (run loadbench with --keep-dir)" >&2; exit 2; }
+done
+command -v h2load >/dev/null || { echo "h2load is missing: apt-get install nghttp2-client" >&2; exit 2; }
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs: the servers on CPU 0, h2load on CPU 1" >&2; exit 2; }
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+ours_bin="$target_dir/release/image-rewriter"
+loadbench_bin="$target_dir/release/examples/loadbench"
+ticks_per_second=$(getconf CLK_TCK)
+failed=0
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# Starts one server on CPU 0 and waits for /readyz; sets $server and $port.
+start() {
+  port=$((20000 + RANDOM % 20000))
+  if [ "$1" = ours ]; then
+    taskset -c 0 "$ours_bin" serve --config "$dir/config.yaml" \
+      --tls-cert "$dir/tls/tls.crt" --tls-key "$dir/tls/tls.key" \
+      --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
+      --namespace image-rewriter >"$dir/h2load-ours.log" 2>&1 &
+  else
+    taskset -c 0 "$loadbench_bin" --baseline-server --port "$port" \
+      --cert "$dir/tls/tls.crt" --key "$dir/tls/tls.key" \
+      --response "$dir/response.json" >"$dir/h2load-baseline.log" 2>&1 &
+  fi
+  server=$!
+  for _ in $(seq 100); do
+    curl -skf "https://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "$1 did not become ready (log: $dir/h2load-$1.log)" >&2
+  exit 1
+}
+
+load() { # seconds, h2load flags...
+  local seconds=$1
+  shift
+  taskset -c 1 /usr/bin/time -f "h2load-cpu %U %S" h2load -t 1 "$@" -D "$seconds" \
+    -d "$dir/request.json" -H 'content-type: application/json' \
+    "https://127.0.0.1:$port/mutate?timeout=10s" 2>&1
+}
+
+results=$(mktemp)
+printf '%-5s %-8s %10s %15s %12s %12s\n' mode server req/s "cpu ms/request" "server busy" "h2load busy"
+for mode in h1 h2; do
+  if [ "$mode" = h1 ]; then flags=(--h1 -c 32 -m 1); else flags=(-c 1 -m 32); fi
+  for _ in $(seq "$rounds"); do
+    for side in ours baseline; do
+      start "$side"
+      load 1 "${flags[@]}" >/dev/null
+      before=$(cpu_ticks "$server")
+      out=$(load "$duration" "${flags[@]}")
+      after=$(cpu_ticks "$server")
+      kill "$server"
+      wait "$server" 2>/dev/null || true
+      server=""
+      summary=$(grep '^requests:' <<<"$out")
+      done_requests=$(awk '{print $6}' <<<"$summary")
+      succeeded=$(awk '{print $8}' <<<"$summary")
+      if [ -z "$done_requests" ] || [ "$done_requests" != "$succeeded" ] || [ "$succeeded" = 0 ] ||
+        ! grep -q "$succeeded 2xx" <<<"$out"; then
+        echo "$mode $side: failed requests: $summary" >&2
+        grep '^status codes' <<<"$out" >&2 || true
+        failed=1
+      fi
+      awk -v mode="$mode" -v side="$side" -v n="$succeeded" -v s="$duration" \
+        -v a="$after" -v b="$before" -v t="$ticks_per_second" \
+        -v gen="$(grep '^h2load-cpu' <<<"$out" | awk '{print $2 + $3}')" 'BEGIN {
+          rps = n / s; cpu = (a - b) / t
+          printf "%-5s %-8s %10.0f %15.4f %11.0f%% %11.0f%%\n", mode, side, rps,
+            (rps > 0 ? cpu / (rps * s) * 1000 : 0), cpu / s * 100, gen / s * 100
+        }' | tee -a "$results"
+    done
+  done
+done
+
+echo
+echo "medians, ours / baseline:"
+for mode in h1 h2; do
+  median() { grep "^$mode  *$1 " "$results" | awk "{print \$$2}" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+  awk -v mode="$mode" -v r1="$(median ours 3)" -v r2="$(median baseline 3)" \
+    -v c1="$(median ours 4)" -v c2="$(median baseline 4)" 'BEGIN {
+      printf "  %-3s throughput x%.2f (%.0f vs %.0f req/s), cpu/request x%.2f (%.4f vs %.4f ms)\n",
+        mode, r1 / r2, r1, r2, c1 / c2, c1, c2
+    }'
+done
+echo "(a side at ~100% busy set the rate; the server's near 100% means the servers are compared)"
+rm -f "$results"
+exit "$failed"
