@@ -258,26 +258,29 @@ fn prepare(args: &Args) -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| plan.generator_cpu_count())
         .max(1);
     let _ = PLACED.set(Placed {
-        servers: plan.servers.as_deref().map(format_cpu_list),
-        split: plan.generator.is_some(),
-        generator_capacity: client_threads.min(plan.generator_cpu_count()) as f64,
+        plan,
         client_threads,
-        description: plan.describe(),
     });
     Ok(bin)
 }
 
 /// Where everything runs, fixed by [`prepare`] before the first server starts.
 struct Placed {
-    /// The servers' `taskset -c` list, when they have CPUs of their own.
-    servers: Option<String>,
+    plan: CpuPlan,
+    client_threads: usize,
+}
+
+impl Placed {
     /// Servers and generator on disjoint CPUs: only then does a busy
     /// generator mean the generator set the rate.
-    split: bool,
+    fn split(&self) -> bool {
+        self.plan.generator.is_some()
+    }
+
     /// How many CPUs' worth of time the generator can use at most.
-    generator_capacity: f64,
-    client_threads: usize,
-    description: String,
+    fn generator_capacity(&self) -> f64 {
+        self.client_threads.min(self.plan.generator_cpu_count()) as f64
+    }
 }
 
 static PLACED: std::sync::OnceLock<Placed> = std::sync::OnceLock::new();
@@ -899,10 +902,10 @@ const GENERATOR_SATURATED: f64 = 0.95;
 /// servers have CPUs of their own (taskset execs it, so the pid is the
 /// server's).
 fn server_command(program: &Path) -> Command {
-    match placed().servers.as_deref() {
+    match &placed().plan.servers {
         Some(cpus) => {
             let mut command = Command::new("taskset");
-            command.args(["-c", cpus]).arg(program);
+            command.args(["-c", &format_cpu_list(cpus)]).arg(program);
             command
         }
         None => Command::new(program),
@@ -1300,7 +1303,7 @@ async fn run_load(
                 generator_busy: generator_after.saturating_sub(generator_before) as f64
                     / ticks_per_second
                     / elapsed.as_secs_f64()
-                    / placed().generator_capacity,
+                    / placed().generator_capacity(),
                 rss_max_kib,
                 version,
             });
@@ -1329,61 +1332,59 @@ fn print_header() {
     );
 }
 
-/// `rounds` runs of `spec` against ours, each followed by the same run
-/// against the baseline when there is one; every run printed as a row, `ok`
-/// turns false on a failed request.
-#[allow(clippy::too_many_arguments)]
-async fn run_rounds(
-    ours: &Started,
-    baseline: Option<&Started>,
-    payload: &Arc<Payload>,
+/// The servers every run is made against, and how often.
+struct Targets<'a> {
+    ours: &'a Started,
+    baseline: Option<&'a Started>,
+    payload: &'a Arc<Payload>,
+    /// The baseline's fixed answer's length, what its answers are checked by.
     response_len: usize,
+    rounds: usize,
+}
+
+/// `rounds` runs of `spec` against ours, each followed by the same run
+/// against the baseline when there is one; every run printed as a row,
+/// then (with more than one round) the medians by `key` as `median_label`
+/// rows. `ok` turns false on a failed request.
+async fn run_rounds(
+    targets: &Targets<'_>,
     spec: &LoadSpec,
     label: &str,
-    rounds: usize,
+    median_label: &str,
+    key: fn(&LoadResult) -> f64,
     ok: &mut bool,
-) -> (Vec<LoadResult>, Vec<LoadResult>) {
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
+) -> (LoadResult, Option<LoadResult>) {
+    // One run against `server`, printed as a row.
+    let run_one = async |server: &Started, check, name, ok: &mut bool| {
         let result = run_load(
-            &ours.endpoint,
-            ours.proc.pid(),
-            payload.clone(),
-            Check::Uid,
+            &server.endpoint,
+            server.proc.pid(),
+            targets.payload.clone(),
+            check,
             spec,
         )
         .await;
-        print_row(label, "ours", &result);
+        print_row(label, name, &result);
         *ok &= result.errors == 0 && result.requests > 0;
-        mine.push(result);
-        if let Some(baseline) = baseline {
-            theirs.push(run_baseline(baseline, payload, response_len, spec, label, ok).await);
+        result
+    };
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..targets.rounds {
+        mine.push(run_one(targets.ours, Check::Uid, "ours", ok).await);
+        if let Some(baseline) = targets.baseline {
+            let check = Check::Length(targets.response_len);
+            theirs.push(run_one(baseline, check, "baseline", ok).await);
+        }
+    }
+    let mine = median_by(mine, key);
+    let theirs = (!theirs.is_empty()).then(|| median_by(theirs, key));
+    if targets.rounds > 1 {
+        print_row(median_label, "ours", &mine);
+        if let Some(theirs) = &theirs {
+            print_row(median_label, "baseline", theirs);
         }
     }
     (mine, theirs)
-}
-
-/// One load run against the baseline, printed as a row; `ok` turns false
-/// on a failed request.
-async fn run_baseline(
-    baseline: &Started,
-    payload: &Arc<Payload>,
-    response_len: usize,
-    spec: &LoadSpec,
-    label: &str,
-    ok: &mut bool,
-) -> LoadResult {
-    let theirs = run_load(
-        &baseline.endpoint,
-        baseline.proc.pid(),
-        payload.clone(),
-        Check::Length(response_len),
-        spec,
-    )
-    .await;
-    print_row(label, "baseline", &theirs);
-    *ok &= theirs.errors == 0 && theirs.requests > 0;
-    theirs
 }
 
 /// The middle result by `key` (the lower middle for an even count: keys
@@ -1392,13 +1393,6 @@ fn median_by(mut results: Vec<LoadResult>, key: impl Fn(&LoadResult) -> f64) -> 
     results.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let middle = (results.len() - 1) / 2;
     results.swap_remove(middle)
-}
-
-fn median_of_some(
-    results: Vec<LoadResult>,
-    key: impl Fn(&LoadResult) -> f64,
-) -> Option<LoadResult> {
-    (!results.is_empty()).then(|| median_by(results, key))
 }
 
 fn print_row(mode: &str, server: &str, r: &LoadResult) {
@@ -1500,7 +1494,7 @@ async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
             .unwrap_or_default()
             .trim()
     );
-    println!("{}", placed().description);
+    println!("{}", placed().plan.describe());
     println!(
         "request: {} bytes (CREATE review, 1 init container + 2 containers); response: {} bytes",
         payload.len(),
@@ -1531,7 +1525,13 @@ async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
     println!();
     print_header();
 
-    let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
+    let targets = Targets {
+        ours: &ours,
+        baseline: baseline.as_ref(),
+        payload: &payload,
+        response_len: response.len(),
+        rounds: if args.smoke { 1 } else { args.rounds.max(1) },
+    };
     let mut ok = true;
     let mut ours_results: Vec<(Mode, LoadResult)> = Vec::new();
     let mut ratios = Vec::new();
@@ -1543,26 +1543,17 @@ async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
             duration,
             rate: None,
         };
+        let median_label = format!("{} median", short(mode));
         let (mine, theirs) = run_rounds(
-            &ours,
-            baseline.as_ref(),
-            &payload,
-            response.len(),
+            &targets,
             &spec,
             mode.label(),
-            rounds,
+            &median_label,
+            LoadResult::rps,
             &mut ok,
         )
         .await;
-        let mine = median_by(mine, LoadResult::rps);
-        let median_label = format!("{} median", short(mode));
-        if rounds > 1 {
-            print_row(&median_label, "ours", &mine);
-        }
-        if let Some(theirs) = median_of_some(theirs, LoadResult::rps) {
-            if rounds > 1 {
-                print_row(&median_label, "baseline", &theirs);
-            }
+        if let Some(theirs) = theirs {
             ratios.push(Ratio {
                 mode,
                 throughput: mine.rps() / theirs.rps(),
@@ -1592,28 +1583,12 @@ async fn run(args: Args, bin: PathBuf) -> anyhow::Result<bool> {
         let label = format!("{} @{:.0}/s", short(*mode), rate);
         // The same rate against the baseline: what the load generator, TLS
         // and the kernel alone give at this rate on this machine.
-        let (mine, theirs) = run_rounds(
-            &ours,
-            baseline.as_ref(),
-            &payload,
-            response.len(),
-            &spec,
-            &label,
-            rounds,
-            &mut ok,
-        )
-        .await;
+        let median_label = format!("{} @{:.0} median", short(*mode), rate);
         // Sorted worst first, so an even round count takes the worse middle.
         let p99 = |result: &LoadResult| -result.ms(0.99);
-        let limited = median_by(mine, p99);
-        let median_label = format!("{} @{:.0} median", short(*mode), rate);
-        if rounds > 1 {
-            print_row(&median_label, "ours", &limited);
-        }
-        if let Some(theirs) = median_of_some(theirs, p99) {
-            if rounds > 1 {
-                print_row(&median_label, "baseline", &theirs);
-            }
+        let (limited, theirs) =
+            run_rounds(&targets, &spec, &label, &median_label, p99, &mut ok).await;
+        if let Some(theirs) = theirs {
             half_rate_baseline.push((*mode, theirs));
         }
         half_rate.push((*mode, rate, limited));
@@ -1735,7 +1710,7 @@ impl Ratio {
     /// load generator (on CPUs of its own) set the baseline's rate.
     fn generator_limit(&self) -> Option<String> {
         let (ours, theirs) = self.generator_busy;
-        if !placed().split || theirs < GENERATOR_SATURATED {
+        if !placed().split() || theirs < GENERATOR_SATURATED {
             return None;
         }
         Some(if ours >= GENERATOR_SATURATED {
@@ -1850,7 +1825,7 @@ async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
     println!(
         "certificate rotated (same CA) and config rewritten every second; server reloads every 250 ms"
     );
-    println!("{}", placed().description);
+    println!("{}", placed().plan.describe());
 
     let errors = Arc::new(Errors::default());
     let next = Arc::new(AtomicU64::new(0));
