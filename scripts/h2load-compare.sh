@@ -108,10 +108,11 @@ done
 
 echo
 echo "medians, ours / baseline:"
+# median MODE SERVER COLUMN: the middle value of that column over the rounds.
+median() { grep "^$1  *$2 " "$results" | awk "{print \$$3}" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 for mode in h1 h2; do
-  median() { grep "^$mode  *$1 " "$results" | awk "{print \$$2}" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
-  awk -v mode="$mode" -v r1="$(median ours 3)" -v r2="$(median baseline 3)" \
-    -v c1="$(median ours 4)" -v c2="$(median baseline 4)" 'BEGIN {
+  awk -v mode="$mode" -v r1="$(median "$mode" ours 3)" -v r2="$(median "$mode" baseline 3)" \
+    -v c1="$(median "$mode" ours 4)" -v c2="$(median "$mode" baseline 4)" 'BEGIN {
       printf "  %-3s throughput x%.2f (%.0f vs %.0f req/s), cpu/request x%.2f (%.4f vs %.4f ms)\n",
         mode, r1 / r2, r1, r2, c1 / c2, c1, c2
     }'
