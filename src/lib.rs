@@ -2,13 +2,14 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
-//! without a server; `server`, `tls`, `reload` and `metrics` are the shell
+//! without a server; `server`, `coalesce`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod image;
 pub mod metrics;

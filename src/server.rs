@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
+use crate::coalesce;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pullsecrets::PullSecretSync;
@@ -512,13 +513,16 @@ async fn run(
                     return;
                 }
             };
-            let builder = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                http2
+            let served = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                // Many answers per turn of the connection: send them together.
+                let (io, driver) = coalesce::split(tls);
+                let connection = http2.serve_connection(TokioIo::new(io), service);
+                driver.run(watcher.watch(connection)).await
             } else {
-                http1
+                let connection = http1.serve_connection(TokioIo::new(tls), service);
+                watcher.watch(connection).await
             };
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(error) = watcher.watch(connection).await {
+            if let Err(error) = served {
                 debug!(%peer, error = %error, "connection ended with an error");
             }
         });

@@ -1,0 +1,482 @@
+//! One write per burst of HTTP/2 answers, not one per answer.
+//!
+//! h2 flushes its transport before it queues a DATA frame behind one it did
+//! not copy (any frame over 256 bytes), and the connection task runs after
+//! each stream that answers, so every AdmissionReview answer cost its own
+//! TLS record and `writev`, even with thirty answers due at once: under
+//! load the kernel's send path was a third of the server's CPU. Here the
+//! connection writes into a buffer and its flushes are deferred; when the
+//! connection's task has had its turn, [`Coalesced`] yields once, so that
+//! the stream tasks already queued (other handlers finishing) add their
+//! answers, then sends the whole buffer as one TLS write. A buffer past
+//! [`HIGH_WATER`] bytes is sent at once. Nothing waits for data that is
+//! not already on its way: a lone answer leaves after one trip through the
+//! runtime's queue.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Past this many buffered bytes a write first sends what is buffered, so
+/// a connection holds at most about this much (plus one frame) in memory,
+/// and a peer that stops reading pushes back on the writer.
+pub const HIGH_WATER: usize = 64 * 1024;
+/// A buffer that grew past this is freed once sent, so an idle connection
+/// keeps little.
+const RETAINED_CAPACITY: usize = 16 * 1024;
+
+struct Shared<T> {
+    io: T,
+    pending: Vec<u8>,
+    /// How much of `pending` the transport has taken.
+    sent: usize,
+    /// A failed send, reported to the connection at its next read or write.
+    failed: Option<io::ErrorKind>,
+}
+
+impl<T> Shared<T> {
+    fn fail(&mut self, error: io::Error) -> Poll<io::Result<()>> {
+        self.failed = Some(error.kind());
+        self.pending = Vec::new();
+        self.sent = 0;
+        Poll::Ready(Err(error))
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match self.failed {
+            Some(kind) => Err(kind.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Shared<T> {
+    /// Sends everything buffered, then flushes the transport.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        while self.sent < self.pending.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.pending[self.sent..]) {
+                Poll::Ready(Ok(0)) => return self.fail(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(written)) => self.sent += written,
+                Poll::Ready(Err(error)) => return self.fail(error),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.pending.capacity() > RETAINED_CAPACITY {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        self.sent = 0;
+        match ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(error) => self.fail(error),
+        }
+    }
+}
+
+/// The transport as the HTTP/2 connection sees it: reads go straight
+/// through, writes are buffered, flushes are left to [`Coalesced`].
+pub struct CoalescingIo<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// Drives a connection future and sends what it wrote after each of
+    /// its polls.
+    pub struct Coalesced<F: Future, T> {
+        #[pin]
+        connection: F,
+        shared: Arc<Mutex<Shared<T>>>,
+        // The connection's result, held while its last bytes are sent.
+        finished: Option<F::Output>,
+        deferred: bool,
+    }
+}
+
+/// Splits a transport into the side a connection writes to and the driver
+/// that sends what it wrote: build the connection on the first, run it
+/// through [`Driver::run`].
+pub fn split<T>(io: T) -> (CoalescingIo<T>, Driver<T>) {
+    let shared = Arc::new(Mutex::new(Shared {
+        io,
+        pending: Vec::new(),
+        sent: 0,
+        failed: None,
+    }));
+    (
+        CoalescingIo {
+            shared: shared.clone(),
+        },
+        Driver { shared },
+    )
+}
+
+/// The sending half of [`split`].
+pub struct Driver<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+impl<T> Driver<T> {
+    /// Wraps the future that serves the connection built on the other half.
+    pub fn run<F: Future>(self, connection: F) -> Coalesced<F, T> {
+        Coalesced {
+            connection,
+            shared: self.shared,
+            finished: None,
+            deferred: false,
+        }
+    }
+}
+
+fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
+    // Only this connection's task touches the lock, and nothing in it can
+    // panic while held; a poisoned lock still holds consistent buffers.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<F, T> Future for Coalesced<F, T>
+where
+    F: Future,
+    T: AsyncWrite + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if this.finished.is_none()
+            && let Poll::Ready(output) = this.connection.poll(cx)
+        {
+            *this.finished = Some(output);
+        }
+        let mut shared = lock(this.shared);
+        if this.finished.is_none() && !*this.deferred && shared.sent < shared.pending.len() {
+            // Let the tasks already queued (other streams' handlers) run
+            // first: a self-wake puts this task behind them.
+            *this.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        *this.deferred = false;
+        let sent = shared.poll_send(cx);
+        drop(shared);
+        match (this.finished.take(), sent) {
+            (Some(output), Poll::Ready(_)) => Poll::Ready(output),
+            (None, Poll::Ready(Err(_))) => {
+                // The connection learns of the failure at its next read or
+                // write; poll it again so that happens now.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            (finished, _) => {
+                *this.finished = finished;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CoalescingIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut shared = lock(&self.shared);
+        shared.check()?;
+        Pin::new(&mut shared.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> CoalescingIo<T> {
+    /// Makes room: below [`HIGH_WATER`] at once, above it after a send.
+    fn poll_room(shared: &mut Shared<T>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        shared.check()?;
+        if shared.pending.len() >= HIGH_WATER {
+            ready!(shared.poll_send(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut shared = lock(&self.shared);
+        ready!(Self::poll_room(&mut shared, cx))?;
+        shared.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut shared = lock(&self.shared);
+        ready!(Self::poll_room(&mut shared, cx))?;
+        let mut written = 0;
+        for buf in bufs {
+            shared.pending.extend_from_slice(buf);
+            written += buf.len();
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Deferred: [`Coalesced`] sends and flushes once the connection's
+    /// poll is over.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.shared).check()?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut shared = lock(&self.shared);
+        ready!(shared.poll_send(cx))?;
+        Pin::new(&mut shared.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Event {
+        Write(Vec<u8>),
+        Flush,
+        Shutdown,
+    }
+
+    /// A transport that records what reaches it; it can refuse writes for
+    /// a while (a peer not reading) or fail them (a peer gone). Reads never
+    /// complete unless writes fail.
+    #[derive(Default)]
+    struct Wire {
+        events: Vec<Event>,
+        blocked: bool,
+        broken: bool,
+        writer: Option<Waker>,
+    }
+
+    #[derive(Clone, Default)]
+    struct MockIo(Arc<Mutex<Wire>>);
+
+    impl MockIo {
+        fn events(&self) -> Vec<Event> {
+            self.0.lock().expect("wire").events.clone()
+        }
+
+        fn written(&self) -> Vec<u8> {
+            self.events()
+                .into_iter()
+                .filter_map(|event| match event {
+                    Event::Write(bytes) => Some(bytes),
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        }
+
+        fn writes(&self) -> usize {
+            self.events()
+                .iter()
+                .filter(|event| matches!(event, Event::Write(_)))
+                .count()
+        }
+
+        fn unblock(&self) {
+            let mut wire = self.0.lock().expect("wire");
+            wire.blocked = false;
+            if let Some(waker) = wire.writer.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    impl AsyncWrite for MockIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut wire = self.0.lock().expect("wire");
+            if wire.broken {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            if wire.blocked {
+                wire.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            wire.events.push(Event::Write(buf.to_vec()));
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.0.lock().expect("wire").events.push(Event::Flush);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.0.lock().expect("wire").events.push(Event::Shutdown);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncRead for MockIo {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    /// Polls `check` until it holds, for at most a few seconds.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    #[tokio::test]
+    async fn frames_written_in_one_turn_leave_as_one_write() {
+        let wire = MockIo::default();
+        let (mut io, driver) = split(wire.clone());
+        let (next, mut go) = tokio::sync::mpsc::unbounded_channel::<&'static [u8]>();
+        let connection = async move {
+            for frame in [&b"headers "[..], b"data ", b"headers2 ", b"data2"] {
+                io.write_all(frame).await?;
+                io.flush().await?;
+            }
+            // Later answers, each alone.
+            while let Some(frame) = go.recv().await {
+                io.write_all(frame).await?;
+                io.flush().await?;
+            }
+            io::Result::Ok(())
+        };
+        let served = tokio::spawn(driver.run(connection));
+
+        eventually("the first burst is sent", || wire.writes() == 1).await;
+        assert_eq!(
+            wire.events(),
+            [
+                Event::Write(b"headers data headers2 data2".to_vec()),
+                Event::Flush
+            ]
+        );
+
+        next.send(b"lone answer").expect("connection running");
+        eventually("a lone answer is sent", || wire.writes() == 2).await;
+        assert_eq!(wire.written(), b"headers data headers2 data2lone answer");
+
+        drop(next);
+        served.await.expect("joined").expect("served");
+        assert_eq!(wire.events().last(), Some(&Event::Flush));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_pushes_back_and_loses_nothing() {
+        let wire = MockIo::default();
+        wire.0.lock().expect("wire").blocked = true;
+        let (mut io, driver) = split(wire.clone());
+        let chunk: Vec<u8> = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
+        let chunks = 8; // twice HIGH_WATER
+        let expected: Vec<u8> = chunk.repeat(chunks);
+        let accepted = Arc::new(Mutex::new(0usize));
+        let counted = accepted.clone();
+        let connection = async move {
+            for _ in 0..chunks {
+                io.write_all(&chunk).await?;
+                *counted.lock().expect("count") += chunk.len();
+            }
+            io.shutdown().await
+        };
+        let served = tokio::spawn(driver.run(connection));
+
+        // Blocked: the writer stops once the buffer is past HIGH_WATER.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let taken = *accepted.lock().expect("count");
+        assert!(
+            (HIGH_WATER..HIGH_WATER + 16 * 1024 + 1).contains(&taken),
+            "accepted {taken} bytes while the peer read nothing"
+        );
+        assert!(!served.is_finished());
+        assert_eq!(wire.writes(), 0);
+
+        wire.unblock();
+        served.await.expect("joined").expect("served");
+        assert_eq!(wire.written(), expected);
+        let events = wire.events();
+        let last_write = events.iter().rposition(|e| matches!(e, Event::Write(_)));
+        let shutdown = events.iter().position(|e| *e == Event::Shutdown);
+        assert!(last_write < shutdown, "{:?}", (last_write, shutdown));
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_what_is_buffered_first() {
+        let wire = MockIo::default();
+        let (mut io, driver) = split(wire.clone());
+        let connection = async move {
+            io.write_all(b"goaway").await?;
+            io.shutdown().await
+        };
+        driver.run(connection).await.expect("served");
+        assert_eq!(
+            wire.events(),
+            [
+                Event::Write(b"goaway".to_vec()),
+                Event::Flush,
+                Event::Shutdown,
+                Event::Flush
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_reaches_the_connection() {
+        let wire = MockIo::default();
+        wire.0.lock().expect("wire").broken = true;
+        let (mut io, driver) = split(wire.clone());
+        let connection = async move {
+            io.write_all(b"answer").await?;
+            io.flush().await?;
+            // Like h2: wait for the peer's next frame.
+            let mut buf = [0u8; 16];
+            io.read(&mut buf).await.map(|_| ())
+        };
+        let served = tokio::time::timeout(Duration::from_secs(5), driver.run(connection))
+            .await
+            .expect("the connection ends");
+        assert_eq!(
+            served.expect_err("the send failed").kind(),
+            io::ErrorKind::BrokenPipe
+        );
+    }
+}
