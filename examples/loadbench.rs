@@ -177,6 +177,11 @@ struct Args {
     key: Option<PathBuf>,
     #[arg(long, hide = true)]
     response: Option<PathBuf>,
+    /// Internal, for scripts/h2load-compare.sh: the baseline server reads
+    /// and writes through image-rewriter's own transport layers (64 KiB
+    /// reads, HTTP/2 writes coalesced), so only the handler differs.
+    #[arg(long, hide = true)]
+    same_transport: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -2085,6 +2090,8 @@ mod baseline {
     use hyper::{Request, Response};
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto;
+    use image_rewriter::coalesce;
+    use image_rewriter::readahead::ReadAhead;
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::net::TcpListener;
@@ -2123,33 +2130,60 @@ mod baseline {
         let answer = Bytes::from(std::fs::read(response)?);
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        let same_transport = args.same_transport;
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             let (acceptor, answer, builder) = (acceptor.clone(), answer.clone(), builder.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
+                if !same_transport {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = fixed_answer(answer);
+                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    return;
+                }
+                let Ok(tls) = acceptor.accept(ReadAhead::new(stream)).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let answer = answer.clone();
-                    async move {
-                        let ready = request.uri().path() == "/readyz";
-                        // Read the whole body, as a real handler must.
-                        let _ = request.into_body().collect().await;
-                        let response = if ready {
-                            Response::new(Full::new(Bytes::from_static(b"ready")))
-                        } else {
-                            Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(answer))
-                                .expect("a valid response")
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                let service = fixed_answer(answer);
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let (io, driver) = coalesce::split(tls);
+                    let _ = driver
+                        .run(builder.serve_connection(TokioIo::new(io), service))
+                        .await;
+                } else {
+                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                }
             });
         }
+    }
+
+    /// Reads the whole body, as a real handler must, then sends `answer`.
+    fn fixed_answer(
+        answer: Bytes,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future: Send,
+    > + Clone {
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let answer = answer.clone();
+            async move {
+                let ready = request.uri().path() == "/readyz";
+                let _ = request.into_body().collect().await;
+                let response = if ready {
+                    Response::new(Full::new(Bytes::from_static(b"ready")))
+                } else {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(answer))
+                        .expect("a valid response")
+                };
+                Ok::<_, Infallible>(response)
+            }
+        })
     }
 }

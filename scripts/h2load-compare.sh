@@ -10,7 +10,10 @@
 # The kept directory holds what loadbench generated: config.yaml, tls/,
 # request.json (the review it sends) and response.json (the baseline's fixed
 # answer). Servers on CPU 0, h2load on CPU 1; HTTP/1.1 (32 connections) and
-# HTTP/2 (one connection, 32 streams); ours and the baseline alternate.
+# HTTP/2 (one connection, 32 streams); three servers alternate: ours, the
+# baseline (bare rustls + hyper), and `baseline-io`, the same baseline on
+# image-rewriter's own transport layers (64 KiB reads, coalesced HTTP/2
+# writes), so that ours / baseline-io is the cost of the handler alone.
 # Prints req/s, the server's CPU per request and how busy each side was;
 # exits 1 if any request failed.
 set -euo pipefail
@@ -51,9 +54,11 @@ start() {
       --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
       --namespace image-rewriter >"$dir/h2load-ours.log" 2>&1 &
   else
-    taskset -c 0 "$loadbench_bin" --baseline-server --port "$port" \
+    local same=()
+    [ "$1" = baseline-io ] && same=(--same-transport)
+    taskset -c 0 "$loadbench_bin" --baseline-server "${same[@]}" --port "$port" \
       --cert "$dir/tls/tls.crt" --key "$dir/tls/tls.key" \
-      --response "$dir/response.json" >"$dir/h2load-baseline.log" 2>&1 &
+      --response "$dir/response.json" >"$dir/h2load-$1.log" 2>&1 &
   fi
   server=$!
   for _ in $(seq 100); do
@@ -73,11 +78,11 @@ load() { # seconds, h2load flags...
 }
 
 results=$(mktemp)
-printf '%-5s %-8s %10s %15s %12s %12s\n' mode server req/s "cpu ms/request" "server busy" "h2load busy"
+printf '%-5s %-12s %10s %15s %12s %12s\n' mode server req/s "cpu ms/request" "server busy" "h2load busy"
 for mode in h1 h2; do
   if [ "$mode" = h1 ]; then flags=(--h1 -c 32 -m 1); else flags=(-c 1 -m 32); fi
   for _ in $(seq "$rounds"); do
-    for side in ours baseline; do
+    for side in ours baseline baseline-io; do
       start "$side"
       load 1 "${flags[@]}" >/dev/null
       before=$(cpu_ticks "$server")
@@ -99,7 +104,7 @@ for mode in h1 h2; do
         -v a="$after" -v b="$before" -v t="$ticks_per_second" \
         -v gen="$(grep '^h2load-cpu' <<<"$out" | awk '{print $2 + $3}')" 'BEGIN {
           rps = n / s; cpu = (a - b) / t
-          printf "%-5s %-8s %10.0f %15.4f %11.0f%% %11.0f%%\n", mode, side, rps,
+          printf "%-5s %-12s %10.0f %15.4f %11.0f%% %11.0f%%\n", mode, side, rps,
             (rps > 0 ? cpu / (rps * s) * 1000 : 0), cpu / s * 100, gen / s * 100
         }' | tee -a "$results"
     done
@@ -107,15 +112,17 @@ for mode in h1 h2; do
 done
 
 echo
-echo "medians, ours / baseline:"
+echo "medians, ours / baseline (and ours / baseline-io):"
 # median MODE SERVER COLUMN: the middle value of that column over the rounds.
 median() { grep "^$1  *$2 " "$results" | awk "{print \$$3}" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 for mode in h1 h2; do
-  awk -v mode="$mode" -v r1="$(median "$mode" ours 3)" -v r2="$(median "$mode" baseline 3)" \
-    -v c1="$(median "$mode" ours 4)" -v c2="$(median "$mode" baseline 4)" 'BEGIN {
-      printf "  %-3s throughput x%.2f (%.0f vs %.0f req/s), cpu/request x%.2f (%.4f vs %.4f ms)\n",
-        mode, r1 / r2, r1, r2, c1 / c2, c1, c2
-    }'
+  for other in baseline baseline-io; do
+    awk -v mode="$mode" -v other="$other" -v r1="$(median "$mode" ours 3)" -v r2="$(median "$mode" "$other" 3)" \
+      -v c1="$(median "$mode" ours 4)" -v c2="$(median "$mode" "$other" 4)" 'BEGIN {
+        printf "  %-3s / %-11s throughput x%.2f (%.0f vs %.0f req/s), cpu/request x%.2f (%.4f vs %.4f ms)\n",
+          mode, other, r1 / r2, r1, r2, c1 / c2, c1, c2
+      }'
+  done
 done
 echo "(a side at ~100% busy set the rate; the server's near 100% means the servers are compared)"
 rm -f "$results"
