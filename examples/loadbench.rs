@@ -177,9 +177,9 @@ struct Args {
     key: Option<PathBuf>,
     #[arg(long, hide = true)]
     response: Option<PathBuf>,
-    /// Internal, for scripts/h2load-compare.sh: the baseline server reads
-    /// and writes through image-rewriter's own transport layers (64 KiB
-    /// reads, HTTP/2 writes coalesced), so only the handler differs.
+    /// Internal, for scripts/h2load-compare.sh: the baseline server writes
+    /// HTTP/2 answers through image-rewriter's own coalescing transport,
+    /// so only the handler differs.
     #[arg(long, hide = true)]
     same_transport: bool,
 }
@@ -2091,7 +2091,6 @@ mod baseline {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto;
     use image_rewriter::coalesce;
-    use image_rewriter::readahead::ReadAhead;
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::net::TcpListener;
@@ -2136,19 +2135,11 @@ mod baseline {
             let _ = stream.set_nodelay(true);
             let (acceptor, answer, builder) = (acceptor.clone(), answer.clone(), builder.clone());
             tokio::spawn(async move {
-                if !same_transport {
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let service = fixed_answer(answer);
-                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-                    return;
-                }
-                let Ok(tls) = acceptor.accept(ReadAhead::new(stream)).await else {
+                let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = fixed_answer(answer);
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                if same_transport && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                     let (io, driver) = coalesce::split(tls);
                     let _ = driver
                         .run(builder.serve_connection(TokioIo::new(io), service))

@@ -12,8 +12,8 @@
 # answer). Servers on CPU 0, h2load on CPU 1; HTTP/1.1 (32 connections) and
 # HTTP/2 (one connection, 32 streams); three servers alternate: ours, the
 # baseline (bare rustls + hyper), and `baseline-io`, the same baseline on
-# image-rewriter's own transport layers (64 KiB reads, coalesced HTTP/2
-# writes), so that ours / baseline-io is the cost of the handler alone.
+# image-rewriter's own transport (coalesced HTTP/2 writes), so that
+# ours / baseline-io is the cost of the handler alone.
 # Prints req/s, the server's CPU per request and how busy each side was;
 # exits 1 if any request failed.
 set -euo pipefail

@@ -129,7 +129,7 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
 
 /// Decodes one AdmissionReview body and plans the patch.
 pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
-    let mut request = match decode_pod_review(body) {
+    let mut request = match serde_json::from_slice::<AdmissionReview<PodObject>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If
         // it claims to be a Pod, the Pod decoding error is the reason.
@@ -176,13 +176,6 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
         summary: summarize(request, plan.as_ref(), generate_name),
         plan,
     })
-}
-
-/// sonic-rs first (it scans the ~4 KB review in about 80% of serde_json's
-/// time); a body it rejects is decoded again by serde_json, whose verdict
-/// and error message stand.
-fn decode_pod_review(body: &[u8]) -> Result<AdmissionReview<PodObject>, serde_json::Error> {
-    sonic_rs::from_slice(body).or_else(|_| serde_json::from_slice(body))
 }
 
 fn checked_request<T>(review: AdmissionReview<T>) -> Result<AdmissionRequest<T>, ReviewError>
@@ -357,43 +350,6 @@ mod tests {
             "kind": "AdmissionReview",
             "response": fields,
         })
-    }
-
-    /// The fast path must read every review exactly as serde_json does:
-    /// the same request where both accept, and serde_json's decision where
-    /// sonic-rs rejects (it then decodes again).
-    #[test]
-    fn sonic_rs_decodes_reviews_as_serde_json_does() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut compared = 0;
-        let mut both_accepted = 0;
-        for dir in ["tests/fixtures/admission", "fuzz/corpus/admission"] {
-            for entry in std::fs::read_dir(root.join(dir)).expect("a corpus directory") {
-                let path = entry.expect("an entry").path();
-                let body = std::fs::read(&path).expect("a readable file");
-                let fast = sonic_rs::from_slice::<AdmissionReview<PodObject>>(&body);
-                let reference = serde_json::from_slice::<AdmissionReview<PodObject>>(&body);
-                if let (Ok(fast), Ok(reference)) = (&fast, &reference) {
-                    assert_eq!(
-                        format!("{fast:?}"),
-                        format!("{reference:?}"),
-                        "{}",
-                        path.display()
-                    );
-                    both_accepted += 1;
-                }
-                assert!(
-                    fast.is_err() || reference.is_ok(),
-                    "{}: only sonic-rs accepts it",
-                    path.display()
-                );
-                compared += 1;
-            }
-        }
-        assert!(
-            compared >= 15 && both_accepted >= 10,
-            "{compared} / {both_accepted}"
-        );
     }
 
     #[test]

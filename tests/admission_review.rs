@@ -280,3 +280,43 @@ fn the_summary_names_the_request_and_marks_a_generated_name() {
         assert!(summary.examined && !summary.dry_run);
     }
 }
+
+/// A body nested far deeper than any Pod neither crashes nor is misread,
+/// on a thread with a tokio worker's stack (2 MiB): in a field the webhook
+/// skips, serde_json skips it without recursion and the review is answered
+/// untouched; where it is read, its recursion limit refuses it with a
+/// reason. (sonic-rs 0.5, tried for speed, skips values by recursion: a
+/// review of that change found this body would overflow the stack and kill
+/// the process, and it was dropped.)
+#[test]
+fn deeply_nested_bodies_do_not_overflow_the_stack() {
+    let policy = example_policy();
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let head = r#""apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview""#;
+    let request = r#""uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","userInfo":{}"#;
+    let skipped = format!(
+        r#"{{{head},"request":{{{request},"object":{{"spec":{{"containers":[],"skipped":{nested}}}}}}}}}"#
+    );
+    let read = [
+        format!(r#"{{{head},"unknown":{nested},"request":{{{request}}}}}"#),
+        format!(r#"{{{head},"request":{{{request},"options":{{"a":{nested}}}}}}}"#),
+    ];
+    std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            let planned = plan_review(&policy, skipped.as_bytes()).expect("answered");
+            let reviewed = planned.into_response();
+            assert!(reviewed.summary.examined && !reviewed.summary.patched);
+            for body in read {
+                match plan_review(&policy, body.as_bytes()) {
+                    Err(ReviewError::NotAReview(error) | ReviewError::InvalidPod(error)) => {
+                        assert!(error.to_string().contains("recursion limit"), "{error}")
+                    }
+                    other => panic!("expected a refusal, got {other:?}"),
+                }
+            }
+        })
+        .expect("a thread")
+        .join()
+        .expect("no panic");
+}

@@ -7,8 +7,7 @@
 //! exactly as sent, the patched object still decodes as a Pod when the
 //! object as sent did (the webhook decodes only the fields it reads, so it
 //! also answers objects that k8s-openapi would refuse), and reviewing the
-//! patched object again yields no patch. The review's fast decoder
-//! (sonic-rs) accepts only what serde_json accepts, and reads it the same.
+//! patched object again yields no patch.
 #![no_main]
 
 #[path = "common.rs"]
@@ -16,21 +15,13 @@ mod common;
 
 use base64::Engine as _;
 use image_rewriter::admission;
-use image_rewriter::pod::PodObject;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::AdmissionReview;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let policy = &*common::POLICY;
     let _ = admission::review(policy, data);
-
-    if let Ok(fast) = sonic_rs::from_slice::<AdmissionReview<PodObject>>(data) {
-        let reference = serde_json::from_slice::<AdmissionReview<PodObject>>(data)
-            .expect("sonic-rs accepted a review serde_json rejects");
-        assert_eq!(format!("{fast:?}"), format!("{reference:?}"), "decoded differently");
-    }
 
     let Ok(request) = serde_json::from_slice::<Value>(data) else {
         return;
