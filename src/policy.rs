@@ -5,6 +5,7 @@
 //! components, not with the number of rules.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::RwLock;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -146,6 +147,7 @@ pub struct Policy {
     excluded_images: GlobSet,
     excluded_namespaces: BTreeSet<String>,
     pull_secret_sync: PullSecretSync,
+    memo: DecisionMemo,
 }
 
 impl Policy {
@@ -245,6 +247,7 @@ impl Policy {
             excluded_images,
             excluded_namespaces,
             pull_secret_sync,
+            memo: DecisionMemo::default(),
         })
     }
 
@@ -275,28 +278,135 @@ impl Policy {
     }
 
     /// Decides what to do with one image reference as written in a pod.
+    ///
+    /// The decisions to move or leave an image are remembered, per image
+    /// text, for the life of this policy: a rollout sends the same few
+    /// images in every pod, and recalling a decision costs a hash lookup
+    /// instead of a parse.
     pub fn decide(&self, image: &str) -> Decision<'_> {
+        if let Some(decision) = self.memo.recall(image, &self.rules) {
+            return decision;
+        }
+        let (decision, remembered) = self.decide_afresh_indexed(image);
+        if let Some(remembered) = remembered {
+            self.memo.remember(image, remembered);
+        }
+        decision
+    }
+
+    /// [`Policy::decide`] without the memo: what every call costs the first
+    /// time an image is seen.
+    pub fn decide_afresh(&self, image: &str) -> Decision<'_> {
+        self.decide_afresh_indexed(image).0
+    }
+
+    /// The decision, and what the memo keeps of it (nothing for an
+    /// unparsable image or an invalid result: those are rare, and their
+    /// reasons are worth rebuilding rather than storing).
+    fn decide_afresh_indexed(&self, image: &str) -> (Decision<'_>, Option<Remembered>) {
         let reference = match Reference::parse_normalized(image) {
             Ok(reference) => reference,
-            Err(error) => return Decision::Unparsable(error),
+            Err(error) => return (Decision::Unparsable(error), None),
         };
         let name = reference.name();
         if self.excluded_images.is_match(name) {
-            return Decision::Excluded;
+            return (Decision::Excluded, Some(Remembered::Excluded));
         }
         if let Some((index, _)) = longest_prefix(&self.rule_by_target, name) {
-            return Decision::AlreadyUnderTarget {
-                rule: &self.rules[index],
-            };
+            return (
+                Decision::AlreadyUnderTarget {
+                    rule: &self.rules[index],
+                },
+                Some(Remembered::AlreadyUnderTarget { rule: index }),
+            );
         }
         let Some((index, rest)) = longest_prefix(&self.rule_by_match, name) else {
-            return Decision::NoMatchingRule;
+            return (Decision::NoMatchingRule, Some(Remembered::NoMatchingRule));
         };
         let rule = &self.rules[index];
         match rewritten(&rule.target, rest, reference.tag_and_digest()) {
-            Ok(image) => Decision::Rewrite { image, rule },
-            Err(reason) => Decision::InvalidResult { rule, reason },
+            Ok(image) => {
+                let remembered = Remembered::Rewrite {
+                    image: image.as_str().into(),
+                    rule: index,
+                };
+                (Decision::Rewrite { image, rule }, Some(remembered))
+            }
+            Err(reason) => (Decision::InvalidResult { rule, reason }, None),
         }
+    }
+}
+
+/// A decision as the memo keeps it: rules by number, so it does not borrow
+/// the policy that owns it.
+#[derive(Debug, Clone)]
+enum Remembered {
+    Rewrite { image: Box<str>, rule: usize },
+    AlreadyUnderTarget { rule: usize },
+    Excluded,
+    NoMatchingRule,
+}
+
+/// Decisions by image text, bounded in entries and key length so that pods
+/// naming endless distinct images cannot grow it without limit: when full
+/// it is emptied and fills again with the images still in use.
+#[derive(Debug, Default)]
+struct DecisionMemo {
+    entries: RwLock<HashMap<Box<str>, Remembered, foldhash::fast::RandomState>>,
+}
+
+impl DecisionMemo {
+    const CAPACITY: usize = 4096;
+    /// Longer images are decided afresh each time (real ones are far shorter).
+    const MAX_KEY_LENGTH: usize = 512;
+
+    fn recall<'p>(&self, image: &str, rules: &'p [Rule]) -> Option<Decision<'p>> {
+        // A poisoned lock only means a panic elsewhere mid-insert; the map
+        // itself is always whole, so its entries are still good.
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(match entries.get(image)? {
+            Remembered::Rewrite { image, rule } => Decision::Rewrite {
+                image: image.to_string(),
+                rule: &rules[*rule],
+            },
+            Remembered::AlreadyUnderTarget { rule } => Decision::AlreadyUnderTarget {
+                rule: &rules[*rule],
+            },
+            Remembered::Excluded => Decision::Excluded,
+            Remembered::NoMatchingRule => Decision::NoMatchingRule,
+        })
+    }
+
+    fn remember(&self, image: &str, remembered: Remembered) {
+        if image.len() > Self::MAX_KEY_LENGTH {
+            return;
+        }
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if entries.len() >= Self::CAPACITY {
+            entries.clear();
+        }
+        entries.insert(image.into(), remembered);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+}
+
+/// A copied policy starts with an empty memo (it is only a cache).
+impl Clone for DecisionMemo {
+    fn clone(&self) -> Self {
+        Self::default()
     }
 }
 
@@ -450,6 +560,50 @@ exclude:
         assert!(matches!(policy.decide("NGINX"), Decision::Unparsable(_)));
         assert!(matches!(policy.decide(""), Decision::Unparsable(_)));
         assert_eq!(policy.decide("gcr.io/x"), Decision::NoMatchingRule);
+    }
+
+    #[test]
+    fn a_remembered_decision_is_the_decision_made_afresh() {
+        let policy = policy(DESIGN_CONFIG);
+        let long_tag = format!("nginx:{}", "t".repeat(120));
+        let long_name = format!("team/{}", "a".repeat(600));
+        let images = [
+            "nginx",
+            "nginx:1.27@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "quay.io/org/app:v1",
+            "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "registry.k8s.io/pause:3.9",
+            "gcr.io/x",
+            "NGINX",
+            "",
+            long_tag.as_str(),
+            long_name.as_str(),
+        ];
+        for image in images {
+            let afresh = policy.decide_afresh(image);
+            assert_eq!(policy.decide(image), afresh, "first: {image:?}");
+            assert_eq!(policy.decide(image), afresh, "recalled: {image:?}");
+        }
+        // Kept: the four rewrites (one with a long tag), the image already
+        // moved, the excluded and the unmatched one; not kept: the
+        // unparsable ones and the image past the key length limit.
+        assert_eq!(policy.memo.len(), 7);
+    }
+
+    #[test]
+    fn the_decision_memo_stays_bounded() {
+        let policy = policy(DESIGN_CONFIG);
+        for index in 0..DecisionMemo::CAPACITY + 100 {
+            let image = format!("team/app-{index}:v1");
+            assert!(matches!(policy.decide(&image), Decision::Rewrite { .. }));
+            assert!(policy.memo.len() <= DecisionMemo::CAPACITY);
+        }
+        assert_eq!(policy.memo.len(), 100);
+        assert_eq!(policy.clone().memo.len(), 0, "a copy starts empty");
+        assert_eq!(
+            outcome(&policy, "team/app-1:v1").0,
+            "harbor.corp.example/dockerhub/team/app-1:v1"
+        );
     }
 
     #[test]
