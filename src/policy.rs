@@ -284,62 +284,55 @@ impl Policy {
     /// images in every pod, and recalling a decision costs a hash lookup
     /// instead of a parse.
     pub fn decide(&self, image: &str) -> Decision<'_> {
+        if image.len() > DecisionMemo::MAX_KEY_LENGTH {
+            return self.decide_afresh(image);
+        }
         if let Some(decision) = self.memo.recall(image, &self.rules) {
             return decision;
         }
-        let (decision, remembered) = self.decide_afresh_indexed(image);
-        if let Some(remembered) = remembered {
+        let (decision, rule) = self.decide_afresh_numbered(image);
+        if let Some(remembered) = Remembered::of(&decision, rule) {
             self.memo.remember(image, remembered);
         }
         decision
     }
 
-    /// [`Policy::decide`] without the memo: what every call costs the first
-    /// time an image is seen.
+    /// [`Policy::decide`] without the memo: parse, match and rewrite, what
+    /// an image costs the first time it is seen (which then also pays a
+    /// failed lookup and the insert).
     pub fn decide_afresh(&self, image: &str) -> Decision<'_> {
-        self.decide_afresh_indexed(image).0
+        self.decide_afresh_numbered(image).0
     }
 
-    /// The decision, and what the memo keeps of it (nothing for an
-    /// unparsable image or an invalid result: those are rare, and their
-    /// reasons are worth rebuilding rather than storing).
-    fn decide_afresh_indexed(&self, image: &str) -> (Decision<'_>, Option<Remembered>) {
+    /// The decision, and the number of the rule it names (if it names one).
+    fn decide_afresh_numbered(&self, image: &str) -> (Decision<'_>, Option<usize>) {
         let reference = match Reference::parse_normalized(image) {
             Ok(reference) => reference,
             Err(error) => return (Decision::Unparsable(error), None),
         };
         let name = reference.name();
         if self.excluded_images.is_match(name) {
-            return (Decision::Excluded, Some(Remembered::Excluded));
+            return (Decision::Excluded, None);
         }
         if let Some((index, _)) = longest_prefix(&self.rule_by_target, name) {
-            return (
-                Decision::AlreadyUnderTarget {
-                    rule: &self.rules[index],
-                },
-                Some(Remembered::AlreadyUnderTarget { rule: index }),
-            );
+            let rule = &self.rules[index];
+            return (Decision::AlreadyUnderTarget { rule }, Some(index));
         }
         let Some((index, rest)) = longest_prefix(&self.rule_by_match, name) else {
-            return (Decision::NoMatchingRule, Some(Remembered::NoMatchingRule));
+            return (Decision::NoMatchingRule, None);
         };
         let rule = &self.rules[index];
-        match rewritten(&rule.target, rest, reference.tag_and_digest()) {
-            Ok(image) => {
-                let remembered = Remembered::Rewrite {
-                    image: image.as_str().into(),
-                    rule: index,
-                };
-                (Decision::Rewrite { image, rule }, Some(remembered))
-            }
-            Err(reason) => (Decision::InvalidResult { rule, reason }, None),
-        }
+        let decision = match rewritten(&rule.target, rest, reference.tag_and_digest()) {
+            Ok(image) => Decision::Rewrite { image, rule },
+            Err(reason) => Decision::InvalidResult { rule, reason },
+        };
+        (decision, Some(index))
     }
 }
 
 /// A decision as the memo keeps it: rules by number, so it does not borrow
 /// the policy that owns it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Remembered {
     Rewrite { image: Box<str>, rule: usize },
     AlreadyUnderTarget { rule: usize },
@@ -347,13 +340,51 @@ enum Remembered {
     NoMatchingRule,
 }
 
+impl Remembered {
+    /// What is kept of `decision` (made with rule number `rule`): nothing
+    /// for an unparsable image or an invalid result, which are rare and
+    /// whose reasons are worth rebuilding rather than storing.
+    fn of(decision: &Decision<'_>, rule: Option<usize>) -> Option<Self> {
+        Some(match decision {
+            Decision::Rewrite { image, .. } => Self::Rewrite {
+                image: image.as_str().into(),
+                rule: rule?,
+            },
+            Decision::AlreadyUnderTarget { .. } => Self::AlreadyUnderTarget { rule: rule? },
+            Decision::Excluded => Self::Excluded,
+            Decision::NoMatchingRule => Self::NoMatchingRule,
+            Decision::Unparsable(_) | Decision::InvalidResult { .. } => return None,
+        })
+    }
+
+    /// The decision again, with its rule looked up in `rules`.
+    fn decision<'p>(&self, rules: &'p [Rule]) -> Option<Decision<'p>> {
+        Some(match self {
+            Self::Rewrite { image, rule } => Decision::Rewrite {
+                image: image.to_string(),
+                rule: rules.get(*rule)?,
+            },
+            Self::AlreadyUnderTarget { rule } => Decision::AlreadyUnderTarget {
+                rule: rules.get(*rule)?,
+            },
+            Self::Excluded => Decision::Excluded,
+            Self::NoMatchingRule => Decision::NoMatchingRule,
+        })
+    }
+}
+
 /// Decisions by image text, bounded in entries and key length so that pods
 /// naming endless distinct images cannot grow it without limit: when full
-/// it is emptied and fills again with the images still in use.
-#[derive(Debug, Default)]
+/// it is emptied and fills again with the images still in use. An entry
+/// takes at most ~1.1 KiB (a 512-byte key, a rewritten reference of at
+/// most the target plus a 255-byte path, tag and digest), so a memo holds
+/// at most ~4.5 MiB.
+#[derive(Default)]
 struct DecisionMemo {
-    entries: RwLock<HashMap<Box<str>, Remembered, foldhash::fast::RandomState>>,
+    entries: RwLock<MemoEntries>,
 }
+
+type MemoEntries = HashMap<Box<str>, Remembered, foldhash::fast::RandomState>;
 
 impl DecisionMemo {
     const CAPACITY: usize = 4096;
@@ -361,45 +392,34 @@ impl DecisionMemo {
     const MAX_KEY_LENGTH: usize = 512;
 
     fn recall<'p>(&self, image: &str, rules: &'p [Rule]) -> Option<Decision<'p>> {
-        // A poisoned lock only means a panic elsewhere mid-insert; the map
-        // itself is always whole, so its entries are still good.
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Some(match entries.get(image)? {
-            Remembered::Rewrite { image, rule } => Decision::Rewrite {
-                image: image.to_string(),
-                rule: &rules[*rule],
-            },
-            Remembered::AlreadyUnderTarget { rule } => Decision::AlreadyUnderTarget {
-                rule: &rules[*rule],
-            },
-            Remembered::Excluded => Decision::Excluded,
-            Remembered::NoMatchingRule => Decision::NoMatchingRule,
-        })
+        self.read().get(image)?.decision(rules)
     }
 
     fn remember(&self, image: &str, remembered: Remembered) {
-        if image.len() > Self::MAX_KEY_LENGTH {
-            return;
-        }
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = self.write();
         if entries.len() >= Self::CAPACITY {
             entries.clear();
         }
         entries.insert(image.into(), remembered);
     }
 
-    #[cfg(test)]
     fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    // The map is only ever changed by `clear` and `insert`, which cannot
+    // leave it half-written, so a lock poisoned by a panic elsewhere still
+    // guards good entries.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, MemoEntries> {
         self.entries
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, MemoEntries> {
+        self.entries
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -407,6 +427,17 @@ impl DecisionMemo {
 impl Clone for DecisionMemo {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+/// The entry count only: the policy's `Debug` should not list thousands
+/// of images.
+impl std::fmt::Debug for DecisionMemo {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DecisionMemo")
+            .field("entries", &self.len())
+            .finish()
     }
 }
 
@@ -566,28 +597,44 @@ exclude:
     fn a_remembered_decision_is_the_decision_made_afresh() {
         let policy = policy(DESIGN_CONFIG);
         let long_tag = format!("nginx:{}", "t".repeat(120));
-        let long_name = format!("team/{}", "a".repeat(600));
-        let images = [
+        let kept = [
             "nginx",
             "nginx:1.27@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "quay.io/org/app:v1",
+            long_tag.as_str(),
             "harbor.corp.example/dockerhub/library/nginx:1.27",
             "registry.k8s.io/pause:3.9",
             "gcr.io/x",
+        ];
+        let too_long_path = format!("team/{}", "a".repeat(600));
+        let long_host = format!("{}/app", vec!["h".repeat(60); 9].join("."));
+        let invalid_result = format!("team/{}", "a".repeat(250));
+        let not_kept = [
             "NGINX",
             "",
-            long_tag.as_str(),
-            long_name.as_str(),
+            too_long_path.as_str(),
+            long_host.as_str(),
+            invalid_result.as_str(),
         ];
-        for image in images {
+        assert!(long_host.len() > DecisionMemo::MAX_KEY_LENGTH);
+        assert_eq!(policy.decide_afresh(&long_host), Decision::NoMatchingRule);
+        assert!(matches!(
+            policy.decide_afresh(&invalid_result),
+            Decision::InvalidResult { .. }
+        ));
+        for image in kept.into_iter().chain(not_kept) {
             let afresh = policy.decide_afresh(image);
             assert_eq!(policy.decide(image), afresh, "first: {image:?}");
-            assert_eq!(policy.decide(image), afresh, "recalled: {image:?}");
+            assert_eq!(policy.decide(image), afresh, "again: {image:?}");
         }
-        // Kept: the four rewrites (one with a long tag), the image already
-        // moved, the excluded and the unmatched one; not kept: the
-        // unparsable ones and the image past the key length limit.
-        assert_eq!(policy.memo.len(), 7);
+        for image in kept {
+            let recalled = policy.memo.recall(image, &policy.rules);
+            assert_eq!(recalled, Some(policy.decide_afresh(image)), "{image:?}");
+        }
+        for image in not_kept {
+            assert_eq!(policy.memo.recall(image, &policy.rules), None, "{image:?}");
+        }
+        assert_eq!(policy.memo.len(), kept.len());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Invariants: no panic; a normalized reference prints to text that parses
 //! back to the same reference; a rewrite keeps tag and digest, is a valid
 //! reference pulled from under the rule's target, and is never rewritten
-//! again.
+//! again; a decision recalled from the policy's memo (shared by all runs,
+//! so it fills and empties) is the decision made afresh.
 #![no_main]
 
 #[path = "common.rs"]
@@ -26,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, reference, "{text:?} -> {printed:?}");
     }
     let policy = &*common::POLICY;
-    if let Decision::Rewrite { image, rule } = policy.decide(text) {
+    let decision = policy.decide(text);
+    assert_eq!(decision, policy.decide_afresh(text), "{text:?}");
+    assert_eq!(policy.decide(text), decision, "{text:?} recalled");
+    if let Decision::Rewrite { image, rule } = decision {
         let original = Reference::parse_normalized(text).expect("a rewritten image parsed");
         let moved = Reference::parse_normalized(&image)
             .unwrap_or_else(|e| panic!("{text:?} rewritten to invalid {image:?}: {e}"));
