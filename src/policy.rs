@@ -332,7 +332,6 @@ impl Policy {
 
 /// A decision as the memo keeps it: rules by number, so it does not borrow
 /// the policy that owns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
 enum Remembered {
     Rewrite { image: Box<str>, rule: usize },
     AlreadyUnderTarget { rule: usize },
@@ -375,10 +374,12 @@ impl Remembered {
 
 /// Decisions by image text, bounded in entries and key length so that pods
 /// naming endless distinct images cannot grow it without limit: when full
-/// it is emptied and fills again with the images still in use. An entry
-/// takes at most ~1.1 KiB (a 512-byte key, a rewritten reference of at
-/// most the target plus a 255-byte path, tag and digest), so a memo holds
-/// at most ~4.5 MiB.
+/// it is emptied and fills again with the images still in use. By those
+/// limits an entry takes at most ~1.1 KiB plus the length of a rule's
+/// target (a 512-byte key; a rewritten reference of the target, a path of
+/// at most 255 bytes, a tag and a digest), so with targets of ordinary
+/// length a memo holds ~4.5 MiB at most (estimated from the limits, not
+/// measured).
 #[derive(Default)]
 struct DecisionMemo {
     entries: RwLock<MemoEntries>,
