@@ -182,20 +182,24 @@ fn json_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str)>)
 /// (`PointerBuf::from_tokens` grows its string token by token: a third of
 /// the plan's allocations).
 fn escaped_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str)>) -> String {
-    use std::fmt::Write as _;
-    const INDEX_DIGITS: usize = 20;
-    let escaped_len = |token: &&str| 1 + token.len() + token.matches(['~', '/']).count();
-    let item_len = item.map_or(0, |(_, last)| 2 + INDEX_DIGITS + escaped_len(&last));
-    let mut text = String::with_capacity(
+    let mut index_text = itoa::Buffer::new();
+    let index = item.map(|(index, _)| index_text.format(index));
+    let last = item.map(|(_, last)| last);
+    let all_tokens = || {
         location
             .iter()
             .chain(tokens)
-            .map(escaped_len)
-            .sum::<usize>()
-            + item_len,
-    );
-    let push_token = |text: &mut String, token: &str| {
+            .copied()
+            .chain(index)
+            .chain(last)
+    };
+    let mut text = String::with_capacity(all_tokens().map(escaped_len).sum());
+    for token in all_tokens() {
         text.push('/');
+        if !needs_escape(token) {
+            text.push_str(token);
+            continue;
+        }
         for part in token.split_inclusive(['~', '/']) {
             match part.as_bytes().last() {
                 Some(b'~') => {
@@ -209,15 +213,21 @@ fn escaped_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str
                 _ => text.push_str(part),
             }
         }
-    };
-    for token in location.iter().chain(tokens) {
-        push_token(&mut text, token);
-    }
-    if let Some((index, last)) = item {
-        let _ = write!(text, "/{index}");
-        push_token(&mut text, last);
     }
     text
+}
+
+fn needs_escape(token: &str) -> bool {
+    token.bytes().any(|byte| matches!(byte, b'~' | b'/'))
+}
+
+/// The length of `/token` escaped: `~` and `/` take two bytes each.
+fn escaped_len(token: &str) -> usize {
+    let escapes = token
+        .bytes()
+        .filter(|byte| matches!(byte, b'~' | b'/'))
+        .count();
+    1 + token.len() + escapes
 }
 
 /// The same pointer through jsonptr's own escaping.
