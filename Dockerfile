@@ -18,7 +18,7 @@ ARG DEBIAN_SUITE=bookworm
 FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_SUITE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# musl-gcc, for the C and assembly parts of ring.
+# musl-gcc, for the C and assembly parts of ring and for mimalloc.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
@@ -93,6 +93,11 @@ LABEL org.opencontainers.image.title="image-rewriter" \
       org.opencontainers.image.revision="${REVISION}"
 
 COPY --from=build /out/image-rewriter /image-rewriter
+
+# mimalloc (the server's allocator) then disables transparent huge pages for
+# the process before its first mapping: on nodes where THP is "always" they
+# took peak RSS from ~16 to ~27 MiB.
+ENV MIMALLOC_ALLOW_THP=0
 
 # distroless's "nonroot"; numeric so that runAsNonRoot can verify it.
 USER 65532:65532

@@ -193,10 +193,11 @@ fn escaped_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str
             .chain(index)
             .chain(last)
     };
-    let mut text = String::with_capacity(all_tokens().map(escaped_len).sum());
+    let capacity = all_tokens().map(escaped_len).sum();
+    let mut text = String::with_capacity(capacity);
     for token in all_tokens() {
         text.push('/');
-        if !needs_escape(token) {
+        if !token.bytes().any(must_escape) {
             text.push_str(token);
             continue;
         }
@@ -214,20 +215,19 @@ fn escaped_pointer(location: &[&str], tokens: &[&str], item: Option<(usize, &str
             }
         }
     }
+    debug_assert_eq!(text.len(), capacity, "escaped_len must be exact");
     text
 }
 
-fn needs_escape(token: &str) -> bool {
-    token.bytes().any(|byte| matches!(byte, b'~' | b'/'))
+/// `~` and `/`, the bytes RFC 6901 escapes. Byte-wise is exact for UTF-8:
+/// neither byte occurs inside a multi-byte character.
+fn must_escape(byte: u8) -> bool {
+    matches!(byte, b'~' | b'/')
 }
 
 /// The length of `/token` escaped: `~` and `/` take two bytes each.
 fn escaped_len(token: &str) -> usize {
-    let escapes = token
-        .bytes()
-        .filter(|byte| matches!(byte, b'~' | b'/'))
-        .count();
-    1 + token.len() + escapes
+    1 + token.len() + token.bytes().filter(|&byte| must_escape(byte)).count()
 }
 
 /// The same pointer through jsonptr's own escaping.
