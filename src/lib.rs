@@ -2,7 +2,7 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
-//! without a server; `server`, `coalesce`, `tls`, `reload` and `metrics` are the shell
+//! without a server; `server`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ pub mod patch;
 pub mod pod;
 pub mod policy;
 pub mod pullsecrets;
+pub mod readahead;
 pub mod reload;
 pub mod server;
 pub mod tls;

@@ -29,6 +29,7 @@ use crate::coalesce;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pullsecrets::PullSecretSync;
+use crate::readahead::ReadAhead;
 use crate::reload::{self, Sources};
 use crate::tls::{self, CertificateSlot};
 
@@ -502,6 +503,7 @@ async fn run(
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let stream = ReadAhead::new(stream);
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
