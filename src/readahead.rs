@@ -31,6 +31,8 @@ pub struct ReadAhead<T> {
     io: T,
     /// Unallocated while idle.
     buf: BytesMut,
+    /// Off: reads go straight to `io` once `buf` is drained.
+    batching: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -38,7 +40,15 @@ impl<T> ReadAhead<T> {
         Self {
             io,
             buf: BytesMut::new(),
+            batching: true,
         }
+    }
+
+    /// Stops batching reads. For HTTP/1.1: one request per turn gains
+    /// nothing from a larger read, and the buffer's allocation per wake
+    /// cost ~10% of the rate (h2load, 32 connections).
+    pub fn pass_through(&mut self) {
+        self.batching = false;
     }
 
     pub fn get_ref(&self) -> &T {
@@ -54,7 +64,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.buf.is_empty() {
-            if out.remaining() >= READ_AHEAD {
+            if !this.batching || out.remaining() >= READ_AHEAD {
                 this.buf = BytesMut::new();
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
@@ -150,6 +160,24 @@ mod tests {
         assert_eq!(&answer, b"answer");
         drop(peer);
         assert_eq!(io.read(&mut chunk).await.expect("EOF"), 0);
+    }
+
+    #[tokio::test]
+    async fn pass_through_serves_what_is_buffered_then_reads_directly() {
+        let (mut peer, near) = tokio::io::duplex(4 * READ_AHEAD);
+        let mut io = ReadAhead::new(near);
+        peer.write_all(&[7u8; 8192]).await.expect("sent");
+        let mut chunk = [0u8; 4096];
+        assert_eq!(io.read(&mut chunk).await.expect("read"), 4096);
+        assert_eq!(io.buf.len(), 4096, "one batched read took both halves");
+
+        io.pass_through();
+        assert_eq!(io.read(&mut chunk).await.expect("read"), 4096);
+        assert_eq!(chunk, [7u8; 4096]);
+        peer.write_all(&[9u8; 8192]).await.expect("sent");
+        assert_eq!(io.read(&mut chunk).await.expect("read"), 4096);
+        assert_eq!(chunk, [9u8; 4096]);
+        assert_eq!(io.buf.capacity(), 0, "no buffer once passing through");
     }
 
     #[tokio::test]

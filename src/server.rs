@@ -504,18 +504,23 @@ async fn run(
         tokio::spawn(async move {
             let _permit = permit;
             let stream = ReadAhead::new(stream);
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let served = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let mut tls =
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let http2_negotiated = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if !http2_negotiated {
+                tls.get_mut().0.pass_through();
+            }
+            let served = if http2_negotiated {
                 // Many answers per turn of the connection: send them together.
                 let (io, driver) = coalesce::split(tls);
                 let connection = http2.serve_connection(TokioIo::new(io), service);
