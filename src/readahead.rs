@@ -8,8 +8,9 @@
 //! has nothing more, so idle connections hold none, and 1 024 connections
 //! caught mid-read hold 16 MiB at most.
 //!
-//! Measured with h2load over HTTP/2 (one connection, 32 streams): the
-//! server busy 88-94% -> 97-98% of its core, 43-52k -> 49-51k req/s. The
+//! Measured with h2load over HTTP/2 (one connection, 32 streams), 5 s
+//! runs: the server busy 88-94% -> 97-98% of its core, 43-52k -> 49-51k
+//! req/s (10 s runs later: 88-95% busy, so not always). The
 //! server then takes whole bursts of requests per turn instead of a few,
 //! so it waits less on the client between turns. 16 KiB did as well as
 //! 64 KiB. (Dropped once over its memory: 64 KiB allocated per wake, on
