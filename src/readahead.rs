@@ -10,12 +10,11 @@
 //!
 //! Measured with h2load over HTTP/2 (one connection, 32 streams), 5 s
 //! runs: the server busy 88-94% -> 97-98% of its core, 43-52k -> 49-51k
-//! req/s (10 s runs later: 88-95% busy, so not always). The
-//! server then takes whole bursts of requests per turn instead of a few,
-//! so it waits less on the client between turns. 16 KiB did as well as
-//! 64 KiB. (Dropped once over its memory: 64 KiB allocated per wake, on
-//! musl's malloc possibly an mmap each. Now it is 16 KiB, and mimalloc
-//! serves that from its per-thread pages.)
+//! req/s (10 s runs later: 88-95% busy, so not always); likely because
+//! the server takes more of a burst per turn, not measured. 16 KiB did as
+//! well as 64 KiB. (Dropped once over its memory: 64 KiB allocated per
+//! wake, on musl's malloc possibly an mmap each. Now it is 16 KiB, which
+//! mimalloc, by its design, serves from per-thread pages.)
 
 use std::io;
 use std::pin::Pin;
@@ -45,15 +44,11 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    /// Stops batching reads. For HTTP/1.1: one request per turn gains
-    /// nothing from a larger read, and the buffer's allocation per wake
-    /// cost ~10% of the rate (h2load, 32 connections).
+    /// Stops batching reads. For HTTP/1.1: with it, h2load's rate over 32
+    /// connections was ~10% lower (why was not measured; likely the
+    /// buffer's allocation per wake, with one request per turn to gain).
     pub fn pass_through(&mut self) {
         self.batching = false;
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.io
     }
 }
 
