@@ -159,7 +159,7 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
                 // A Pod sent without `metadata` (or with `null`): plan for
                 // none, so the patch adds `/metadata` whole instead of
                 // `/metadata/annotations`.
-                metadata: pod.has_metadata.then_some(&pod.metadata),
+                metadata: pod.has_metadata.then_some(&*pod.metadata),
                 spec: pod.spec.as_ref(),
                 location: &[],
             };

@@ -24,8 +24,10 @@ use crate::patch::{ENABLED_LABEL, ORIGINAL_IMAGES_ANNOTATION};
 pub struct PodObject {
     /// Only name, generateName and namespace, the `image-rewriter.io/enabled`
     /// label and the original-images annotation are kept; `labels` and
-    /// `annotations` are `Some` exactly when the object had them.
-    pub metadata: ObjectMeta,
+    /// `annotations` are `Some` exactly when the object had them. Boxed:
+    /// kube-core's request holds two pods by value and the decode moves it
+    /// several times, 360 bytes of mostly empty fields each.
+    pub metadata: Box<ObjectMeta>,
     /// Whether the object had a `metadata` object at all (`null` or absent
     /// is none: a patch must then add `/metadata` whole).
     pub has_metadata: bool,
@@ -179,7 +181,7 @@ impl<'de> Deserialize<'de> for PodObject {
         let fields = Fields::deserialize(deserializer)?;
         Ok(PodObject {
             has_metadata: fields.metadata.is_some(),
-            metadata: fields.metadata.map(ObjectMeta::from).unwrap_or_default(),
+            metadata: Box::new(fields.metadata.map(ObjectMeta::from).unwrap_or_default()),
             spec: fields.spec,
         })
     }
