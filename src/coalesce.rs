@@ -13,6 +13,14 @@
 //! for data that is
 //! not already on its way: a lone answer leaves after one trip through the
 //! runtime's queue.
+//!
+//! A backlog is answered in parts. A turn reads at most [`READ_BUDGET`]
+//! bytes, and a turn that leaves [`SEND_AT`] bytes to send sends them
+//! without the yield. Read whole, a backlog of 32 reviews was answered in
+//! one write after all 32 handlers ran; the peer then had nothing to send
+//! until that write, and the server waited for its next requests ~15% of
+//! the time. In parts, the peer's next requests arrive while the server
+//! answers the rest, and it did not wait (h2load, HTTP/2: 0.8% idle).
 
 use std::future::Future;
 use std::io;
@@ -27,12 +35,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// write) in memory, and a peer that stops reading pushes back on the
 /// writer. 64 answers of 1 KB fit.
 pub const HIGH_WATER: usize = 64 * 1024;
+/// A connection's turn reads at most this many bytes (then it yields, and
+/// reads on at its next turn), so that a backlog of requests is answered in
+/// parts rather than all read first: 16 reviews of 4 KB.
+pub const READ_BUDGET: usize = 64 * 1024;
+/// A turn that leaves at least this much to send sends it at once instead
+/// of waiting for the queued tasks' answers (6 answers of 1.3 KB).
+pub const SEND_AT: usize = 8 * 1024;
 /// A buffer that grew past this is freed once sent, so an idle connection
 /// keeps at most this much (16 MiB for 1 024 idle HTTP/2 connections).
 const RETAINED_CAPACITY: usize = 16 * 1024;
 
 struct Shared<T> {
     io: T,
+    /// Bytes read in the connection's current turn, against [`READ_BUDGET`].
+    read_this_turn: usize,
     pending: Vec<u8>,
     /// How much of `pending` the transport has taken.
     sent: usize,
@@ -106,6 +123,7 @@ pin_project_lite::pin_project! {
 pub fn split<T>(io: T) -> (CoalescingIo<T>, Driver<T>) {
     let shared = Arc::new(Mutex::new(Shared {
         io,
+        read_this_turn: 0,
         pending: Vec::new(),
         sent: 0,
         failed: None,
@@ -152,13 +170,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        lock(this.shared).read_this_turn = 0;
         if this.finished.is_none()
             && let Poll::Ready(output) = this.connection.poll(cx)
         {
             *this.finished = Some(output);
         }
         let mut shared = lock(this.shared);
-        if this.finished.is_none() && !*this.deferred && shared.sent < shared.pending.len() {
+        let buffered = shared.pending.len() - shared.sent;
+        if this.finished.is_none() && !*this.deferred && buffered > 0 && buffered < SEND_AT {
             // Let the tasks already queued (other streams' handlers) run
             // first: a self-wake puts this task behind them.
             *this.deferred = true;
@@ -193,7 +213,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for CoalescingIo<T> {
     ) -> Poll<io::Result<()>> {
         let mut shared = lock(&self.shared);
         shared.check()?;
-        Pin::new(&mut shared.io).poll_read(cx, buf)
+        if shared.read_this_turn >= READ_BUDGET {
+            // The rest is read at the connection's next turn, after the
+            // tasks already queued (the handlers of what it read).
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut shared.io).poll_read(cx, buf))?;
+        shared.read_this_turn += buf.filled().len() - before;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -279,6 +308,8 @@ mod tests {
     #[derive(Default)]
     struct Wire {
         events: Vec<Event>,
+        /// Bytes the peer has sent, read 4 KiB at a time.
+        readable: usize,
         blocked: bool,
         broken: bool,
         writer: Option<Waker>,
@@ -352,9 +383,35 @@ mod tests {
         fn poll_read(
             self: Pin<&mut Self>,
             _cx: &mut Context<'_>,
-            _buf: &mut ReadBuf<'_>,
+            buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Poll::Pending
+            let mut wire = self.0.lock().expect("wire");
+            let chunk = wire.readable.min(4096).min(buf.remaining());
+            if chunk == 0 {
+                return Poll::Pending;
+            }
+            wire.readable -= chunk;
+            buf.put_slice(&vec![b'r'; chunk]);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Wakes {
+        fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
         }
     }
 
@@ -483,5 +540,60 @@ mod tests {
             served.expect_err("the send failed").kind(),
             io::ErrorKind::BrokenPipe
         );
+    }
+
+    #[test]
+    fn a_turn_reads_at_most_the_read_budget() {
+        let wire = MockIo::default();
+        wire.0.lock().expect("wire").readable = 3 * READ_BUDGET;
+        let (mut io, driver) = split(wire.clone());
+        let read = Arc::new(Mutex::new(0usize));
+        let counted = read.clone();
+        let connection = async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = io.read(&mut buf).await?;
+                *counted.lock().expect("count") += n;
+            }
+            #[allow(unreachable_code)]
+            io::Result::Ok(())
+        };
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut served = std::pin::pin!(driver.run(connection));
+        for turn in 1..=3 {
+            assert!(served.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(*read.lock().expect("count"), turn * READ_BUDGET);
+            assert_eq!(wakes.count(), turn, "the rest is read at the next turn");
+        }
+        // All read: the connection waits for the peer, nothing wakes it.
+        assert!(served.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(*read.lock().expect("count"), 3 * READ_BUDGET);
+        assert_eq!(wakes.count(), 3);
+    }
+
+    #[test]
+    fn a_turn_that_leaves_send_at_bytes_sends_them_at_once() {
+        for (size, sent_in_first_turn) in [(SEND_AT - 1, false), (SEND_AT, true)] {
+            let wire = MockIo::default();
+            let (mut io, driver) = split(wire.clone());
+            let connection = async move {
+                io.write_all(&vec![b'a'; size]).await?;
+                io.flush().await?;
+                std::future::pending::<()>().await;
+                io::Result::Ok(())
+            };
+            let wakes = Arc::new(Wakes::default());
+            let waker = Waker::from(wakes.clone());
+            let mut cx = Context::from_waker(&waker);
+            let mut served = std::pin::pin!(driver.run(connection));
+            assert!(served.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(wire.writes() == 1, sent_in_first_turn, "{size} bytes");
+            // Smaller: deferred one turn (a self-wake), then sent.
+            assert_eq!(wakes.count(), usize::from(!sent_in_first_turn));
+            assert!(served.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(wire.written().len(), size);
+        }
     }
 }
