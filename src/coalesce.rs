@@ -14,12 +14,12 @@
 //! not already on its way: a lone answer leaves after one trip through the
 //! runtime's queue.
 //!
-//! A backlog is answered in parts. A turn reads at most [`READ_BUDGET`]
-//! bytes, and a turn that leaves [`SEND_AT`] bytes to send sends them
+//! A backlog is answered in parts. A turn stops reading after
+//! [`READ_BUDGET`] bytes, and a turn that leaves [`SEND_AT`] bytes to send sends them
 //! without the yield. Read whole, a backlog of 32 reviews was answered in
 //! one write after all 32 handlers ran; the peer then had nothing to send
-//! until that write, and the server waited for its next requests ~15% of
-//! the time. In parts, the peer's next requests arrive while the server
+//! until that write, and the server waited for its next requests 14-16%
+//! of the time. In parts, the peer's next requests arrive while the server
 //! answers the rest, and it did not wait (h2load, HTTP/2: 0.8% idle).
 
 use std::future::Future;
@@ -35,12 +35,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// write) in memory, and a peer that stops reading pushes back on the
 /// writer. 64 answers of 1 KB fit.
 pub const HIGH_WATER: usize = 64 * 1024;
-/// A connection's turn reads at most this many bytes (then it yields, and
-/// reads on at its next turn), so that a backlog of requests is answered in
-/// parts rather than all read first: 16 reviews of 4 KB.
+/// A connection's turn stops reading once it has read this many bytes (the
+/// read that crosses it completes; then it yields, and reads on at its next
+/// turn), so that a backlog of requests is answered in parts rather than
+/// all read first: 16 reviews of 4 KB.
 pub const READ_BUDGET: usize = 64 * 1024;
 /// A turn that leaves at least this much to send sends it at once instead
-/// of waiting for the queued tasks' answers (6 answers of 1.3 KB).
+/// of waiting for the queued tasks' answers (7 answers of 1.3 KB).
 pub const SEND_AT: usize = 8 * 1024;
 /// A buffer that grew past this is freed once sent, so an idle connection
 /// keeps at most this much (16 MiB for 1 024 idle HTTP/2 connections).
@@ -98,8 +99,9 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
     }
 }
 
-/// The transport as the HTTP/2 connection sees it: reads go straight
-/// through, writes are buffered, flushes are left to [`Coalesced`].
+/// The transport as the HTTP/2 connection sees it: reads go through (at
+/// most [`READ_BUDGET`] bytes per turn), writes are buffered, flushes are
+/// left to [`Coalesced`].
 pub struct CoalescingIo<T> {
     shared: Arc<Mutex<Shared<T>>>,
 }
@@ -304,7 +306,8 @@ mod tests {
 
     /// A transport that records what reaches it; it can refuse writes for
     /// a while (a peer not reading) or fail them (a peer gone). Its reads
-    /// never complete (a failed send fails them in `CoalescingIo`).
+    /// return what the peer sent (`readable`), then wait forever (a failed
+    /// send fails them in `CoalescingIo`).
     #[derive(Default)]
     struct Wire {
         events: Vec<Event>,
