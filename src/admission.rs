@@ -180,8 +180,9 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
 
 /// `serde_json::from_slice`, with the same result, but faster: one UTF-8
 /// check of the whole body instead of one per string it reads (the whole
-/// review of the load benchmark's body 11% faster). A body that is not UTF-8 goes to `from_slice`,
-/// which either reads it (bad bytes in a skipped string) or names the error.
+/// review of the load benchmark's body 11% faster). A body that is not
+/// UTF-8 goes to `from_slice`, which either reads it (bad bytes in a
+/// skipped string) or names the error.
 fn decode<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
     match std::str::from_utf8(body) {
         Ok(text) => serde_json::from_str(text),
@@ -363,15 +364,10 @@ mod tests {
         })
     }
 
-    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-        haystack
-            .windows(needle.len())
-            .position(|window| window == needle)
-    }
-
     /// `decode` must answer exactly as `serde_json::from_slice` does, for
-    /// valid bodies and for bodies with a byte that is not UTF-8 in each
-    /// place: a read string, a skipped one, a key, between tokens.
+    /// valid bodies and broken ones: a byte that is not UTF-8, or one that
+    /// breaks the JSON, in every place (a read string, a skipped one, a key,
+    /// between tokens), and escapes or multi-byte characters in strings.
     #[test]
     fn decode_reads_every_body_as_from_slice_does() {
         type Review = AdmissionReview<PodObject>;
@@ -430,7 +426,7 @@ mod tests {
         // A bad byte in a skipped string is read, as before; one in a read
         // string (an image) is refused.
         let broken_at = |needle: &str| {
-            let at = find(&body, needle.as_bytes()).expect("the fixture has it") + needle.len() - 2;
+            let at = text.find(needle).expect("the fixture has it") + needle.len() - 2;
             let mut broken = body.clone();
             broken[at] = 0xff;
             decode::<Review>(&broken)

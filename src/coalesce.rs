@@ -172,13 +172,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        lock(this.shared).read_this_turn = 0;
         if this.finished.is_none()
             && let Poll::Ready(output) = this.connection.poll(cx)
         {
             *this.finished = Some(output);
         }
         let mut shared = lock(this.shared);
+        // The turn is over: the next one may read a full budget.
+        shared.read_this_turn = 0;
         let buffered = shared.pending.len() - shared.sent;
         if this.finished.is_none() && !*this.deferred && buffered > 0 && buffered < SEND_AT {
             // Let the tasks already queued (other streams' handlers) run
@@ -413,6 +414,11 @@ mod tests {
     }
 
     impl Wakes {
+        fn waker() -> (Arc<Self>, Waker) {
+            let wakes = Arc::new(Self::default());
+            (wakes.clone(), Waker::from(wakes))
+        }
+
         fn count(&self) -> usize {
             self.0.load(std::sync::atomic::Ordering::SeqCst)
         }
@@ -561,8 +567,7 @@ mod tests {
             #[allow(unreachable_code)]
             io::Result::Ok(())
         };
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = Wakes::waker();
         let mut cx = Context::from_waker(&waker);
         let mut served = std::pin::pin!(driver.run(connection));
         for turn in 1..=3 {
@@ -587,8 +592,7 @@ mod tests {
                 std::future::pending::<()>().await;
                 io::Result::Ok(())
             };
-            let wakes = Arc::new(Wakes::default());
-            let waker = Waker::from(wakes.clone());
+            let (wakes, waker) = Wakes::waker();
             let mut cx = Context::from_waker(&waker);
             let mut served = std::pin::pin!(driver.run(connection));
             assert!(served.as_mut().poll(&mut cx).is_pending());

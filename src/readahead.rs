@@ -15,6 +15,12 @@
 //! well as 64 KiB. (Dropped once over its memory: 64 KiB allocated per
 //! wake, on musl's malloc possibly an mmap each. Now it is 16 KiB, which
 //! mimalloc, by its design, serves from per-thread pages.)
+//!
+//! Since HTTP/2 backlogs are read in parts (`coalesce::READ_BUDGET`), the
+//! server is 99% busy either way; the read-ahead still saves CPU per
+//! request: h2load, HTTP/2, 5 s runs alternating with it passed through,
+//! 56.8k / 59.2k / 56.9k / 59.2k against 56.4k / 54.5k / 55.9k / 52.6k
+//! req/s, 0.0168-0.0175 against 0.0176-0.0189 ms per request.
 
 use std::io;
 use std::pin::Pin;
