@@ -201,18 +201,28 @@ class Stage:
                 fail(f"COPY with flags in the build stage is not supported: {arguments}")
             *sources, destination = words
             target = self.host_path(destination)
+            if destination.endswith("/") or len(sources) > 1:
+                target.mkdir(parents=True, exist_ok=True)
             for source in sources:
                 origin = self.context / source
                 if origin.is_dir():
                     shutil.copytree(origin, target, dirs_exist_ok=True, symlinks=True)
+                elif target.is_dir():
+                    shutil.copy2(origin, target / origin.name)
                 else:
-                    target.mkdir(parents=True, exist_ok=True) if destination.endswith("/") else None
-                    shutil.copy2(origin, target / origin.name if target.is_dir() else target)
+                    shutil.copy2(origin, target)
             print(f"COPY {arguments}")
         elif keyword == "RUN":
-            packages = re.findall(r"apt-get install[^&;|]*", arguments)
-            if packages:
-                names = [word for word in packages[0].split()[2:] if not word.startswith("-")]
+            steps = [step.strip() for step in arguments.split("&&")]
+            if any(step.startswith("apt-get install") for step in steps):
+                # Only a RUN that does nothing else is left out, so no other
+                # step is skipped with it.
+                others = [step for step in steps if not step.startswith(
+                    ("apt-get update", "apt-get install", "rm -rf /var/lib/apt/lists"))]
+                if others:
+                    fail(f"a RUN that installs Debian packages also runs {others}: not supported")
+                install = next(step for step in steps if step.startswith("apt-get install"))
+                names = [word for word in install.split()[2:] if not word.startswith("-")]
                 for name in names:
                     installed = subprocess.run(
                         ["dpkg-query", "-W", "-f=${Status}", name],
