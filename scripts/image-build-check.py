@@ -12,17 +12,22 @@ stands for the stage's root filesystem. Then it checks the binary the final
 stage would copy (`COPY --from=build ...`) the way that stage uses it:
 
 - it is a static executable (no ELF interpreter), as distroless/static needs;
-- it runs as the image's user (`USER` of the final stage, 65532; when the
-  script runs as root, else as the caller) and serves
-  `/mutate` with the final stage's environment (`ENV`), with its config and
-  certificate as read-only files, and rewrites a pod;
-- it opens no file for writing and creates none (the manifests mount the
-  root filesystem read-only), traced with strace.
+- the final stage's ENTRYPOINT + CMD run it, with that stage's ENV, as its
+  USER (65532; when the script runs as root, else as the caller), the files
+  the command names (config, certificate, key) read-only at those paths
+  under the scratch directory, the ports moved; it serves `/mutate` and
+  rewrites a pod;
+- under strace (every file syscall), it opens no file for writing and
+  creates, removes, renames or changes none (the manifests mount the root
+  filesystem read-only).
 
-Not covered: the base images (`rust:*-slim`, `distroless/static`) and the
-final layers; a RUN that installs Debian packages is not run (it would
-install them on this machine): the script checks that they are installed
-instead. Exits non-zero, saying why, on the first failure.
+Not the image, so not covered: the base images (`rust:*-slim`,
+`distroless/static`: the build runs with this machine's toolchain, printed
+beside the image's RUST_VERSION, and the binary runs on this machine's
+filesystem, not distroless's) and the final layers; a RUN that installs
+Debian packages is not run (it would install them on this machine): the
+script checks that they are installed instead. Exits non-zero, saying why,
+on the first failure.
 """
 
 import base64
@@ -72,14 +77,32 @@ def instructions(text):
 
 
 def stages(all_instructions):
-    """Splits the instructions at each FROM: [(from_arguments, [instructions])]."""
+    """Splits the instructions at each FROM: the ARG defaults declared before
+    the first FROM, and [(from_arguments, [instructions])]."""
+    global_args = {}
     result = []
     for keyword, arguments in all_instructions:
         if keyword == "FROM":
             result.append((arguments, []))
         elif result:
             result[-1][1].append((keyword, arguments))
-    return result
+        elif keyword == "ARG":
+            name, _, default = arguments.partition("=")
+            global_args[name] = default
+    return global_args, result
+
+
+def build_environment():
+    """What the stage's RUNs see of this machine's environment: where the
+    toolchain and the crate cache are, and how to reach the registry. Not
+    RUSTFLAGS, a wrapper, a target directory or profile settings, which the
+    image's build does not have."""
+    kept = {"PATH", "HOME", "RUSTUP_HOME", "CARGO_HOME", "TMPDIR", "LANG", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+    registry = ("CARGO_REGISTRIES_", "CARGO_REGISTRY_", "CARGO_HTTP_", "CARGO_NET_", "CARGO_SOURCE_")
+    return {
+        name: value for name, value in os.environ.items()
+        if name in kept or name.lower().endswith("_proxy") or name.startswith(registry)
+    }
 
 
 def ignore_patterns():
@@ -147,13 +170,12 @@ def copy_context(destination):
 class Stage:
     """Runs one stage's instructions with `root` standing for `/`."""
 
-    def __init__(self, root, context, top_level_names):
+    def __init__(self, root, context, top_level_names, global_args):
         self.root = root
         self.context = context
         self.shell = ["/bin/sh", "-c"]
-        # The stage's own environment: a target directory set here would
-        # move the build's output away from where the stage copies it.
-        self.env = {name: value for name, value in os.environ.items() if name != "CARGO_TARGET_DIR"}
+        self.global_args = global_args
+        self.env = build_environment()
         self.workdir = root
         # Absolute paths the stage creates (`/src`, `/out`, `/rust-target`)
         # are mapped under `root`; the host's own (`/bin/bash`) are not.
@@ -180,10 +202,14 @@ class Stage:
 
     def run(self, keyword, arguments):
         if keyword == "ARG":
-            name, _, default = arguments.partition("=")
-            if name not in self.env:
+            # A stage's ARG without a default takes the one declared before
+            # the first FROM; platform ARGs (TARGETARCH) are set beforehand.
+            name, has_default, default = arguments.partition("=")
+            if has_default:
                 self.env[name] = default
-            print(f"ARG {name}={self.env[name]}")
+            elif name in self.global_args:
+                self.env[name] = self.global_args[name]
+            print(f"ARG {name}={self.env.get(name, '')}")
         elif keyword == "ENV":
             for pair in shlex.split(arguments):
                 name, _, value = pair.partition("=")
@@ -249,41 +275,88 @@ def static_executable(path):
     return "INTERP" not in headers.stdout and "Program Headers" in headers.stdout
 
 
+def signal_each(pids, number):
+    for pid in pids:
+        try:
+            os.kill(int(pid), number)
+        except ProcessLookupError:
+            pass  # already gone: its exit status says why
+
+
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
+# Syscalls that change the filesystem; opens are judged by their flags.
+CHANGING_CALLS = {
+    "creat", "mkdir", "mkdirat", "rmdir", "rename", "renameat", "renameat2",
+    "unlink", "unlinkat", "link", "linkat", "symlink", "symlinkat", "mknod",
+    "mknodat", "truncate", "ftruncate", "chmod", "fchmodat", "fchmodat2",
+    "chown", "lchown", "fchownat", "utime", "utimes", "utimensat",
+    "setxattr", "lsetxattr", "removexattr", "lremovexattr",
+}
+
+
 def filesystem_writes(trace):
-    """The strace lines that open a file for writing, or create, rename,
-    remove or truncate one (failed attempts to create included)."""
+    """The strace lines that open a file for writing or change the
+    filesystem, attempts that failed included; /dev, /proc and /sys are not
+    the root filesystem."""
     writes = []
     for line in trace.splitlines():
-        opened_for_writing = re.search(r"O_WRONLY|O_RDWR|O_CREAT|O_TRUNC", line)
-        changed = re.search(
-            r"\b(creat|mkdir|mkdirat|rename|renameat2?|unlink|unlinkat|truncate)\(", line
+        call = re.match(r"\d+\s+(\w+)\((.*)", line)
+        if call is None:
+            continue
+        name, arguments = call.groups()
+        paths = re.findall(r'"([^"]*)"', arguments)
+        if paths and all(re.match(r"/(dev|proc|sys)(/|$)", path) for path in paths):
+            continue
+        opens_for_writing = name.startswith("open") and re.search(
+            r"O_WRONLY|O_RDWR|O_CREAT|O_TRUNC", arguments
         )
-        if (opened_for_writing or changed) and ("= -1" not in line or "O_CREAT" in line):
+        if opens_for_writing or name in CHANGING_CALLS:
             writes.append(line)
-    # /dev/null and the like are not the root filesystem.
-    return [line for line in writes if not re.search(r'"/(dev|proc)/', line)]
+    return writes
 
 
-def serve_and_check(binary, user, env, scratch):
-    """Runs `serve` as the image would, and checks a rewrite and that nothing
-    was written to disk."""
+def image_command(runtime, files):
+    """The final stage's ENTRYPOINT + CMD arguments, with the absolute paths
+    in them moved under `files` (where the script puts what the manifests
+    mount there)."""
+    entrypoint = next((json.loads(a) for k, a in runtime if k == "ENTRYPOINT"), [])
+    command = next((json.loads(a) for k, a in runtime if k == "CMD"), [])
+    arguments = (entrypoint + command)[1:]
+    return [str(files) + argument if argument.startswith("/") else argument for argument in arguments]
+
+
+def serve_and_check(binary, user, env, runtime, scratch):
+    """Runs the image's command as the image would, its ports moved, and
+    checks a rewrite and that nothing was written to disk."""
     files = scratch / "mounted"
+    certificates = scratch / "certificates"
     subprocess.run(
-        [str(binary), "certs", "--out", str(files / "tls"), "--extra-san", "localhost"],
+        [str(binary), "certs", "--out", str(certificates), "--extra-san", "localhost"],
         check=True, capture_output=True,
     )
-    shutil.copy2(REPO / "examples" / "config.yaml", files / "config.yaml")
+    arguments = image_command(runtime, files)
+    # What the manifests mount at the paths the command names.
+    sources = {
+        "--config": REPO / "examples" / "config.yaml",
+        "--tls-cert": certificates / "tls.crt",
+        "--tls-key": certificates / "tls.key",
+    }
+    for flag, source in sources.items():
+        if flag not in arguments:
+            fail(f"the image's CMD has no {flag}: {arguments}")
+        target = Path(arguments[arguments.index(flag) + 1])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
     # Mounted ConfigMaps and Secrets are read-only to the pod.
-    for path in [files / "config.yaml", *(files / "tls").iterdir()]:
-        path.chmod(0o444)
-    for path in [files / "tls", files]:
-        path.chmod(0o555)
+    for directory, _, names in os.walk(files, topdown=False):
+        for name in names:
+            os.chmod(os.path.join(directory, name), 0o444)
+        os.chmod(directory, 0o555)
     port, metrics_port = free_port(), free_port()
     trace = scratch / "strace.txt"
     uid, _, gid = user.partition(":")
@@ -294,20 +367,15 @@ def serve_and_check(binary, user, env, scratch):
         as_user = []
         user = str(os.geteuid())
     command = [
-        "strace", "-f", "-qq", "-o", str(trace),
-        "-e", "trace=open,openat,openat2,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,truncate",
-        *as_user,
-        str(binary), "serve", "--no-api",
-        "--config", str(files / "config.yaml"),
-        "--tls-cert", str(files / "tls" / "tls.crt"),
-        "--tls-key", str(files / "tls" / "tls.key"),
+        "strace", "-f", "-qq", "-o", str(trace), "-e", "trace=%file,ftruncate",
+        *as_user, str(binary), *arguments,
         "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-        "--shutdown-delay", "0s",
     ]
+    print(f"serve: the image's command {' '.join(arguments)} (paths under {files}), ports moved")
     log = open(scratch / "server.log", "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        ca = str(files / "tls" / "ca.crt")
+        ca = str(certificates / "ca.crt")
         url = f"https://localhost:{port}"
         for _ in range(100):
             ready = subprocess.run(
@@ -340,13 +408,11 @@ def serve_and_check(binary, user, env, scratch):
         # SIGTERM for serve, as the kubelet sends it, not for strace (which
         # would detach and leave serve running); strace exits with its status.
         traced = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True)
-        for pid in traced.stdout.split():
-            os.kill(int(pid), signal.SIGTERM)
+        signal_each(traced.stdout.split(), signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            for pid in traced.stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
+            signal_each(traced.stdout.split(), signal.SIGKILL)
             server.kill()
             server.wait()
         log.close()
@@ -355,8 +421,8 @@ def serve_and_check(binary, user, env, scratch):
     writes = filesystem_writes(trace.read_text())
     if writes:
         fail("serve wrote to the filesystem:\n  " + "\n  ".join(writes[:20]))
-    opens = sum(1 for line in trace.read_text().splitlines() if "open" in line)
-    print(f"serve opened {opens} files, none for writing, and created or removed none")
+    calls = sum(1 for line in trace.read_text().splitlines() if re.match(r"\d+\s+\w+\(", line))
+    print(f"serve made {calls} file syscalls (opens, stats), none that writes or changes a file")
 
 
 def main():
@@ -365,7 +431,7 @@ def main():
         if shutil.which(tool) is None:
             fail(f"{tool} is missing")
 
-    all_stages = stages(instructions(DOCKERFILE.read_text()))
+    global_args, all_stages = stages(instructions(DOCKERFILE.read_text()))
     if len(all_stages) < 2:
         fail("expected a build stage and a runtime stage")
     build_from, build = all_stages[0]
@@ -385,7 +451,8 @@ def main():
                 runtime_env[name] = value
 
     scratch = Path(tempfile.mkdtemp(prefix="image-build-"))
-    os.chmod(scratch, 0o755)
+    if os.geteuid() == 0:
+        os.chmod(scratch, 0o755)  # the image's user reads the binary and files
     try:
         context = scratch / "context"
         count = copy_context(context)
@@ -400,11 +467,14 @@ def main():
                 created.update(re.findall(r">\s*/([\w.-]+)", arguments))
         # Redirections to the host's own directories (`2>/dev/null`) stay.
         created -= {"bin", "dev", "etc", "home", "lib", "proc", "root", "run", "sys", "tmp", "usr", "var"}
-        stage = Stage(root, context, created)
+        stage = Stage(root, context, created, global_args)
         # BuildKit sets TARGETARCH from the platform; this machine's.
         machine = os.uname().machine
         stage.env.setdefault("TARGETARCH", {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine))
+        host_rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True,
+                                    env=stage.env, cwd=root).stdout.strip()
         print(f"== build stage ({build_from}), / at {root}")
+        print(f"toolchain: this machine's {host_rustc}; the image's RUST_VERSION={global_args.get('RUST_VERSION', '?')}")
         for keyword, arguments in build:
             stage.run(keyword, arguments)
 
@@ -417,13 +487,16 @@ def main():
         print(f"static executable ({binary.stat().st_size / 1e6:.1f} MB), no ELF interpreter")
         shutil.copy2(binary, scratch / "image-rewriter")
         os.chmod(scratch / "image-rewriter", 0o755)
-        serve_and_check(scratch / "image-rewriter", user, runtime_env, scratch)
+        serve_and_check(scratch / "image-rewriter", user, runtime_env, runtime, scratch)
         print("image-build-check: ok")
     finally:
         if keep:
             print(f"kept {scratch}")
         else:
-            shutil.rmtree(scratch, ignore_errors=True)
+            # The read-only "mounts" would stop a caller who is not root.
+            for directory, _, _ in os.walk(scratch):
+                os.chmod(directory, 0o755)
+            shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":
