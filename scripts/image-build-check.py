@@ -76,6 +76,15 @@ def instructions(text):
     return result
 
 
+def assignments(keyword, arguments):
+    """The (name, value) pairs of an ARG (`NAME[=default]`, value None
+    without a default) or an ENV (`NAME=value ...`, shell-quoted)."""
+    if keyword == "ARG":
+        name, has_default, default = arguments.partition("=")
+        return [(name, default if has_default else None)]
+    return [pair.partition("=")[::2] for pair in shlex.split(arguments)]
+
+
 def stages(all_instructions):
     """Splits the instructions at each FROM: the ARG defaults declared before
     the first FROM, and [(from_arguments, [instructions])]."""
@@ -87,8 +96,7 @@ def stages(all_instructions):
         elif result:
             result[-1][1].append((keyword, arguments))
         elif keyword == "ARG":
-            name, _, default = arguments.partition("=")
-            global_args[name] = default
+            global_args.update(assignments(keyword, arguments))
     return global_args, result
 
 
@@ -167,6 +175,26 @@ def copy_context(destination):
     return count
 
 
+def packages_installed(run):
+    """The Debian packages a RUN installs, or None when it installs none.
+    Only a RUN that does nothing else can be left out, so that no other step
+    is skipped with it."""
+    steps = [step.strip() for step in run.split("&&")]
+    install = next((step for step in steps if step.startswith("apt-get install")), None)
+    if install is None:
+        return None
+    others = [step for step in steps if not step.startswith(
+        ("apt-get update", "apt-get install", "rm -rf /var/lib/apt/lists"))]
+    if others:
+        fail(f"a RUN that installs Debian packages also runs {others}: not supported")
+    return [word for word in install.split()[2:] if not word.startswith("-")]
+
+
+def debian_package_installed(name):
+    status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", name], capture_output=True, text=True)
+    return "install ok installed" in status.stdout
+
+
 class Stage:
     """Runs one stage's instructions with `root` standing for `/`."""
 
@@ -204,15 +232,14 @@ class Stage:
         if keyword == "ARG":
             # A stage's ARG without a default takes the one declared before
             # the first FROM; platform ARGs (TARGETARCH) are set beforehand.
-            name, has_default, default = arguments.partition("=")
-            if has_default:
+            [(name, default)] = assignments(keyword, arguments)
+            if default is None:
+                default = self.global_args.get(name)
+            if default is not None:
                 self.env[name] = default
-            elif name in self.global_args:
-                self.env[name] = self.global_args[name]
             print(f"ARG {name}={self.env.get(name, '')}")
         elif keyword == "ENV":
-            for pair in shlex.split(arguments):
-                name, _, value = pair.partition("=")
+            for name, value in assignments(keyword, arguments):
                 self.env[name] = self.substitute(value)
                 print(f"ENV {name}={self.env[name]}")
         elif keyword == "SHELL":
@@ -239,24 +266,12 @@ class Stage:
                     shutil.copy2(origin, target)
             print(f"COPY {arguments}")
         elif keyword == "RUN":
-            steps = [step.strip() for step in arguments.split("&&")]
-            if any(step.startswith("apt-get install") for step in steps):
-                # Only a RUN that does nothing else is left out, so no other
-                # step is skipped with it.
-                others = [step for step in steps if not step.startswith(
-                    ("apt-get update", "apt-get install", "rm -rf /var/lib/apt/lists"))]
-                if others:
-                    fail(f"a RUN that installs Debian packages also runs {others}: not supported")
-                install = next(step for step in steps if step.startswith("apt-get install"))
-                names = [word for word in install.split()[2:] if not word.startswith("-")]
-                for name in names:
-                    installed = subprocess.run(
-                        ["dpkg-query", "-W", "-f=${Status}", name],
-                        capture_output=True, text=True,
-                    )
-                    if "install ok installed" not in installed.stdout:
+            packages = packages_installed(arguments)
+            if packages is not None:
+                for name in packages:
+                    if not debian_package_installed(name):
                         fail(f"the Dockerfile installs {name}; install it here: apt-get install {name}")
-                print(f"RUN (not run: installs Debian packages; installed here: {' '.join(names)})")
+                print(f"RUN (not run: installs Debian packages; installed here: {' '.join(packages)})")
                 return
             command = self.map_paths(arguments)
             print(f"RUN {arguments[:100]}{'...' if len(arguments) > 100 else ''}", flush=True)
@@ -425,7 +440,26 @@ def serve_and_check(binary, user, env, runtime, scratch):
     print(f"serve made {calls} file syscalls (opens, stats), none that writes or changes a file")
 
 
+def check_the_checks():
+    """The write filter and the package rule on known input, so a change
+    that blinds them fails here rather than passing every image."""
+    trace = "\n".join([
+        '7 openat(AT_FDCWD, "/etc/passwd", O_RDONLY|O_CLOEXEC) = 3',
+        '7 openat(AT_FDCWD, "/dev/null", O_RDWR) = 3',
+        '7 openat(AT_FDCWD, "/x", O_WRONLY|O_CREAT, 0644) = -1 EROFS (Read-only file system)',
+        '7 mkdir("/tmp/a", 0777) = -1 EEXIST (File exists)',
+        '7 rename("/dev/x", "/y") = 0',
+        '7 ftruncate(3, 0) = 0',
+    ])
+    flagged = [line.split()[1].split("(")[0] for line in filesystem_writes(trace)]
+    if flagged != ["openat", "mkdir", "rename", "ftruncate"]:
+        fail(f"the write filter flags {flagged} in its own sample")
+    if packages_installed("apt-get update && apt-get install -y --no-install-recommends a b") != ["a", "b"]:
+        fail("the package rule misreads its own sample")
+
+
 def main():
+    check_the_checks()
     keep = "--keep" in sys.argv[1:]
     for tool in ["cargo", "rustup", "readelf", "strace", "setpriv", "curl", "dpkg-query", "pgrep"]:
         if shutil.which(tool) is None:
@@ -446,9 +480,7 @@ def main():
     runtime_env = {"PATH": "/usr/bin:/bin"}
     for keyword, arguments in runtime:
         if keyword == "ENV":
-            for pair in shlex.split(arguments):
-                name, _, value = pair.partition("=")
-                runtime_env[name] = value
+            runtime_env.update(assignments(keyword, arguments))
 
     scratch = Path(tempfile.mkdtemp(prefix="image-build-"))
     if os.geteuid() == 0:
