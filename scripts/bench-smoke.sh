@@ -3,9 +3,10 @@
 # 60 s on 2 cores): every criterion benchmark once, the load benchmark for
 # about a second per mode (servers and generator on separate CPUs, then
 # once on shared CPUs), h2load against both servers for a second per
-# protocol, and a short soak with certificate and config rotation. Fails on
-# any failed request or check; the performance goals are printed, not
-# enforced (shared CI runners are too noisy for that).
+# protocol (again with the servers capped, where cgroups allow), and a
+# short soak with certificate and config rotation. Fails on any failed
+# request or check; the performance goals are printed, not enforced
+# (shared CI runners are too noisy for that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -17,6 +18,12 @@ shared_smoke=$("$target_dir/release/examples/loadbench" --no-build --smoke --pla
 echo "$shared_smoke"
 kept=$(sed -n 's/^kept //p' <<<"$shared_smoke")
 scripts/h2load-compare.sh --duration 1 --rounds 1 "$kept"
+# With the servers capped (needs a writable cgroup CPU controller, as root).
+if [ -w /sys/fs/cgroup/cpu ] || [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
+  scripts/h2load-compare.sh --server-quota 50 --duration 1 --rounds 1 "$kept"
+else
+  echo "skipped: h2load-compare.sh --server-quota (no writable cgroup CPU controller)"
+fi
 rm -rf "$kept"
 # Long enough (~4 s here) that the server picks up certificate rotations
 # (one a second) while the load runs: 50 000 took 1.0 s once HTTP/2

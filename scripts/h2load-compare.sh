@@ -5,7 +5,7 @@
 # core, and the req/s ratio compares the servers rather than the generator.
 #
 #   cargo run --release --example loadbench -- --smoke --modes h1 --no-baseline --keep-dir
-#   scripts/h2load-compare.sh [--duration SECONDS] [--rounds N] <the kept directory>
+#   scripts/h2load-compare.sh [--duration SECONDS] [--rounds N] [--server-quota PERCENT] <the kept directory>
 #
 # The kept directory holds what loadbench generated: config.yaml, tls/,
 # request.json (the review it sends) and response.json (the baseline's fixed
@@ -16,19 +16,27 @@
 # ours / baseline-io is the cost of the handler alone.
 # Prints req/s, the server's CPU per request and how busy each side was;
 # exits 1 if any request failed.
+#
+# --server-quota PERCENT caps each server at that share of its CPU (a cgroup
+# CPU quota, v1 `cpu` or v2 `cpu.max`; needs root). The cheap baseline can
+# then be saturated too, by h2load from its own core, so both servers sit at
+# the cap and req/s compares them, HTTP/1.1 included; without it h2load is
+# the baseline's limit over HTTP/1.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 duration=10
 rounds=3
+quota=""
 while [ $# -gt 1 ]; do
   case "$1" in
     --duration) duration=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
+    --server-quota) quota=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-dir=${1:?usage: $0 [--duration SECONDS] [--rounds N] <loadbench --keep-dir directory>}
+dir=${1:?usage: $0 [--duration SECONDS] [--rounds N] [--server-quota PERCENT] <loadbench --keep-dir directory>}
 for file in config.yaml tls/tls.crt tls/tls.key request.json response.json; do
   [ -f "$dir/$file" ] || { echo "$dir/$file is missing (run loadbench with --keep-dir)" >&2; exit 2; }
 done
@@ -41,7 +49,36 @@ loadbench_bin="$target_dir/release/examples/loadbench"
 ticks_per_second=$(getconf CLK_TCK)
 failed=0
 server=""
-trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
+capped=""
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null
+  [ -n "$capped" ] && { sleep 0.2; rmdir "$capped" 2>/dev/null; }
+  true
+}
+trap cleanup EXIT
+
+# A cgroup that holds the servers to $quota percent of one CPU.
+if [ -n "$quota" ]; then
+  case "$quota" in
+    '' | *[!0-9]* ) echo "--server-quota takes a whole percentage, got $quota" >&2; exit 2 ;;
+  esac
+  [ "$quota" -ge 1 ] && [ "$quota" -le 100 ] || { echo "--server-quota must be 1-100" >&2; exit 2; }
+  period=100000
+  if [ -w /sys/fs/cgroup/cpu ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    capped=/sys/fs/cgroup/cpu/h2load-compare-$$
+    mkdir "$capped"
+    echo "$period" >"$capped/cpu.cfs_period_us"
+    echo $((period * quota / 100)) >"$capped/cpu.cfs_quota_us"
+  elif [ -w /sys/fs/cgroup/cgroup.subtree_control ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    capped=/sys/fs/cgroup/h2load-compare-$$
+    mkdir "$capped"
+    echo "$((period * quota / 100)) $period" >"$capped/cpu.max"
+  else
+    echo "--server-quota needs a writable cgroup CPU controller (root; v1 cpu or v2 cpu.max)" >&2
+    exit 2
+  fi
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -61,6 +98,9 @@ start() {
       --response "$dir/response.json" >"$dir/h2load-$1.log" 2>&1 &
   fi
   server=$!
+  if [ -n "$capped" ]; then
+    echo "$server" >"$capped/cgroup.procs"
+  fi
   for _ in $(seq 100); do
     curl -skf "https://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
     sleep 0.05
@@ -124,6 +164,10 @@ for mode in h1 h2; do
       }'
   done
 done
-echo "(a side at ~100% busy set the rate; the server's near 100% means the servers are compared)"
+if [ -n "$quota" ]; then
+  echo "(servers capped at $quota% of CPU 0: both at ~$quota% busy means the servers are compared)"
+else
+  echo "(a side at ~100% busy set the rate; the server's near 100% means the servers are compared)"
+fi
 rm -f "$results"
 exit "$failed"
