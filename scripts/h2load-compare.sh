@@ -15,7 +15,8 @@
 # image-rewriter's own transport (coalesced HTTP/2 writes), so that
 # ours / baseline-io is the cost of the handler alone.
 # Prints req/s, the server's CPU per request and how busy each side was;
-# exits 1 if any request failed.
+# exits 1 if any request failed, 2 on bad arguments, 3 if --server-quota
+# cannot be applied here.
 #
 # --server-quota PERCENT caps each server at that share of its CPU (a cgroup
 # CPU quota, v1 `cpu` or v2 `cpu.max`; needs root). The cheap baseline can
@@ -57,27 +58,30 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A cgroup that holds the servers to $quota percent of one CPU.
+# A cgroup that holds the servers to $quota percent of one CPU; sets
+# $capped. Returns 1, having said why, where the machine does not allow it.
+cap_servers() {
+  local period=100000
+  if [ -w /sys/fs/cgroup/cpu ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    capped=/sys/fs/cgroup/cpu/h2load-compare-$$
+    mkdir "$capped" &&
+      echo "$period" >"$capped/cpu.cfs_period_us" &&
+      echo $((period * quota / 100)) >"$capped/cpu.cfs_quota_us" && return 0
+  elif [ -w /sys/fs/cgroup/cgroup.subtree_control ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    capped=/sys/fs/cgroup/h2load-compare-$$
+    mkdir "$capped" && [ -e "$capped/cpu.max" ] &&
+      echo "$((period * quota / 100)) $period" >"$capped/cpu.max" && return 0
+  fi
+  echo "cannot cap the servers: --server-quota needs a writable cgroup CPU controller (root; v1 cpu or v2 cpu.max)" >&2
+  return 1
+}
 if [ -n "$quota" ]; then
   case "$quota" in
     '' | *[!0-9]* ) echo "--server-quota takes a whole percentage, got $quota" >&2; exit 2 ;;
   esac
   [ "$quota" -ge 1 ] && [ "$quota" -le 100 ] || { echo "--server-quota must be 1-100" >&2; exit 2; }
-  period=100000
-  if [ -w /sys/fs/cgroup/cpu ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-    capped=/sys/fs/cgroup/cpu/h2load-compare-$$
-    mkdir "$capped"
-    echo "$period" >"$capped/cpu.cfs_period_us"
-    echo $((period * quota / 100)) >"$capped/cpu.cfs_quota_us"
-  elif [ -w /sys/fs/cgroup/cgroup.subtree_control ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
-    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-    capped=/sys/fs/cgroup/h2load-compare-$$
-    mkdir "$capped"
-    echo "$((period * quota / 100)) $period" >"$capped/cpu.max"
-  else
-    echo "--server-quota needs a writable cgroup CPU controller (root; v1 cpu or v2 cpu.max)" >&2
-    exit 2
-  fi
+  cap_servers || exit 3
 fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -98,8 +102,9 @@ start() {
       --response "$dir/response.json" >"$dir/h2load-$1.log" 2>&1 &
   fi
   server=$!
-  if [ -n "$capped" ]; then
-    echo "$server" >"$capped/cgroup.procs"
+  if [ -n "$capped" ] && ! echo "$server" >"$capped/cgroup.procs"; then
+    echo "cannot cap the servers: moving one into $capped failed" >&2
+    exit 3
   fi
   for _ in $(seq 100); do
     curl -skf "https://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
