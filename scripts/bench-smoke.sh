@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CI smoke for the benchmarks: build first, then the timed part (well under
-# 60 s on 2 cores): every criterion benchmark once, the load benchmark for
+# CI smoke for the benchmarks: build first, then the timed part (about a
+# minute on 2 cores): every criterion benchmark once, the load benchmark for
 # about a second per mode (servers and generator on separate CPUs, then
 # once on shared CPUs), h2load against both servers for a second per
 # protocol (again with the servers capped, where cgroups allow), and a

@@ -60,6 +60,8 @@ trap cleanup EXIT
 
 # A cgroup that holds the servers to $quota percent of one CPU; sets
 # $capped. Returns 1, having said why, where the machine does not allow it.
+# On cgroup v2 it turns the cpu controller on for the root's children and
+# leaves it on (other cgroups may rely on it).
 cap_servers() {
   local period=100000
   if [ -w /sys/fs/cgroup/cpu ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
@@ -78,7 +80,7 @@ cap_servers() {
 }
 if [ -n "$quota" ]; then
   case "$quota" in
-    '' | *[!0-9]* ) echo "--server-quota takes a whole percentage, got $quota" >&2; exit 2 ;;
+    *[!0-9]*) echo "--server-quota takes a whole percentage, got $quota" >&2; exit 2 ;;
   esac
   [ "$quota" -ge 1 ] && [ "$quota" -le 100 ] || { echo "--server-quota must be 1-100" >&2; exit 2; }
   cap_servers || exit 3
