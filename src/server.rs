@@ -14,13 +14,14 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
@@ -80,10 +81,14 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Bodies being read and decoded at once may take this many times the body
-/// limit in bytes; the rest wait (up to the body timeout), then get 503.
-/// Keeps a burst of huge reviews inside the container's memory limit.
+/// Bodies being read and decoded at once may hold this many times the body
+/// limit in bytes (past each body's free first part); the rest wait (up to
+/// the body timeout), then get 503. Keeps a burst of huge reviews inside the
+/// container's memory limit.
 const BODY_BUDGET_FACTOR: usize = 2;
+/// What every body may hold without a reservation: more than a review of an
+/// ordinary pod (a few KiB; a pod with a long env list some tens).
+const BODY_FREE_BYTES: usize = 64 * 1024;
 const BODY_BUDGET_UNIT: usize = 1024;
 
 /// State shared by every request.
@@ -215,32 +220,25 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "Content-Type must be application/json\n".into(),
         );
     }
-    // Reserve what the body will take (Content-Length, else the limit)
-    // before reading it.
-    let expected = request
+    let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<usize>().ok())
-        .unwrap_or(state.max_body_bytes)
-        .clamp(1, state.max_body_bytes);
-    let units = u32::try_from(expected.div_ceil(BODY_BUDGET_UNIT)).unwrap_or(u32::MAX);
-    let reserved = tokio::time::timeout(
+        .and_then(|value| value.parse::<usize>().ok());
+    let waiting_for_budget = AtomicBool::new(false);
+    let read = tokio::time::timeout(
         state.body_read_timeout,
-        state.body_budget.acquire_many(units),
+        read_body(
+            state,
+            request.into_body(),
+            declared_length,
+            &waiting_for_budget,
+        ),
     )
     .await;
-    let Ok(Ok(_reservation)) = reserved else {
-        metrics.count_request("overloaded");
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many large AdmissionReviews in flight; retry\n".into(),
-        );
-    };
-    let limited = Limited::new(request.into_body(), state.max_body_bytes);
-    let bytes = match tokio::time::timeout(state.body_read_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+    let (bytes, _reservation) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(BodyError::TooLarge)) => {
             metrics.count_request("too_large");
             return plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -250,13 +248,15 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
                 ),
             );
         }
-        Ok(Err(error)) => {
+        Ok(Err(BodyError::Unreadable(error))) => {
             metrics.count_request("bad_request");
             return plain(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read body: {error}\n"),
             );
         }
+        Ok(Err(BodyError::Overloaded)) => return overloaded(metrics),
+        Err(_) if waiting_for_budget.load(Ordering::Relaxed) => return overloaded(metrics),
         Err(_) => {
             metrics.count_request("bad_request");
             return plain(
@@ -294,6 +294,115 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             metrics.count_request("bad_request");
             warn!(%error, "malformed AdmissionReview");
             plain(StatusCode::BAD_REQUEST, format!("{error}\n"))
+        }
+    }
+}
+
+fn overloaded(metrics: &Metrics) -> Response {
+    metrics.count_request("overloaded");
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many large AdmissionReviews in flight; retry\n".into(),
+    )
+}
+
+enum BodyError {
+    TooLarge,
+    Unreadable(axum::Error),
+    /// The budget refused outright (it is never closed, so never seen).
+    Overloaded,
+}
+
+/// Reads a body of at most the body limit. Bytes past the first
+/// [`BODY_FREE_BYTES`] are reserved from the body budget as they arrive,
+/// never for what a client only claims it will send: a client that declares
+/// 8 MiB and then stalls holds no budget, and a review of an ordinary pod
+/// never waits behind large or slow ones. The reservation is held until the
+/// review is answered; `waiting_for_budget` tells the caller's timeout which
+/// of the two it ran out waiting for.
+async fn read_body<'a>(
+    state: &'a AppState,
+    mut body: Body,
+    declared_length: Option<usize>,
+    waiting_for_budget: &AtomicBool,
+) -> Result<(Bytes, Option<SemaphorePermit<'a>>), BodyError> {
+    if declared_length.is_some_and(|length| length > state.max_body_bytes) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut collected = Collected::Empty;
+    let mut reservation: Option<SemaphorePermit<'a>> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Unreadable)?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        let total = collected.len() + chunk.len();
+        if total > state.max_body_bytes {
+            return Err(BodyError::TooLarge);
+        }
+        let needed = total
+            .saturating_sub(BODY_FREE_BYTES)
+            .div_ceil(BODY_BUDGET_UNIT);
+        let held = reservation.as_ref().map_or(0, SemaphorePermit::num_permits);
+        if needed > held {
+            waiting_for_budget.store(true, Ordering::Relaxed);
+            // At most the body limit in units: fits, and the budget (a
+            // multiple of the limit) can grant it.
+            let units = u32::try_from(needed - held).unwrap_or(u32::MAX);
+            let more = state
+                .body_budget
+                .acquire_many(units)
+                .await
+                .map_err(|_| BodyError::Overloaded)?;
+            waiting_for_budget.store(false, Ordering::Relaxed);
+            match &mut reservation {
+                Some(held) => held.merge(more),
+                None => reservation = Some(more),
+            }
+        }
+        collected.push(chunk);
+    }
+    Ok((collected.into_bytes(), reservation))
+}
+
+/// A body as it arrives: one chunk is kept as it is (the usual case for a
+/// small review), several are joined.
+enum Collected {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Collected {
+    fn len(&self) -> usize {
+        match self {
+            Collected::Empty => 0,
+            Collected::One(bytes) => bytes.len(),
+            Collected::Many(bytes) => bytes.len(),
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::replace(self, Collected::Empty) {
+            Collected::Empty => Collected::One(chunk),
+            Collected::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&chunk);
+                Collected::Many(joined)
+            }
+            Collected::Many(mut joined) => {
+                joined.extend_from_slice(&chunk);
+                Collected::Many(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Collected::Empty => Bytes::new(),
+            Collected::One(bytes) => bytes,
+            Collected::Many(bytes) => bytes.freeze(),
         }
     }
 }
@@ -609,6 +718,133 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const REVIEW: &str = include_str!("../tests/fixtures/admission/pod-create.json");
+
+    fn state_with_policy(body_read_timeout: Duration) -> AppState {
+        let state = AppState::new(MIN_BODY_LIMIT, body_read_timeout);
+        let config = crate::config::ConfigFile::from_yaml(
+            "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n",
+        )
+        .expect("config");
+        state.set_policy(config.into_policy(None).expect("policy"));
+        state
+    }
+
+    fn review_request(body: Body, content_length: Option<usize>) -> Request {
+        let mut request = Request::new(body);
+        let headers = request.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/json".parse().expect("type"),
+        );
+        if let Some(length) = content_length {
+            headers.insert(header::CONTENT_LENGTH, length.into());
+        }
+        request
+    }
+
+    /// A body that sends `first` and then never another byte.
+    fn stalled_body(first: Bytes) -> Body {
+        use futures::StreamExt as _;
+        let stream = futures::stream::iter([Ok::<_, std::io::Error>(first)])
+            .chain(futures::stream::pending());
+        Body::from_stream(stream)
+    }
+
+    async fn answer_now(state: &AppState, request: Request) -> StatusCode {
+        answer(state, request, Instant::now()).await.status()
+    }
+
+    /// The whole budget held by bodies already read: a large body waits and
+    /// gets 503 when the body timeout passes, a review of an ordinary pod
+    /// (under the free part) is answered at once, and once the budget is
+    /// back the large body gets in.
+    #[tokio::test]
+    async fn a_full_budget_turns_away_large_bodies_and_never_small_reviews() {
+        let state = state_with_policy(Duration::from_millis(200));
+        let everything = state.body_budget.available_permits() as u32;
+        let held = state
+            .body_budget
+            .acquire_many(everything)
+            .await
+            .expect("budget");
+
+        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
+
+        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture");
+        padded["request"]["object"]["metadata"]["annotations"]["padding"] =
+            "x".repeat(1024 * 1024).into();
+        let large = serde_json::to_vec(&padded).expect("encode");
+        let request = review_request(Body::from(large.clone()), Some(large.len()));
+        assert_eq!(
+            answer_now(&state, request).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        drop(held);
+        let request = review_request(Body::from(large.clone()), Some(large.len()));
+        assert_eq!(answer_now(&state, request).await, StatusCode::OK);
+        assert_eq!(state.body_budget.available_permits() as u32, everything);
+        let scrape = state.metrics.encode();
+        assert!(
+            scrape.contains("image_rewriter_admission_requests_total{result=\"overloaded\"} 1"),
+            "{scrape}"
+        );
+    }
+
+    /// What a client only claims it will send reserves nothing: bodies that
+    /// declare the whole limit and stall hold no budget, end with 408 at the
+    /// body timeout, and a review sent meanwhile is answered at once.
+    #[tokio::test]
+    async fn stalled_bodies_hold_no_budget() {
+        let state = Arc::new(state_with_policy(Duration::from_millis(300)));
+        let everything = state.body_budget.available_permits();
+        let stalled: Vec<_> = (0..4)
+            .map(|_| {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let body = stalled_body(Bytes::from_static(b"{\"apiVersion\""));
+                    let request = review_request(body, Some(MIN_BODY_LIMIT));
+                    answer_now(&state, request).await
+                })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await; // every stalled body read its first bytes
+        }
+        assert_eq!(state.body_budget.available_permits(), everything);
+
+        let started = Instant::now();
+        let small = review_request(Body::from(REVIEW), None);
+        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(300));
+
+        for stalled in stalled {
+            assert_eq!(stalled.await.expect("task"), StatusCode::REQUEST_TIMEOUT);
+        }
+        assert_eq!(state.body_budget.available_permits(), everything);
+    }
+
+    /// Past the limit, declared or not: 413 without waiting for the rest.
+    #[tokio::test]
+    async fn bodies_past_the_limit_get_413() {
+        let state = state_with_policy(Duration::from_secs(5));
+        let declared = review_request(
+            stalled_body(Bytes::from_static(b"{")),
+            Some(MIN_BODY_LIMIT + 1),
+        );
+        assert_eq!(
+            answer_now(&state, declared).await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let sent = review_request(Body::from(vec![b' '; MIN_BODY_LIMIT + 1]), None);
+        assert_eq!(
+            answer_now(&state, sent).await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
 
     #[tokio::test]
     async fn accepted_connections_get_nodelay_and_keepalive() {

@@ -856,6 +856,61 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     harness.stop().await;
 }
 
+/// Clients that announce bodies of the whole limit (by Content-Length or
+/// chunked) and then stall reserve nothing: a review sent meanwhile is
+/// answered at once, not after the body timeout.
+#[tokio::test]
+async fn bodies_announced_but_not_sent_never_delay_a_review() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.body_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for framing in [
+        format!("Content-Length: {DEFAULT_BODY_LIMIT}"),
+        format!("Content-Length: {DEFAULT_BODY_LIMIT}"),
+        "Transfer-Encoding: chunked".to_string(),
+        "Transfer-Encoding: chunked".to_string(),
+    ] {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(root_store(&harness.pki.root_pem))
+            .with_no_client_auth();
+        let mut stream = tls_connect(&harness, config).await;
+        let first_bytes = if framing.starts_with("Transfer") {
+            "1\r\n{\r\n"
+        } else {
+            "{"
+        };
+        stream
+            .write_all(
+                format!(
+                    "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\
+                     Content-Type: application/json\r\n{framing}\r\n\r\n{first_bytes}"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        stream.flush().await.unwrap();
+        stalled.push(stream);
+    }
+    // Let the server read every stalled body's first bytes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let client = harness.client(true);
+    let started = Instant::now();
+    let review = sample_review();
+    let response = harness.post_review(&client, &review).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a review waited {:?} behind bodies never sent",
+        started.elapsed()
+    );
+    drop(stalled);
+    harness.stop().await;
+}
+
 /// A client that finishes the TLS handshake and then sends nothing holds no
 /// connection slot for long: with one slot, a real client still gets in.
 #[tokio::test]
