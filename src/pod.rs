@@ -38,7 +38,11 @@ pub struct PodObject {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodImages {
-    /// Required, as in every PodSpec: a spec without it is not a Pod's.
+    /// Empty when absent or `null`: mutating admission runs before
+    /// validation, and Go encodes a Pod sent without containers as
+    /// `"containers": null`. Such a pod is allowed here (nothing to rewrite)
+    /// so that the apiserver's own validation tells the user what is wrong.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<ContainerImage>,
     #[serde(default)]
     pub init_containers: Option<Vec<ContainerImage>>,
@@ -48,6 +52,12 @@ pub struct PodImages {
     /// must then add the array whole.
     #[serde(default)]
     pub image_pull_secrets: Option<Vec<SecretReference>>,
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<ContainerImage>, D::Error> {
+    Ok(Option::<Vec<ContainerImage>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// A container's name and image.

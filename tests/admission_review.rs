@@ -159,6 +159,33 @@ fn requests_answered_without_a_patch() {
     }
 }
 
+/// Mutating admission runs before validation: a Pod sent without
+/// containers (Go encodes it as `"containers": null`) is allowed untouched,
+/// so the apiserver's validation, not a webhook error, tells the user.
+#[test]
+fn a_pod_without_containers_is_left_to_validation() {
+    let policy = example_policy();
+    for containers in [Value::Null, json!([])] {
+        let mut review_body = fixture("pod-create.json");
+        let spec = &mut review_body["request"]["object"]["spec"];
+        spec["containers"] = containers.clone();
+        spec["initContainers"] = Value::Null;
+        let (body, patch) = review_in_process(&policy, &review_body);
+        let response = response_of(&body);
+        assert_eq!(response["allowed"], true, "{containers}: {response}");
+        assert!(patch.is_none(), "{containers}: {patch:?}");
+    }
+    let mut review_body = fixture("pod-create.json");
+    let spec = review_body["request"]["object"]["spec"]
+        .as_object_mut()
+        .expect("spec");
+    spec.remove("containers");
+    spec.remove("initContainers");
+    let (body, patch) = review_in_process(&policy, &review_body);
+    assert_eq!(response_of(&body)["allowed"], true);
+    assert!(patch.is_none(), "{patch:?}");
+}
+
 #[test]
 fn kubectl_debug() {
     let (patched, response, patch) = answer(&fixture("ephemeral-containers-update.json"));
