@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -76,20 +76,42 @@ impl PemPair {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TlsError::BadPem {
                 path: cert_name.clone(),
-                reason: e.to_string(),
+                reason: pem_problem(&e).to_owned(),
             })?;
         if chain.is_empty() {
             return Err(TlsError::NoCertificate { path: cert_name });
         }
         let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| TlsError::BadPem {
             path: key_name.clone(),
-            reason: format!("no usable private key: {e}"),
+            reason: match e {
+                pem::Error::NoItemsFound => "no private key found".to_owned(),
+                e => format!("no usable private key: {}", pem_problem(&e)),
+            },
         })?;
         CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Mismatch {
             cert: cert_name,
             key: key_name,
             reason: e.to_string(),
         })
+    }
+}
+
+/// What is wrong with a PEM file, in words that hold none of its content:
+/// the parser's own messages quote the offending line, which in a key file
+/// (or a certificate file with the key appended) is the private key, and
+/// every refused reload logs the reason.
+fn pem_problem(error: &pem::Error) -> &'static str {
+    match error {
+        pem::Error::IllegalSectionStart { .. } => {
+            "a line starts a PEM section but is not a valid BEGIN line \
+             (literal \\n escapes instead of line breaks?)"
+        }
+        pem::Error::MissingSectionEnd { .. } => "a PEM section has no END line",
+        pem::Error::Base64Decode(_) => "invalid base64 in a PEM section",
+        pem::Error::SectionTooLarge => "a PEM section is larger than 256 MB",
+        pem::Error::NoItemsFound => "no PEM section of the expected kind",
+        pem::Error::Io(_) => "the PEM data could not be read",
+        _ => "not valid PEM",
     }
 }
 
