@@ -32,6 +32,10 @@ pub enum TlsError {
     },
 }
 
+/// How many times a pair is read before one that may straddle a swap is
+/// returned as it is.
+const PAIR_READ_ATTEMPTS: usize = 3;
+
 /// The bytes of a certificate file and its key file, as last read.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PemPair {
@@ -50,16 +54,39 @@ impl fmt::Debug for PemPair {
 
 impl PemPair {
     pub fn read(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
+        Self::read_with(cert, key, |path| std::fs::read(path))
+    }
+
+    /// The two files are two opens, and kubelet swaps a Secret volume's
+    /// `..data` symlink whenever it likes: an old certificate with a new key
+    /// would be refused and counted as a failed reload. So the certificate is
+    /// read again after the key, and the pair again when it changed.
+    fn read_with(
+        cert: &Path,
+        key: &Path,
+        mut read_file: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Self, TlsError> {
+        let mut read = |path: &Path| {
+            read_file(path).map_err(|source| TlsError::Read {
                 path: path.display().to_string(),
                 source,
             })
         };
-        Ok(Self {
+        let mut pair = Self {
             cert: read(cert)?,
             key: read(key)?,
-        })
+        };
+        for _ in 1..PAIR_READ_ATTEMPTS {
+            let cert_now = read(cert)?;
+            if cert_now == pair.cert {
+                return Ok(pair);
+            }
+            pair = Self {
+                cert: cert_now,
+                key: read(key)?,
+            };
+        }
+        Ok(pair)
     }
 
     /// The whole chain in the certificate file, and the key (PKCS#8,
@@ -144,4 +171,83 @@ pub fn server_config(
         .with_cert_resolver(slot);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Secret volume's two files, by version, as a kubelet `..data` swap
+    /// changes them: every read sees the version current at that moment.
+    struct SwappingVolume {
+        version: usize,
+        reads: usize,
+        /// The version becomes `version + 1` after each read listed here
+        /// (1-based).
+        swap_after_reads: Vec<usize>,
+    }
+
+    impl SwappingVolume {
+        fn new(swap_after_reads: &[usize]) -> Self {
+            Self {
+                version: 1,
+                reads: 0,
+                swap_after_reads: swap_after_reads.to_vec(),
+            }
+        }
+
+        fn read(&mut self, path: &Path) -> std::io::Result<Vec<u8>> {
+            let content = format!("{} v{}", path.display(), self.version).into_bytes();
+            self.reads += 1;
+            if self.swap_after_reads.contains(&self.reads) {
+                self.version += 1;
+            }
+            Ok(content)
+        }
+    }
+
+    fn pair(version: usize) -> PemPair {
+        PemPair {
+            cert: format!("tls.crt v{version}").into_bytes(),
+            key: format!("tls.key v{version}").into_bytes(),
+        }
+    }
+
+    fn read_pair(volume: &mut SwappingVolume) -> PemPair {
+        PemPair::read_with(Path::new("tls.crt"), Path::new("tls.key"), |path| {
+            volume.read(path)
+        })
+        .expect("the fake volume never fails")
+    }
+
+    #[test]
+    fn a_quiet_volume_reads_one_pair() {
+        let mut volume = SwappingVolume::new(&[]);
+        assert_eq!(read_pair(&mut volume), pair(1));
+    }
+
+    #[test]
+    fn a_swap_between_certificate_and_key_reads_the_new_pair() {
+        // Swapped after the certificate was read, before the key was.
+        let mut volume = SwappingVolume::new(&[1]);
+        assert_eq!(read_pair(&mut volume), pair(2));
+    }
+
+    #[test]
+    fn a_swap_after_the_key_reads_a_consistent_pair() {
+        let mut volume = SwappingVolume::new(&[2]);
+        let read = read_pair(&mut volume);
+        assert!(read == pair(1) || read == pair(2), "{read:?}");
+    }
+
+    #[test]
+    fn swaps_that_never_stop_give_up_after_a_few_reads() {
+        let mut volume = SwappingVolume::new(&(1..100).collect::<Vec<_>>());
+        read_pair(&mut volume);
+        assert!(
+            volume.reads <= 2 * PAIR_READ_ATTEMPTS + 1,
+            "{} reads",
+            volume.reads
+        );
+    }
 }
