@@ -28,14 +28,48 @@ impl KeyType {
     }
 }
 
+/// The longest validity issued, for the CA or the serving certificate:
+/// 100 years. More is a typo, and would take `notAfter` out of the range
+/// the date arithmetic can hold.
+pub const MAX_VALIDITY_DAYS: u32 = 36_500;
+
 /// What to issue.
 #[derive(Debug, Clone)]
 pub struct CertRequest {
     /// DNS names and IP addresses of the serving certificate.
     pub subject_alt_names: Vec<String>,
     pub key_type: KeyType,
+    /// `--validity-days`: 1 to [`MAX_VALIDITY_DAYS`], at most the CA's.
     pub validity_days: u32,
+    /// `--ca-validity-days`: 1 to [`MAX_VALIDITY_DAYS`].
     pub ca_validity_days: u32,
+}
+
+impl CertRequest {
+    /// Refuses a certificate expired when written, one too far in the
+    /// future, and a serving certificate that outlives the CA that signs it
+    /// (clients would stop trusting it before it expires).
+    pub fn check_validity(&self) -> Result<(), CertsError> {
+        check_days("--validity-days", self.validity_days)?;
+        check_days("--ca-validity-days", self.ca_validity_days)?;
+        if self.validity_days > self.ca_validity_days {
+            return Err(CertsError::OutlivesCa {
+                days: self.validity_days,
+                ca_days: self.ca_validity_days,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_days(flag: &'static str, days: u32) -> Result<(), CertsError> {
+    if days == 0 {
+        Err(CertsError::NoValidity { flag })
+    } else if days > MAX_VALIDITY_DAYS {
+        Err(CertsError::ValidityTooLong { flag, days })
+    } else {
+        Ok(())
+    }
 }
 
 /// PEM text of a CA and a serving certificate it signed.
@@ -50,6 +84,19 @@ pub struct CertBundle {
 pub enum CertsError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error(
+        "{flag} 0: must be at least 1 (a certificate valid for 0 days has expired when written)"
+    )]
+    NoValidity { flag: &'static str },
+    #[error("{flag} {days}: must be at most {MAX_VALIDITY_DAYS} (100 years)")]
+    ValidityTooLong { flag: &'static str, days: u32 },
+    #[error(
+        "--validity-days {days} is more than --ca-validity-days {ca_days}: \
+         the serving certificate would outlive the CA that signs it"
+    )]
+    OutlivesCa { days: u32, ca_days: u32 },
+    #[error("{days} days from now is beyond the dates a certificate can hold")]
+    OutOfRange { days: u32 },
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -68,9 +115,14 @@ pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
 }
 
 pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
+    request.check_validity()?;
     let now = OffsetDateTime::now_utc();
     // A little slack for clocks that are behind ours.
     let not_before = now - Duration::minutes(5);
+    let days_from_now = |days: u32| {
+        now.checked_add(Duration::days(i64::from(days)))
+            .ok_or(CertsError::OutOfRange { days })
+    };
 
     let ca_key = KeyPair::generate_for(request.key_type.algorithm())?;
     let mut ca_params = CertificateParams::default();
@@ -78,7 +130,7 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca_params.not_before = not_before;
-    ca_params.not_after = now + Duration::days(i64::from(request.ca_validity_days));
+    ca_params.not_after = days_from_now(request.ca_validity_days)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
@@ -98,7 +150,7 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = not_before;
-    params.not_after = now + Duration::days(i64::from(request.validity_days));
+    params.not_after = days_from_now(request.validity_days)?;
     let cert = params.signed_by(&key, &issuer)?;
 
     Ok(CertBundle {
@@ -186,4 +238,56 @@ fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()>
     }
     let mut file = options.open(path)?;
     file.write_all(content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(validity_days: u32, ca_validity_days: u32) -> CertRequest {
+        CertRequest {
+            subject_alt_names: vec!["image-rewriter.image-rewriter.svc".to_owned()],
+            key_type: KeyType::EcdsaP256,
+            validity_days,
+            ca_validity_days,
+        }
+    }
+
+    #[test]
+    fn validity_from_one_day_to_the_maximum_is_accepted() {
+        for (days, ca_days) in [(1, 1), (365, 3650), (MAX_VALIDITY_DAYS, MAX_VALIDITY_DAYS)] {
+            assert!(
+                request(days, ca_days).check_validity().is_ok(),
+                "{days} {ca_days}"
+            );
+        }
+    }
+
+    #[test]
+    fn validity_out_of_range_is_refused_naming_the_flag() {
+        for (days, ca_days, flag) in [
+            (0, 3650, "--validity-days 0"),
+            (MAX_VALIDITY_DAYS + 1, 3650, "--validity-days 36501"),
+            (u32::MAX, u32::MAX, "--validity-days 4294967295"),
+            (365, 0, "--ca-validity-days 0"),
+            (365, MAX_VALIDITY_DAYS + 1, "--ca-validity-days 36501"),
+            (
+                400,
+                10,
+                "--validity-days 400 is more than --ca-validity-days 10",
+            ),
+        ] {
+            let refusal = request(days, ca_days).check_validity().err();
+            let message = refusal.map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.starts_with(flag), "{days} {ca_days}: {message:?}");
+        }
+    }
+
+    #[test]
+    fn generate_refuses_what_check_validity_refuses() {
+        assert!(matches!(
+            generate(&request(4_000_000, 4_000_000)),
+            Err(CertsError::ValidityTooLong { .. })
+        ));
+    }
 }

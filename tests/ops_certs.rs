@@ -1,0 +1,97 @@
+//! `image-rewriter certs`: validity periods it refuses, and the modes of the
+//! files that hold a private key.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+
+/// `certs --out DIR` plus `args`, with no inherited `IMAGE_REWRITER_*`
+/// variables.
+fn certs(out: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .arg("certs")
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Exit 1 with a reason on stderr that names every one of `flags`, and
+/// nothing written.
+fn assert_refused(args: &[&str], flags: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let output = certs(&out, args);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{args:?}: {}",
+        describe(&output)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("image-rewriter: "), "{args:?}: {stderr}");
+    for flag in flags {
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: does not name {flag}: {stderr}"
+        );
+    }
+    assert!(!out.exists(), "{args:?}: wrote files although refused");
+}
+
+#[test]
+fn a_validity_beyond_the_maximum_is_refused() {
+    assert_refused(&["--validity-days", "4000000"], &["--validity-days"]);
+    assert_refused(
+        &["--validity-days", "365", "--ca-validity-days", "4000000"],
+        &["--ca-validity-days"],
+    );
+    assert_refused(
+        &["--validity-days", "36501", "--ca-validity-days", "36501"],
+        &["--validity-days"],
+    );
+}
+
+#[test]
+fn a_validity_of_zero_days_is_refused() {
+    assert_refused(&["--validity-days", "0"], &["--validity-days"]);
+    assert_refused(&["--ca-validity-days", "0"], &["--ca-validity-days"]);
+}
+
+#[test]
+fn a_serving_certificate_may_not_outlive_its_ca() {
+    assert_refused(
+        &["--validity-days", "400", "--ca-validity-days", "10"],
+        &["--validity-days", "--ca-validity-days"],
+    );
+}
+
+#[test]
+fn the_limits_themselves_are_accepted() {
+    for args in [
+        ["--validity-days", "1", "--ca-validity-days", "1"],
+        ["--validity-days", "36500", "--ca-validity-days", "36500"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = certs(dir.path(), &args);
+        assert!(output.status.success(), "{args:?}: {}", describe(&output));
+        assert!(dir.path().join("tls.crt").exists());
+    }
+}
