@@ -230,13 +230,22 @@ pub fn write_bundle(
 fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    // Truncated only once the mode is right, so a new key never sits in a
+    // file an earlier run (or a person) left readable by others.
+    options.write(true).create(true).truncate(false);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(if private { 0o600 } else { 0o644 });
     }
     let mut file = options.open(path)?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt as _;
+        // The open's mode applies only to a file it creates.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.set_len(0)?;
     file.write_all(content)
 }
 

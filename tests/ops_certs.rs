@@ -95,3 +95,26 @@ fn the_limits_themselves_are_accepted() {
         assert!(dir.path().join("tls.crt").exists());
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn files_with_a_private_key_are_private_even_when_they_existed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let private = ["ca.key", "tls.key", "secret.yaml"];
+    for name in private {
+        let path = dir.path().join(name);
+        // Longer than what replaces it, so a missing truncation shows.
+        std::fs::write(&path, "an older run's key\n".repeat(1000)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let output = certs(dir.path(), &[]);
+    assert!(output.status.success(), "{}", describe(&output));
+    for name in private {
+        let path = dir.path().join(name);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("an older run's key"), "{name} not rewritten");
+    }
+}
