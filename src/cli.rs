@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::certs::{self, CertRequest, KeyType};
-use crate::config::load_policy;
+use crate::config::{is_dns_label, load_policy};
 use crate::offline::{RewriteReport, mutate_documents};
 use crate::server::{DEFAULT_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
 
@@ -268,7 +268,7 @@ fn rewrite(args: &RewriteArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
-    let policy = load_policy(&args.config, args.namespace.as_deref())?;
+    let policy = load_policy(&args.config, namespace_flag(args.namespace.as_deref())?)?;
     let input = if args.file.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text)?;
@@ -312,13 +312,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let namespace = own_namespace(args.namespace.as_deref(), || {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok()
+    })?;
     init_logging(args.log_format);
-    let namespace = args.namespace.clone().or_else(|| {
-        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
-            .ok()
-            .map(|ns| ns.trim().to_owned())
-            .filter(|ns| !ns.is_empty())
-    });
     let (config, tls_cert, tls_key) = match (&args.config, &args.tls_cert, &args.tls_key) {
         (Some(config), Some(cert), Some(key)) => (config.clone(), cert.clone(), key.clone()),
         _ => dev_files(&args)?,
@@ -344,6 +341,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(crate::server::serve_until_signal(options))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--namespace` / `IMAGE_REWRITER_NAMESPACE` as given. Empty counts as not
+/// given: a manifest's `value: ""` must not stand for a namespace.
+fn namespace_flag(given: Option<&str>) -> anyhow::Result<Option<&str>> {
+    match given {
+        None | Some("") => Ok(None),
+        Some(namespace) if is_dns_label(namespace) => Ok(Some(namespace)),
+        Some(namespace) => anyhow::bail!(
+            "--namespace / IMAGE_REWRITER_NAMESPACE {namespace:?} is not a valid namespace name \
+             (lower-case letters, digits and '-', starting and ending with a letter or digit, \
+             at most 63 characters)"
+        ),
+    }
+}
+
+/// `serve`'s own namespace: `--namespace`, else what the service account's
+/// namespace file says.
+fn own_namespace(
+    given: Option<&str>,
+    service_account_namespace: impl FnOnce() -> Option<String>,
+) -> anyhow::Result<Option<String>> {
+    Ok(match namespace_flag(given)? {
+        Some(namespace) => Some(namespace.to_owned()),
+        None => service_account_namespace()
+            .map(|ns| ns.trim().to_owned())
+            .filter(|ns| !ns.is_empty()),
+    })
 }
 
 /// `--dev-self-signed`: a throwaway CA and localhost certificate, and the
@@ -398,4 +423,50 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_service_account() -> Option<String> {
+        Some("from-sa\n".to_owned())
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_service_account() {
+        let namespace = own_namespace(Some("webhooks"), from_service_account).unwrap();
+        assert_eq!(namespace.as_deref(), Some("webhooks"));
+    }
+
+    #[test]
+    fn no_flag_reads_the_service_account() {
+        let namespace = own_namespace(None, from_service_account).unwrap();
+        assert_eq!(namespace.as_deref(), Some("from-sa"));
+        assert_eq!(own_namespace(None, || None).unwrap(), None);
+    }
+
+    #[test]
+    fn an_empty_flag_counts_as_not_given() {
+        // `IMAGE_REWRITER_NAMESPACE: ""` in a manifest, or `--namespace ""`.
+        let namespace = own_namespace(Some(""), from_service_account).unwrap();
+        assert_eq!(namespace.as_deref(), Some("from-sa"));
+    }
+
+    #[test]
+    fn a_flag_that_is_no_namespace_name_is_refused_naming_the_flag() {
+        let too_long = "a".repeat(64);
+        for given in ["Foo", "-a", "a-", "a.b", "a_b", " a", too_long.as_str()] {
+            let refusal = own_namespace(Some(given), from_service_account)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                refusal.contains("--namespace") && refusal.contains("IMAGE_REWRITER_NAMESPACE"),
+                "{given:?}: {refusal:?}"
+            );
+        }
+        let longest = "a".repeat(63);
+        assert!(own_namespace(Some(&longest), from_service_account).is_ok());
+    }
 }

@@ -1,0 +1,113 @@
+//! The real binary refuses a `--namespace` / `IMAGE_REWRITER_NAMESPACE` that
+//! is not a namespace name, before it serves anything.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+
+/// A command with no inherited `IMAGE_REWRITER_*` variables.
+fn command() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+/// The child's output once it exits; `None` (and the child killed) when it
+/// is still running at the deadline, as a server that accepted the flag is.
+fn output_within(mut child: Child, deadline: Duration) -> Option<Output> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    None
+}
+
+fn serve(dir: &Path) -> Command {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, "rules: []\n").unwrap();
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--tls-cert")
+        .arg(fixtures.join("ec.crt"))
+        .arg("--tls-key")
+        .arg(fixtures.join("ec-pkcs8.key"))
+        .args(["--no-api", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"]);
+    command
+}
+
+fn assert_refused_naming_the_flag(output: Option<Output>, value: &str) {
+    let output = output.expect("still serving with a namespace that is no namespace name");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--namespace / IMAGE_REWRITER_NAMESPACE")
+            && stderr.contains(&format!("{value:?}")),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_namespace_flag_that_is_no_namespace_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = serve(dir.path())
+        .args(["--namespace", "Image-Rewriter"])
+        .spawn()
+        .unwrap();
+    assert_refused_naming_the_flag(
+        output_within(child, Duration::from_secs(10)),
+        "Image-Rewriter",
+    );
+}
+
+#[test]
+fn serve_refuses_a_namespace_variable_that_is_no_namespace_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = serve(dir.path())
+        .env("IMAGE_REWRITER_NAMESPACE", "image_rewriter")
+        .spawn()
+        .unwrap();
+    assert_refused_naming_the_flag(
+        output_within(child, Duration::from_secs(10)),
+        "image_rewriter",
+    );
+}
+
+#[test]
+fn mutate_refuses_a_namespace_that_is_no_namespace_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "rules: []\n").unwrap();
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(
+        &pod,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, image: nginx}]\n",
+    )
+    .unwrap();
+    let child = command()
+        .arg("mutate")
+        .arg("--config")
+        .arg(&config)
+        .arg("-f")
+        .arg(&pod)
+        .args(["--namespace", "a.b"])
+        .spawn()
+        .unwrap();
+    assert_refused_naming_the_flag(output_within(child, Duration::from_secs(10)), "a.b");
+}
