@@ -348,12 +348,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn namespace_flag(given: Option<&str>) -> anyhow::Result<Option<&str>> {
     match given {
         None | Some("") => Ok(None),
-        Some(namespace) if is_dns_label(namespace) => Ok(Some(namespace)),
-        Some(namespace) => anyhow::bail!(
-            "--namespace / IMAGE_REWRITER_NAMESPACE {namespace:?} is not a valid namespace name \
+        Some(namespace) => namespace_name(namespace).map(Some),
+    }
+}
+
+fn namespace_name(given: &str) -> anyhow::Result<&str> {
+    if is_dns_label(given) {
+        Ok(given)
+    } else {
+        anyhow::bail!(
+            "--namespace / IMAGE_REWRITER_NAMESPACE {given:?} is not a valid namespace name \
              (lower-case letters, digits and '-', starting and ending with a letter or digit, \
              at most 63 characters)"
-        ),
+        )
     }
 }
 
@@ -406,7 +413,9 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 }
 
 fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
-    let mut names = certs::service_dns_names(&args.service, &args.namespace);
+    // No fallback here: the Secret and the certificate's names need one.
+    let namespace = namespace_name(&args.namespace)?;
+    let mut names = certs::service_dns_names(&args.service, namespace);
     names.extend(args.extra_sans.iter().cloned());
     let bundle = certs::generate(&CertRequest {
         subject_alt_names: names,
@@ -414,7 +423,7 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
         validity_days: args.validity_days,
         ca_validity_days: args.ca_validity_days,
     })?;
-    let written = certs::write_bundle(&bundle, &args.out, &args.secret_name, &args.namespace)?;
+    let written = certs::write_bundle(&bundle, &args.out, &args.secret_name, namespace)?;
     for path in written {
         println!("wrote {}", path.display());
     }

@@ -118,3 +118,11 @@ fn files_with_a_private_key_are_private_even_when_they_existed() {
         assert!(!text.contains("an older run's key"), "{name} not rewritten");
     }
 }
+
+#[test]
+fn a_namespace_that_is_no_namespace_name_is_refused() {
+    // An empty one would write a Secret with `namespace:` and names like
+    // `image-rewriter..svc`.
+    assert_refused(&["--namespace", ""], &["--namespace"]);
+    assert_refused(&["--namespace", "Image-Rewriter"], &["--namespace"]);
+}
