@@ -213,7 +213,17 @@ impl Policy {
 
         let mut globs = GlobSetBuilder::new();
         for (index, pattern) in exclude.images.iter().enumerate() {
-            let glob = GlobBuilder::new(pattern)
+            if let Some(bad) = character_no_name_holds(pattern) {
+                return Err(ConfigError::invalid(
+                    format!("exclude.images[{index}]"),
+                    format!(
+                        "{pattern:?} has {bad:?} where no image name can, so it would never \
+                         match: the globs know only `*` (within one path component) and `**` \
+                         (across them), and take every other character literally"
+                    ),
+                ));
+            }
+            let glob = GlobBuilder::new(&star_only_glob(pattern))
                 .literal_separator(true)
                 .build()
                 .map_err(|e| {
@@ -442,6 +452,36 @@ impl std::fmt::Debug for DecisionMemo {
     }
 }
 
+/// The first character of an `exclude.images` pattern that no normalized
+/// name holds where it stands: in the registry host (the first component)
+/// letters, digits, `.`, `-`, `:` and the brackets of an IPv6 address; in
+/// the path letters, digits, `.`, `_`, `-` and `/`; `*` anywhere. Other
+/// glob syntax (`?`, `{a,b}`, `[a-z]` in a path, `\`) lands here, and is
+/// refused rather than silently never matching.
+fn character_no_name_holds(pattern: &str) -> Option<char> {
+    let (host, path) = pattern.split_once('/').unwrap_or((pattern, ""));
+    let in_host =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '*');
+    let in_path = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | '*');
+    host.chars()
+        .find(|&c| !in_host(c))
+        .or_else(|| path.chars().find(|&c| !in_path(c)))
+}
+
+/// `pattern` in globset's syntax with every character but `*` literal: the
+/// config's globs have `*` and `**` only, and a registry host can hold
+/// globset's metacharacters (`[fd00::1]:5000` is an IPv6 host, not a class).
+fn star_only_glob(pattern: &str) -> String {
+    let mut glob = String::with_capacity(pattern.len() + 8);
+    for (index, literal) in pattern.split('*').enumerate() {
+        if index > 0 {
+            glob.push('*');
+        }
+        glob.push_str(&globset::escape(literal));
+    }
+    glob
+}
+
 /// `target` + `rest` (the new name) with tag and digest as written, checked
 /// to be valid and to be pulled from exactly that name. No re-parse is
 /// needed: the target was validated at load time and `rest` comes from a
@@ -592,6 +632,90 @@ exclude:
         assert!(matches!(policy.decide("NGINX"), Decision::Unparsable(_)));
         assert!(matches!(policy.decide(""), Decision::Unparsable(_)));
         assert_eq!(policy.decide("gcr.io/x"), Decision::NoMatchingRule);
+    }
+
+    #[test]
+    fn exclude_globs_take_an_ipv6_host_literally() {
+        let policy = policy(
+            r#"
+rules:
+  - match: "[fd00::1]:5000"
+    target: harbor.corp.example/v6
+  - match: "d:5000"
+    target: harbor.corp.example/d
+exclude:
+  images: ["[fd00::1]:5000/**"]
+"#,
+        );
+        assert_eq!(
+            policy.decide("[fd00::1]:5000/team/app:1"),
+            Decision::Excluded
+        );
+        assert_eq!(
+            outcome(&policy, "d:5000/team/app").0,
+            "harbor.corp.example/d/team/app"
+        );
+    }
+
+    #[test]
+    fn exclude_globs_with_any_other_glob_syntax_are_refused() {
+        for pattern in [
+            "quay.io/app?",
+            "quay.io/{tools,infra}/*",
+            "quay.io/[a-c]pp",
+            "quay.io/[!x]pp",
+            "quay.io/one\\\\/*",
+            "registry.k8s.io/[",
+            "quay.io/a b",
+            "{quay,ghcr}.io/**",
+        ] {
+            let yaml = format!("exclude:\n  images: [\"quay.io/**\", \"{pattern}\"]\n");
+            let refused = ConfigFile::from_yaml(&yaml)
+                .unwrap()
+                .into_policy(None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.starts_with("exclude.images[1]") && refused.contains("never match"),
+                "{pattern}: {refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_star_stays_within_a_component_and_two_cross_them() {
+        let policy = policy(
+            r#"
+rules:
+  - match: quay.io
+    target: harbor.corp.example/quay
+exclude:
+  images: ["quay.io/*/single", "quay.io/deep/**", "quay.io/**/leaf", "quay.io/pre*"]
+"#,
+        );
+        for excluded in [
+            "quay.io/org/single",
+            "quay.io/deep/a",
+            "quay.io/deep/a/b/c",
+            "quay.io/leaf",
+            "quay.io/a/b/leaf",
+            "quay.io/prefix",
+        ] {
+            assert_eq!(policy.decide(excluded), Decision::Excluded, "{excluded}");
+        }
+        for rewritten in [
+            "quay.io/a/b/single",
+            "quay.io/single",
+            "quay.io/deeper/a",
+            "quay.io/leaf/x",
+            "quay.io/prefix/x",
+        ] {
+            assert!(
+                matches!(policy.decide(rewritten), Decision::Rewrite { .. }),
+                "{rewritten}: {:?}",
+                policy.decide(rewritten)
+            );
+        }
     }
 
     #[test]
