@@ -103,7 +103,7 @@ pub enum Decision<'p> {
     Rewrite { image: String, rule: &'p Rule },
     /// Already under this rule's target: leave it, but its pull secret applies.
     AlreadyUnderTarget { rule: &'p Rule },
-    /// Matched by `exclude.images`.
+    /// Matched by `exclude.images`, and under no rule's target.
     Excluded,
     /// No rule matches its registry.
     NoMatchingRule,
@@ -321,12 +321,14 @@ impl Policy {
             Err(error) => return (Decision::Unparsable(error), None),
         };
         let name = reference.name();
-        if self.excluded_images.is_match(name) {
-            return (Decision::Excluded, None);
-        }
+        // Before the exclusions: an image under a target is not rewritten
+        // either way, but only this answer ensures its rule's pullSecret.
         if let Some((index, _)) = longest_prefix(&self.rule_by_target, name) {
             let rule = &self.rules[index];
             return (Decision::AlreadyUnderTarget { rule }, Some(index));
+        }
+        if self.excluded_images.is_match(name) {
+            return (Decision::Excluded, None);
         }
         let Some((index, rest)) = longest_prefix(&self.rule_by_match, name) else {
             return (Decision::NoMatchingRule, None);
@@ -716,6 +718,33 @@ exclude:
                 policy.decide(rewritten)
             );
         }
+    }
+
+    #[test]
+    fn an_image_under_a_target_keeps_its_pull_secret_when_excluded_too() {
+        let policy = policy(
+            r#"
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: harbor-pull
+exclude:
+  images: ["harbor.corp.example/**", "docker.io/library/busybox"]
+"#,
+        );
+        let moved = "harbor.corp.example/dockerhub/library/nginx:1.27";
+        for decision in [policy.decide(moved), policy.decide(moved)] {
+            let Decision::AlreadyUnderTarget { rule } = decision else {
+                panic!("{moved}: {decision:?}");
+            };
+            assert_eq!(rule.pull_secret.as_deref(), Some("harbor-pull"));
+        }
+        // Exclusion still wins over rewriting, and covers what no target holds.
+        assert_eq!(policy.decide("busybox:1.36"), Decision::Excluded);
+        assert_eq!(
+            policy.decide("harbor.corp.example/other/app"),
+            Decision::Excluded
+        );
     }
 
     #[test]
