@@ -41,6 +41,9 @@ struct Cached {
     managed: bool,
     /// Hash of type and data, to see whether a copy matches its source.
     fingerprint: u64,
+    /// Its `image-rewriter.io/source` annotation: a copy that names another
+    /// source was made before the source moved.
+    source: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -123,16 +126,33 @@ impl PullSecretSync {
         Self { inner }
     }
 
-    /// Follows a (re)loaded config: watches exactly the rules' secret names.
+    /// Follows a (re)loaded config: watches exactly the rules' secret names,
+    /// and when the source namespace changed, brings the copies of the names
+    /// already watched to the new source (a new watch does so once listed).
+    /// The watches need not move: they cover every namespace.
     pub fn configure(&self, policy: &Policy) {
         let inner = &self.inner;
-        if let Ok(mut source) = inner.source_namespace.write() {
-            source.clone_from(&policy.pull_secret_sync().source_namespace);
-        }
+        let new_source = &policy.pull_secret_sync().source_namespace;
+        let source_moved = match inner.source_namespace.write() {
+            Ok(mut source) => {
+                let moved = *source != *new_source;
+                source.clone_from(new_source);
+                moved
+            }
+            Err(_) => false,
+        };
         let names = policy.pull_secret_names();
         let Ok(mut watches) = inner.watches.lock() else {
             return;
         };
+        if source_moved {
+            let watched: Vec<String> = names
+                .iter()
+                .filter(|name| watches.contains_key(*name))
+                .cloned()
+                .collect();
+            inner.reconcile_in_background(watched);
+        }
         watches.retain(|name, watch| {
             let keep = names.contains(name);
             if !keep {
@@ -251,6 +271,19 @@ impl Inner {
         }
     }
 
+    /// Queues a reconcile of each of `names` without blocking the caller.
+    fn reconcile_in_background(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let work = self.work.clone();
+        tokio::spawn(async move {
+            for name in names {
+                let _ = work.send(Work::Reconcile { name }).await;
+            }
+        });
+    }
+
     fn source_namespace(&self) -> Option<String> {
         self.source_namespace.read().ok().and_then(|s| s.clone())
     }
@@ -319,7 +352,19 @@ fn cached(secret: &Secret) -> Cached {
     Cached {
         managed: is_managed(secret),
         fingerprint: fingerprint(secret),
+        source: secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(SOURCE_ANNOTATION))
+            .cloned(),
     }
+}
+
+/// The `image-rewriter.io/source` annotation of a copy of `name` from
+/// `source_namespace`.
+fn source_reference(source_namespace: &str, name: &str) -> String {
+    format!("{source_namespace}/{name}")
 }
 
 /// Keeps the cache of one secret name current, across all namespaces.
@@ -468,7 +513,7 @@ fn copy_of(source: &Secret, source_namespace: &str, namespace: &str) -> Secret {
             )])),
             annotations: Some(BTreeMap::from([(
                 SOURCE_ANNOTATION.to_owned(),
-                format!("{source_namespace}/{}", name.unwrap_or_default()),
+                source_reference(source_namespace, name.as_deref().unwrap_or_default()),
             )])),
             ..ObjectMeta::default()
         },
@@ -524,7 +569,9 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
     }
 }
 
-/// Brings every managed copy of `name` to the source's content.
+/// Brings every managed copy of `name` to the source's content, and to
+/// naming it. A copy that names no source is judged by its content alone,
+/// so one labelled by hand is not rewritten just to gain the annotation.
 async fn reconcile(inner: &Inner, name: &str) {
     let (source_namespace, source) = match source_secret(inner, name).await {
         Ok(found) => found,
@@ -535,6 +582,10 @@ async fn reconcile(inner: &Inner, name: &str) {
         }
     };
     let wanted = fingerprint(&source);
+    let origin = source_reference(&source_namespace, name);
+    let is_stale = |copy: &Cached| {
+        copy.fingerprint != wanted || copy.source.as_ref().is_some_and(|named| *named != origin)
+    };
     let stale: BTreeSet<String> = inner
         .cache
         .read()
@@ -545,9 +596,7 @@ async fn reconcile(inner: &Inner, name: &str) {
                     entry
                         .namespaces
                         .iter()
-                        .filter(|(ns, c)| {
-                            **ns != source_namespace && c.managed && c.fingerprint != wanted
-                        })
+                        .filter(|(ns, c)| **ns != source_namespace && c.managed && is_stale(c))
                         .map(|(ns, _)| ns.clone())
                         .collect()
                 })

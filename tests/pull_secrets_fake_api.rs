@@ -22,7 +22,7 @@ use axum::routing::get;
 use image_rewriter::config::ConfigFile;
 use image_rewriter::metrics::Metrics;
 use image_rewriter::policy::Policy;
-use image_rewriter::pullsecrets::{MANAGED_BY_LABEL, PullSecretSync};
+use image_rewriter::pullsecrets::{MANAGED_BY_LABEL, PullSecretSync, SOURCE_ANNOTATION};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -338,6 +338,16 @@ fn policy(wait: &str) -> Policy {
     .unwrap()
 }
 
+fn policy_with_source(namespace: &str) -> Policy {
+    ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         pullSecretSync:\n  waitForCopy: 2s\n  sourceNamespace: {namespace}\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap()
+}
+
 async fn started_sync(
     fake: &Fake,
     client: kube::Client,
@@ -585,4 +595,76 @@ async fn with_sync_disabled_a_missing_secret_is_a_warning() {
         calls,
         "nothing is created"
     );
+}
+
+/// Whether the copy in `namespace` holds `source`'s data and names it.
+fn is_copy_of(fake: &Fake, namespace: &str, source: &Value) -> bool {
+    let origin = format!(
+        "{}/{SECRET}",
+        source["metadata"]["namespace"].as_str().unwrap()
+    );
+    fake.get(namespace, SECRET).is_some_and(|copy| {
+        copy["data"] == source["data"]
+            && copy["metadata"]["annotations"][SOURCE_ANNOTATION] == origin
+    })
+}
+
+#[tokio::test]
+async fn a_reload_that_moves_the_source_brings_every_copy_to_the_new_source() {
+    let (fake, client) = start_fake().await;
+    let old_source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let new_source = fake.put("vault", source_secret("v2"), "ADDED");
+    let mut users_own = source_secret("mine");
+    users_own["metadata"]["labels"] = json!({"team": "b"});
+    let users_own = fake.put("team-b", users_own, "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    for namespace in ["team-a", "team-c", "team-b"] {
+        assert!(
+            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()])
+                .await
+                .is_empty()
+        );
+    }
+    assert!(is_copy_of(&fake, "team-a", &old_source));
+
+    sync.configure(&policy_with_source("vault"));
+    eventually("every copy holds the new source and names it", || {
+        ["team-a", "team-c"]
+            .iter()
+            .all(|namespace| is_copy_of(&fake, namespace, &new_source))
+    })
+    .await;
+    // Neither a user's Secret nor the old source is written to.
+    assert_eq!(fake.get("team-b", SECRET).unwrap(), users_own);
+    assert_eq!(fake.get(SOURCE_NS, SECRET).unwrap(), old_source);
+
+    // The new source's rotations reach the copies; the old one is no source.
+    let rotated = fake.put("vault", source_secret("v3"), "MODIFIED");
+    eventually("the copies follow the new source", || {
+        ["team-a", "team-c"]
+            .iter()
+            .all(|namespace| is_copy_of(&fake, namespace, &rotated))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_moved_source_with_the_same_content_is_named_by_every_copy() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("same"), "ADDED");
+    let new_source = fake.put("vault", source_secret("same"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+            .await
+            .is_empty()
+    );
+
+    sync.configure(&policy_with_source("vault"));
+    eventually("the copy names its new source", || {
+        is_copy_of(&fake, "team-a", &new_source)
+    })
+    .await;
 }
