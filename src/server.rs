@@ -719,7 +719,26 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 mod tests {
     use super::*;
 
-    const REVIEW: &str = include_str!("../tests/fixtures/admission/pod-create.json");
+    /// A CREATE review of a pod with one Docker Hub image.
+    const REVIEW: &str = r#"{
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "team-a",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web", "namespace": "team-a"},
+                "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}
+            },
+            "dryRun": false
+        }
+    }"#;
 
     fn state_with_policy(body_read_timeout: Duration) -> AppState {
         let state = AppState::new(MIN_BODY_LIMIT, body_read_timeout);
