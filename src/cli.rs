@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::certs::{self, CertRequest, KeyType};
-use crate::config::{is_dns_label, load_policy};
+use crate::config::{is_dns_label, is_dns_subdomain, load_policy};
 use crate::offline::{RewriteReport, mutate_documents};
 use crate::server::{DEFAULT_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
 
@@ -57,6 +57,30 @@ pub enum LogFormat {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// A timeout of zero would cut every client off at once.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout.is_zero() {
+        return Err("must be more than 0 (every client would be cut off at once)".into());
+    }
+    Ok(timeout)
+}
+
+/// The files are read in full on every check, so a tiny interval is a busy
+/// loop, not a faster reload.
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+fn parse_reload_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < MIN_RELOAD_INTERVAL {
+        return Err(format!(
+            "must be at least {}: the config and certificate files are read in full on every check",
+            humantime::format_duration(MIN_RELOAD_INTERVAL)
+        ));
+    }
+    Ok(interval)
 }
 
 fn parse_body_limit(text: &str) -> Result<usize, String> {
@@ -110,7 +134,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_REWRITER_MAX_BODY_BYTES", default_value_t = DEFAULT_BODY_LIMIT, value_parser = parse_body_limit)]
     pub max_body_bytes: usize,
     /// How often the config and certificate files are checked for changes.
-    #[arg(long, env = "IMAGE_REWRITER_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "IMAGE_REWRITER_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_reload_interval)]
     pub reload_interval: Duration,
     /// After SIGTERM: /readyz fails but requests are still served this long.
     #[arg(long, env = "IMAGE_REWRITER_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
@@ -119,10 +143,10 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_REWRITER_SHUTDOWN_GRACE", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Time allowed for the TLS handshake and the request headers.
-    #[arg(long, env = "IMAGE_REWRITER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "IMAGE_REWRITER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub header_read_timeout: Duration,
     /// Time allowed for the request body.
-    #[arg(long, env = "IMAGE_REWRITER_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "IMAGE_REWRITER_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub body_read_timeout: Duration,
     /// Open connections at most; more wait to be accepted.
     #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -415,6 +439,20 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     // No fallback here: the Secret and the certificate's names need one.
     let namespace = namespace_name(&args.namespace)?;
+    if !is_dns_label(&args.service) {
+        anyhow::bail!(
+            "--service {:?} is not a valid Service name (lower-case letters, digits and '-', \
+             starting and ending with a letter or digit, at most 63 characters)",
+            args.service
+        );
+    }
+    if !is_dns_subdomain(&args.secret_name) {
+        anyhow::bail!(
+            "--secret-name {:?} is not a valid Secret name (lower-case letters, digits, '-' \
+             and '.', at most 253 characters)",
+            args.secret_name
+        );
+    }
     let mut names = certs::service_dns_names(&args.service, namespace);
     names.extend(args.extra_sans.iter().cloned());
     let bundle = certs::generate(&CertRequest {

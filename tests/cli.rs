@@ -758,3 +758,30 @@ fn the_examples_mutate_with_the_example_config() {
         yaml_documents(&std::fs::read_to_string(root().join("examples/workloads.yaml")).unwrap());
     assert_eq!(workloads[3], service[3]);
 }
+
+// ---------------------------------------------------------------------------
+// Flag values that parse but make no sense
+// ---------------------------------------------------------------------------
+
+/// The names a certificate and a Secret manifest are written for must be
+/// names Kubernetes accepts: refused with exit 1, nothing written.
+#[test]
+fn certs_refuses_service_and_secret_names_kubernetes_would_not_take() {
+    for (flag, value) in [
+        ("--service", ""),
+        ("--service", "Image_Rewriter"),
+        ("--secret-name", ""),
+        ("--secret-name", "tls/secret"),
+    ] {
+        let dir = Dir::new();
+        let out = dir.dir.path().join("out");
+        let output = run(&["certs", "--out", s(&out), flag, value]);
+        assert_exit_1(&output);
+        assert!(
+            stderr(&output).contains(flag),
+            "{flag} {value:?}: {}",
+            stderr(&output)
+        );
+        assert!(!out.exists(), "{flag} {value:?}: wrote {}", out.display());
+    }
+}

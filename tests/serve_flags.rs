@@ -1,5 +1,6 @@
-//! The real binary refuses a `--namespace` / `IMAGE_REWRITER_NAMESPACE` that
-//! is not a namespace name, before it serves anything.
+//! The real binary refuses flag values that parse but make no sense (a
+//! `--namespace` that is not a namespace name, a zero timeout, a busy reload
+//! interval) before it serves anything.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -110,4 +111,28 @@ fn mutate_refuses_a_namespace_that_is_no_namespace_name() {
         .spawn()
         .unwrap();
     assert_refused_naming_the_flag(output_within(child, Duration::from_secs(10)), "a.b");
+}
+
+/// A zero timeout would cut every client off, a reload interval of a few
+/// milliseconds would read the files in a loop: refused as usage errors
+/// (exit 2) naming the flag.
+#[test]
+fn serve_refuses_zero_timeouts_and_a_busy_reload_interval() {
+    for (flag, value, why) in [
+        ("--header-read-timeout", "0s", "more than 0"),
+        ("--body-read-timeout", "0s", "more than 0"),
+        ("--reload-interval", "0s", "at least 100ms"),
+        ("--reload-interval", "10ms", "at least 100ms"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let child = serve(dir.path()).args([flag, value]).spawn().unwrap();
+        let output = output_within(child, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("still serving with {flag} {value}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(why),
+            "{flag} {value}: {stderr}"
+        );
+    }
 }
