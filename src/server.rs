@@ -80,6 +80,7 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// (`tcp_retries2`). Also caps the keepalive detection above at a minute.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
+const H2_STREAM_WINDOW: u32 = BODY_FREE_BYTES as u32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bodies being read and decoded at once may hold this many times the body
 /// limit in bytes (past each body's free first part); the rest wait (up to
@@ -87,7 +88,9 @@ const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// container's memory limit.
 const BODY_BUDGET_FACTOR: usize = 2;
 /// What every body may hold without a reservation: more than a review of an
-/// ordinary pod (a few KiB; a pod with a long env list some tens).
+/// ordinary pod (a few KiB; a pod with a long env list some tens). Outside
+/// the budget, so bounded by the connections instead: at most
+/// [`H2_MAX_CONCURRENT_STREAMS`] bodies a connection.
 const BODY_FREE_BYTES: usize = 64 * 1024;
 const BODY_BUDGET_UNIT: usize = 1024;
 
@@ -313,13 +316,16 @@ enum BodyError {
     Overloaded,
 }
 
-/// Reads a body of at most the body limit. Bytes past the first
-/// [`BODY_FREE_BYTES`] are reserved from the body budget as they arrive,
-/// never for what a client only claims it will send: a client that declares
-/// 8 MiB and then stalls holds no budget, and a review of an ordinary pod
-/// never waits behind large or slow ones. The reservation is held until the
-/// review is answered; `waiting_for_budget` tells the caller's timeout which
-/// of the two it ran out waiting for.
+/// Reads a body of at most the body limit. The first [`BODY_FREE_BYTES`]
+/// need no reservation, so a review of an ordinary pod never waits behind
+/// large or slow ones. A body that actually sends more reserves, at that
+/// moment and in one piece, what it will hold past them: its declared
+/// length, else the limit. One piece, because a body that held part of the
+/// budget while waiting for more could deadlock with others doing the same.
+/// What a client only announces reserves nothing until it has sent the free
+/// part. The reservation is held until the review is answered;
+/// `waiting_for_budget` tells the caller's timeout which of the two it ran
+/// out waiting for.
 async fn read_body<'a>(
     state: &'a AppState,
     mut body: Body,
@@ -340,25 +346,20 @@ async fn read_body<'a>(
         if total > state.max_body_bytes {
             return Err(BodyError::TooLarge);
         }
-        let needed = total
-            .saturating_sub(BODY_FREE_BYTES)
-            .div_ceil(BODY_BUDGET_UNIT);
-        let held = reservation.as_ref().map_or(0, SemaphorePermit::num_permits);
-        if needed > held {
-            waiting_for_budget.store(true, Ordering::Relaxed);
+        if total > BODY_FREE_BYTES && reservation.is_none() {
+            let expected = declared_length.unwrap_or(state.max_body_bytes).max(total);
+            let units = (expected - BODY_FREE_BYTES).div_ceil(BODY_BUDGET_UNIT);
             // At most the body limit in units: fits, and the budget (a
             // multiple of the limit) can grant it.
-            let units = u32::try_from(needed - held).unwrap_or(u32::MAX);
-            let more = state
+            let units = u32::try_from(units).unwrap_or(u32::MAX);
+            waiting_for_budget.store(true, Ordering::Relaxed);
+            let reserved = state
                 .body_budget
                 .acquire_many(units)
                 .await
                 .map_err(|_| BodyError::Overloaded)?;
             waiting_for_budget.store(false, Ordering::Relaxed);
-            match &mut reservation {
-                Some(held) => held.merge(more),
-                None => reservation = Some(more),
-            }
+            reservation = Some(reserved);
         }
         collected.push(chunk);
     }
@@ -575,7 +576,14 @@ async fn run(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // A stream waiting for body budget stops reading; with hyper's
+        // defaults (1 MiB for a stream and for the connection) its unread
+        // data would fill the connection's window and stall every other
+        // review on the apiserver's connection. A stream may hold what a
+        // body reads for free, the connection that for all its streams.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_CONCURRENT_STREAMS);
     // The protocol comes from ALPN, never from sniffing the first bytes:
     // that phase has no timeout, so a silent client would hold its
     // connection slot forever.
@@ -844,6 +852,59 @@ mod tests {
             assert_eq!(stalled.await.expect("task"), StatusCode::REQUEST_TIMEOUT);
         }
         assert_eq!(state.body_budget.available_permits(), everything);
+    }
+
+    /// A body fed by the test, chunk by chunk.
+    fn fed_body() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Body) {
+        let (feed, chunks) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stream = futures::stream::unfold(chunks, |mut chunks| async move {
+            let chunk = chunks.recv().await?;
+            Some((Ok::<_, std::io::Error>(chunk), chunks))
+        });
+        (feed, Body::from_stream(stream))
+    }
+
+    /// Three large bodies arriving interleaved, together more than the
+    /// budget: none may hold part of it while waiting for more (they would
+    /// wait for each other until the timeout); two are read, the third
+    /// waits for them, and all three are answered.
+    #[tokio::test]
+    async fn large_bodies_arriving_together_never_deadlock() {
+        let state = Arc::new(state_with_policy(Duration::from_secs(20)));
+        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("review");
+        padded["request"]["object"]["metadata"]["annotations"] =
+            serde_json::json!({"padding": "x".repeat(5 * 1024 * 1024)});
+        let large = Bytes::from(serde_json::to_vec(&padded).expect("encode"));
+        assert!(3 * large.len() > MIN_BODY_LIMIT * BODY_BUDGET_FACTOR);
+
+        let mut feeds = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let (feed, body) = fed_body();
+            feeds.push(feed);
+            let state = state.clone();
+            let request = review_request(body, Some(large.len()));
+            answers.push(tokio::spawn(
+                async move { answer_now(&state, request).await },
+            ));
+        }
+        let mut offset = 0;
+        while offset < large.len() {
+            let end = (offset + 16 * 1024).min(large.len());
+            for feed in &feeds {
+                let _ = feed.send(large.slice(offset..end));
+            }
+            offset = end;
+            tokio::task::yield_now().await;
+        }
+        drop(feeds);
+        for answer in answers {
+            assert_eq!(answer.await.expect("task"), StatusCode::OK);
+        }
+        assert_eq!(
+            state.body_budget.available_permits(),
+            MIN_BODY_LIMIT * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT
+        );
     }
 
     /// Past the limit, declared or not: 413 without waiting for the rest.

@@ -911,6 +911,79 @@ async fn bodies_announced_but_not_sent_never_delay_a_review() {
     harness.stop().await;
 }
 
+/// With the body budget taken (two clients each sent more than the free
+/// part of an 8 MiB body, then stalled), large reviews on the apiserver's
+/// HTTP/2 connection wait for budget; a small review on the same
+/// connection must still get through, not wait behind their unread data in
+/// the connection's flow-control window (with hyper's default windows, 1 MiB
+/// a stream and a connection, it did: the reqwest timeout, 10 s).
+#[tokio::test]
+async fn large_reviews_waiting_for_budget_do_not_stall_their_http2_connection() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.body_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(root_store(&harness.pki.root_pem))
+            .with_no_client_auth();
+        let mut stream = tls_connect(&harness, config).await;
+        let head = format!(
+            "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\
+             Content-Type: application/json\r\nContent-Length: {DEFAULT_BODY_LIMIT}\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; 128 * 1024]).await.unwrap();
+        stream.flush().await.unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let client = harness.client(false);
+    let warm = client.get(harness.url("/healthz")).send().await.unwrap();
+    assert_eq!(warm.version(), reqwest::Version::HTTP_2);
+    let mut large = sample_review();
+    large["request"]["object"]["metadata"]["annotations"]["big"] =
+        json!("x".repeat(2 * 1024 * 1024));
+    let large_reviews: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            let url = harness.url("/mutate?timeout=10s");
+            let body = serde_json::to_vec(&large).unwrap();
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("Content-Type", "application/json")
+                    .timeout(Duration::from_secs(60))
+                    .body(body)
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let response = harness.post_review(&client, &sample_review()).await;
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the small review waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        large_reviews.iter().all(|review| !review.is_finished()),
+        "the large reviews did not wait for budget"
+    );
+    drop(stalled);
+    for review in large_reviews {
+        assert_eq!(review.await.unwrap().unwrap().status(), 200);
+    }
+    harness.stop().await;
+}
+
 /// A client that finishes the TLS handshake and then sends nothing holds no
 /// connection slot for long: with one slot, a real client still gets in.
 #[tokio::test]
