@@ -439,10 +439,11 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     // No fallback here: the Secret and the certificate's names need one.
     let namespace = namespace_name(&args.namespace)?;
-    if !is_dns_label(&args.service) {
+    // Service names are RFC 1035 labels: a namespace's rules, and a letter first.
+    if !is_dns_label(&args.service) || !args.service.starts_with(|c: char| c.is_ascii_lowercase()) {
         anyhow::bail!(
             "--service {:?} is not a valid Service name (lower-case letters, digits and '-', \
-             starting and ending with a letter or digit, at most 63 characters)",
+             starting with a letter and ending with a letter or digit, at most 63 characters)",
             args.service
         );
     }

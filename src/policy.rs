@@ -457,14 +457,16 @@ impl std::fmt::Debug for DecisionMemo {
 /// The first character of an `exclude.images` pattern that no normalized
 /// name holds where it stands: in the registry host (the first component)
 /// letters, digits, `.`, `-`, `:` and the brackets of an IPv6 address; in
-/// the path letters, digits, `.`, `_`, `-` and `/`; `*` anywhere. Other
+/// the path lower-case letters, digits, `.`, `_`, `-` and `/`; `*` anywhere. Other
 /// glob syntax (`?`, `{a,b}`, `[a-z]` in a path, `\`) lands here, and is
 /// refused rather than silently never matching.
 fn character_no_name_holds(pattern: &str) -> Option<char> {
     let (host, path) = pattern.split_once('/').unwrap_or((pattern, ""));
     let in_host =
         |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '*');
-    let in_path = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | '*');
+    let in_path = |c: char| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | '*')
+    };
     host.chars()
         .find(|&c| !in_host(c))
         .or_else(|| path.chars().find(|&c| !in_path(c)))
@@ -669,6 +671,7 @@ exclude:
             "quay.io/one\\\\/*",
             "registry.k8s.io/[",
             "quay.io/a b",
+            "quay.io/MyOrg/*",
             "{quay,ghcr}.io/**",
         ] {
             let yaml = format!("exclude:\n  images: [\"quay.io/**\", \"{pattern}\"]\n");

@@ -770,6 +770,7 @@ fn certs_refuses_service_and_secret_names_kubernetes_would_not_take() {
     for (flag, value) in [
         ("--service", ""),
         ("--service", "Image_Rewriter"),
+        ("--service", "1webhook"),
         ("--secret-name", ""),
         ("--secret-name", "tls/secret"),
     ] {
