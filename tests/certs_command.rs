@@ -1,21 +1,14 @@
-//! `image-rewriter certs`: validity periods it refuses, and the modes of the
-//! files that hold a private key.
+//! `image-rewriter certs`: validity periods and names it refuses, and the
+//! modes of the files that hold a private key.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+mod common;
 
-/// `certs --out DIR` plus `args`, with no inherited `IMAGE_REWRITER_*`
-/// variables.
+/// `certs --out DIR` plus `args`.
 fn certs(out: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
-            command.env_remove(key);
-        }
-    }
-    command
+    common::binary()
         .arg("certs")
         .arg("--out")
         .arg(out)
@@ -125,4 +118,17 @@ fn a_namespace_that_is_no_namespace_name_is_refused() {
     // `image-rewriter..svc`.
     assert_refused(&["--namespace", ""], &["--namespace"]);
     assert_refused(&["--namespace", "Image-Rewriter"], &["--namespace"]);
+}
+
+#[test]
+fn service_and_secret_names_kubernetes_would_not_take_are_refused() {
+    for (flag, value) in [
+        ("--service", ""),
+        ("--service", "Image_Rewriter"),
+        ("--service", "1webhook"),
+        ("--secret-name", ""),
+        ("--secret-name", "tls/secret"),
+    ] {
+        assert_refused(&[flag, value], &[flag]);
+    }
 }

@@ -3,11 +3,14 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+mod common;
+
+use common::binary;
+
 const DIGEST: &str = "sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945";
 
 const CONFIG: &str = r#"
@@ -25,23 +28,12 @@ exclude:
   namespaces: [legacy]
 "#;
 
-/// A command with no inherited `IMAGE_REWRITER_*` variables.
-fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
 fn run(args: &[&str]) -> Output {
-    command().args(args).output().expect("binary runs")
+    binary().args(args).output().expect("binary runs")
 }
 
 fn run_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = command()
+    let mut child = binary()
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -343,7 +335,7 @@ fn check_config_accepts_valid_configs() {
 fn the_config_path_reads_the_environment() {
     let dir = Dir::new();
     let config = dir.config();
-    let output = command()
+    let output = binary()
         .env("IMAGE_REWRITER_CONFIG", &config)
         .args(["rewrite", "quay.io/org/app:1"])
         .output()
@@ -351,7 +343,7 @@ fn the_config_path_reads_the_environment() {
     assert_success(&output);
     assert!(stdout(&output).contains("harbor.corp.example/quay/org/app:1"));
 
-    let output = command()
+    let output = binary()
         .env("IMAGE_REWRITER_CONFIG", &config)
         .env("IMAGE_REWRITER_OUTPUT", "json")
         .args(["rewrite", "nginx"])
@@ -364,7 +356,7 @@ fn the_config_path_reads_the_environment() {
         "harbor.corp.example/dockerhub/library/nginx"
     );
 
-    let output = command()
+    let output = binary()
         .env("IMAGE_REWRITER_CONFIG", &config)
         .arg("check-config")
         .output()
@@ -372,7 +364,7 @@ fn the_config_path_reads_the_environment() {
     assert_success(&output);
 
     let pod = dir.file("pod.yaml", POD);
-    let output = command()
+    let output = binary()
         .env("IMAGE_REWRITER_CONFIG", &config)
         .args(["mutate", "-f", s(&pod)])
         .output()
@@ -757,32 +749,4 @@ fn the_examples_mutate_with_the_example_config() {
     let service: Vec<Value> =
         yaml_documents(&std::fs::read_to_string(root().join("examples/workloads.yaml")).unwrap());
     assert_eq!(workloads[3], service[3]);
-}
-
-// ---------------------------------------------------------------------------
-// Flag values that parse but make no sense
-// ---------------------------------------------------------------------------
-
-/// The names a certificate and a Secret manifest are written for must be
-/// names Kubernetes accepts: refused with exit 1, nothing written.
-#[test]
-fn certs_refuses_service_and_secret_names_kubernetes_would_not_take() {
-    for (flag, value) in [
-        ("--service", ""),
-        ("--service", "Image_Rewriter"),
-        ("--service", "1webhook"),
-        ("--secret-name", ""),
-        ("--secret-name", "tls/secret"),
-    ] {
-        let dir = Dir::new();
-        let out = dir.dir.path().join("out");
-        let output = run(&["certs", "--out", s(&out), flag, value]);
-        assert_exit_1(&output);
-        assert!(
-            stderr(&output).contains(flag),
-            "{flag} {value:?}: {}",
-            stderr(&output)
-        );
-        assert!(!out.exists(), "{flag} {value:?}: wrote {}", out.display());
-    }
 }

@@ -6,16 +6,11 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_image-rewriter");
+mod common;
 
-/// A command with no inherited `IMAGE_REWRITER_*` variables.
+/// The binary with its output captured.
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::binary();
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
@@ -65,29 +60,16 @@ fn assert_refused_naming_the_flag(output: Option<Output>, value: &str) {
 }
 
 #[test]
-fn serve_refuses_a_namespace_flag_that_is_no_namespace_name() {
+fn serve_refuses_a_namespace_that_is_no_namespace_name_by_flag_or_variable() {
     let dir = tempfile::tempdir().unwrap();
-    let child = serve(dir.path())
-        .args(["--namespace", "Image-Rewriter"])
-        .spawn()
-        .unwrap();
-    assert_refused_naming_the_flag(
-        output_within(child, Duration::from_secs(10)),
-        "Image-Rewriter",
-    );
-}
-
-#[test]
-fn serve_refuses_a_namespace_variable_that_is_no_namespace_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let child = serve(dir.path())
-        .env("IMAGE_REWRITER_NAMESPACE", "image_rewriter")
-        .spawn()
-        .unwrap();
-    assert_refused_naming_the_flag(
-        output_within(child, Duration::from_secs(10)),
-        "image_rewriter",
-    );
+    let mut by_flag = serve(dir.path());
+    by_flag.args(["--namespace", "Image-Rewriter"]);
+    let mut by_variable = serve(dir.path());
+    by_variable.env("IMAGE_REWRITER_NAMESPACE", "image_rewriter");
+    for (mut serve, value) in [(by_flag, "Image-Rewriter"), (by_variable, "image_rewriter")] {
+        let child = serve.spawn().unwrap();
+        assert_refused_naming_the_flag(output_within(child, Duration::from_secs(10)), value);
+    }
 }
 
 #[test]

@@ -796,15 +796,9 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
 #[tokio::test]
 async fn shutdown_drains_a_slow_in_flight_request() {
     let harness = Harness::start(CONFIG).await;
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(root_store(&harness.pki.root_pem))
-        .with_no_client_auth();
-    let mut stream = tls_connect(&harness, config).await;
+    let mut stream = http1_connection(&harness).await;
     let body = serde_json::to_vec(&sample_review()).unwrap();
-    let head = format!(
-        "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = mutate_head(&format!("Content-Length: {}", body.len()));
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body[..body.len() / 2]).await.unwrap();
     stream.flush().await.unwrap();
@@ -831,16 +825,33 @@ async fn shutdown_drains_a_slow_in_flight_request() {
     harness.stop().await;
 }
 
+/// A TLS connection that verifies like the apiserver and speaks HTTP/1.1,
+/// for requests written by hand.
+async fn http1_connection(
+    harness: &Harness,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    tls_connect(harness, config).await
+}
+
+/// The head of a `/mutate` request with the body framed by `framing`
+/// (a `Content-Length` or `Transfer-Encoding` header).
+fn mutate_head(framing: &str) -> String {
+    format!(
+        "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\
+         Content-Type: application/json\r\n{framing}\r\n\r\n"
+    )
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let harness = Harness::start_with(CONFIG, |options| {
         options.header_read_timeout = Duration::from_millis(300);
     })
     .await;
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(root_store(&harness.pki.root_pem))
-        .with_no_client_auth();
-    let mut stream = tls_connect(&harness, config).await;
+    let mut stream = http1_connection(&harness).await;
     stream
         .write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -872,25 +883,14 @@ async fn bodies_announced_but_not_sent_never_delay_a_review() {
         "Transfer-Encoding: chunked".to_string(),
         "Transfer-Encoding: chunked".to_string(),
     ] {
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(root_store(&harness.pki.root_pem))
-            .with_no_client_auth();
-        let mut stream = tls_connect(&harness, config).await;
+        let mut stream = http1_connection(&harness).await;
         let first_bytes = if framing.starts_with("Transfer") {
             "1\r\n{\r\n"
         } else {
             "{"
         };
-        stream
-            .write_all(
-                format!(
-                    "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\
-                     Content-Type: application/json\r\n{framing}\r\n\r\n{first_bytes}"
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
+        let request = mutate_head(&framing) + first_bytes;
+        stream.write_all(request.as_bytes()).await.unwrap();
         stream.flush().await.unwrap();
         stalled.push(stream);
     }
@@ -925,14 +925,8 @@ async fn large_reviews_waiting_for_budget_do_not_stall_their_http2_connection() 
     .await;
     let mut stalled = Vec::new();
     for _ in 0..2 {
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(root_store(&harness.pki.root_pem))
-            .with_no_client_auth();
-        let mut stream = tls_connect(&harness, config).await;
-        let head = format!(
-            "POST /mutate?timeout=10s HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\
-             Content-Type: application/json\r\nContent-Length: {DEFAULT_BODY_LIMIT}\r\n\r\n{{"
-        );
+        let mut stream = http1_connection(&harness).await;
+        let head = mutate_head(&format!("Content-Length: {DEFAULT_BODY_LIMIT}")) + "{";
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&vec![b' '; 128 * 1024]).await.unwrap();
         stream.flush().await.unwrap();
@@ -993,10 +987,7 @@ async fn a_silent_connection_does_not_hold_a_slot_forever() {
         options.max_connections = 1;
     })
     .await;
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(root_store(&harness.pki.root_pem))
-        .with_no_client_auth();
-    let mut silent = tls_connect(&harness, config).await;
+    let mut silent = http1_connection(&harness).await;
     let started = Instant::now();
     let mut buffer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buffer)).await;

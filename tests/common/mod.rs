@@ -13,6 +13,7 @@
 //! - [`check_response`]: validates an answer; returns the decoded patch.
 //! - [`pod_after`]: applies the patch and decodes a `k8s_openapi` Pod.
 //! - [`pod`], [`container`], [`ephemeral_container`]: realistic objects.
+//! - [`binary`]: the `image-rewriter` binary, environment cleared of ours.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -636,4 +637,19 @@ pub fn pull_secrets(pod: &Value) -> Option<Vec<String>> {
             .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
             .collect()
     })
+}
+
+/// The `image-rewriter` binary with no inherited `IMAGE_REWRITER_*`
+/// variables, so a developer's environment cannot change what a test sees.
+pub fn binary() -> std::process::Command {
+    // `option_env!`: the benches include this module too, and Cargo names
+    // the binary only to integration tests (the benches never call this).
+    let binary = option_env!("CARGO_BIN_EXE_image-rewriter").unwrap_or("image-rewriter");
+    let mut command = std::process::Command::new(binary);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
+            command.env_remove(key);
+        }
+    }
+    command
 }
