@@ -13,12 +13,23 @@ use crate::policy::{Policy, PullSecretSync, Rule};
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConfigFile {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub rules: Vec<RuleSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub exclude: ExcludeSpec,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub pull_secret_sync: PullSecretSyncSpec,
+}
+
+/// `rules: null` (or `~`) reads as no rules, as an empty `rules:` does: a
+/// Helm or kustomize template that renders an empty list as null must not
+/// make the webhook refuse its config.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Copying each rule's `pullSecret` into the namespaces that need it.
@@ -53,9 +64,9 @@ pub struct RuleSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ExcludeSpec {
     /// Globs on the normalized name: `*` within a component, `**` across.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub images: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub namespaces: Vec<String>,
 }
 
@@ -237,6 +248,29 @@ mod tests {
                 "expected {field} in {message:?}"
             );
         }
+    }
+
+    #[test]
+    fn null_sections_and_lists_read_as_empty() {
+        for yaml in [
+            "rules: null\n",
+            "rules: ~\n",
+            "rules:\n",
+            "exclude: null\n",
+            "exclude:\n  images: null\n  namespaces: ~\n",
+            "pullSecretSync: null\n",
+        ] {
+            let config = ConfigFile::from_yaml(yaml).unwrap_or_else(|e| panic!("{yaml:?}: {e}"));
+            assert_eq!(config, ConfigFile::default(), "{yaml:?}");
+        }
+    }
+
+    #[test]
+    fn a_list_of_the_wrong_type_is_still_refused_by_name() {
+        let message = error_of("rules: docker.io\n");
+        assert!(message.contains("rules"), "{message}");
+        let message = error_of("exclude:\n  images: registry.k8s.io/**\n");
+        assert!(message.contains("exclude.images"), "{message}");
     }
 
     #[test]
