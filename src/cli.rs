@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::certs::{self, CertRequest, KeyType};
@@ -159,11 +160,11 @@ pub struct ServeArgs {
     )]
     pub log_format: LogFormat,
     /// Never talk to the Kubernetes API (no pull secret copies or cache).
-    #[arg(long, env = "IMAGE_REWRITER_NO_API")]
+    #[arg(long, env = "IMAGE_REWRITER_NO_API", value_parser = BoolishValueParser::new())]
     pub no_api: bool,
     /// Development only: generate a throwaway CA and a certificate for
     /// localhost (and run the sample config if --config is not given).
-    #[arg(long, env = "IMAGE_REWRITER_DEV_SELF_SIGNED")]
+    #[arg(long, env = "IMAGE_REWRITER_DEV_SELF_SIGNED", value_parser = BoolishValueParser::new())]
     pub dev_self_signed: bool,
     /// Where --dev-self-signed writes its files.
     #[arg(long, env = "IMAGE_REWRITER_DEV_DIR")]
@@ -394,12 +395,21 @@ fn own_namespace(
     given: Option<&str>,
     service_account_namespace: impl FnOnce() -> Option<String>,
 ) -> anyhow::Result<Option<String>> {
-    Ok(match namespace_flag(given)? {
-        Some(namespace) => Some(namespace.to_owned()),
-        None => service_account_namespace()
-            .map(|ns| ns.trim().to_owned())
-            .filter(|ns| !ns.is_empty()),
-    })
+    if let Some(namespace) = namespace_flag(given)? {
+        return Ok(Some(namespace.to_owned()));
+    }
+    let from_file = service_account_namespace()
+        .map(|ns| ns.trim().to_owned())
+        .filter(|ns| !ns.is_empty());
+    match from_file {
+        // The namespace is never touched and is the pull secrets' source, so a
+        // garbled file must stop the server rather than protect nothing.
+        Some(namespace) if !is_dns_label(&namespace) => anyhow::bail!(
+            "{SERVICE_ACCOUNT_NAMESPACE} holds {namespace:?}, which is not a namespace name; \
+             set --namespace / IMAGE_REWRITER_NAMESPACE"
+        ),
+        from_file => Ok(from_file),
+    }
 }
 
 /// `--dev-self-signed`: a throwaway CA and localhost certificate, and the
@@ -516,5 +526,22 @@ mod tests {
         }
         let longest = "a".repeat(63);
         assert!(own_namespace(Some(&longest), from_service_account).is_ok());
+    }
+
+    #[test]
+    fn a_service_account_file_that_is_no_namespace_name_is_refused_naming_the_file() {
+        for garbled in ["Foo\n", "a b", "ns/other", "\u{feff}ns"] {
+            let refusal = own_namespace(None, || Some(garbled.to_owned()))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                refusal.contains(SERVICE_ACCOUNT_NAMESPACE) && refusal.contains("--namespace"),
+                "{garbled:?}: {refusal:?}"
+            );
+        }
+        // The flag still overrides a garbled file.
+        let namespace = own_namespace(Some("webhooks"), || Some("Foo".to_owned())).unwrap();
+        assert_eq!(namespace.as_deref(), Some("webhooks"));
     }
 }

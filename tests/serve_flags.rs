@@ -31,6 +31,12 @@ fn output_within(mut child: Child, deadline: Duration) -> Option<Output> {
 }
 
 fn serve(dir: &Path) -> Command {
+    let mut command = serve_leaving_the_api_to_the_environment(dir);
+    command.arg("--no-api");
+    command
+}
+
+fn serve_leaving_the_api_to_the_environment(dir: &Path) -> Command {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
     let config = dir.join("config.yaml");
     std::fs::write(&config, "rules: []\n").unwrap();
@@ -43,7 +49,7 @@ fn serve(dir: &Path) -> Command {
         .arg(fixtures.join("ec.crt"))
         .arg("--tls-key")
         .arg(fixtures.join("ec-pkcs8.key"))
-        .args(["--no-api", "--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--metrics-listen", "127.0.0.1:0"]);
     command
 }
@@ -117,4 +123,27 @@ fn serve_refuses_zero_timeouts_and_a_busy_reload_interval() {
             "{flag} {value}: {stderr}"
         );
     }
+}
+
+#[test]
+fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["1", "yes", "on", "true"] {
+        let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
+        serve.env("IMAGE_REWRITER_NO_API", value);
+        let child = serve.spawn().unwrap();
+        if let Some(output) = output_within(child, Duration::from_secs(2)) {
+            panic!(
+                "IMAGE_REWRITER_NO_API={value} stopped the server: {:?}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
+    serve.env("IMAGE_REWRITER_NO_API", "maybe");
+    let output = output_within(serve.spawn().unwrap(), Duration::from_secs(10))
+        .expect("still serving with IMAGE_REWRITER_NO_API=maybe");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("maybe"), "stderr: {stderr}");
 }
