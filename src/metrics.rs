@@ -22,7 +22,8 @@ pub struct Metrics {
     registry: Registry,
     /// `patched`, `unchanged` (examined, nothing to do), `skipped` (not a
     /// request the webhook acts on), `bad_request`, `too_large`,
-    /// `unsupported_media_type`, `overloaded` (body budget exhausted).
+    /// `unsupported_media_type`, `overloaded` (body budget exhausted),
+    /// `not_ready` (no config loaded yet).
     pub admission_requests: Family<ResultLabel, Counter>,
     pub admission_duration: Histogram,
     pub images_rewritten: Family<RuleLabel, Counter>,

@@ -269,6 +269,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         }
     };
     let Some(policy) = state.policy.load_full() else {
+        metrics.count_request("not_ready");
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "no config loaded yet\n".into(),

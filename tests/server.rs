@@ -609,6 +609,15 @@ async fn not_ready_until_a_config_loads() {
     assert_eq!(readyz.status(), 503);
     let response = harness.post_review(&client, &sample_review()).await;
     assert_eq!(response.status(), 503);
+    let refused = metric(
+        &harness.metrics().await,
+        "image_rewriter_admission_requests_total",
+        ("result", "not_ready"),
+    );
+    assert_eq!(
+        refused, 1.0,
+        "a review refused for want of a config is counted"
+    );
 
     write_like_kubelet(
         &harness.path("config"),
