@@ -31,6 +31,8 @@ pub struct Metrics {
     /// `success` or `failure`.
     pub config_reloads: Family<ResultLabel, Counter>,
     pub certificate_reloads: Family<ResultLabel, Counter>,
+    /// The notAfter of the serving certificate in force, as a Unix time.
+    pub certificate_expiration: Gauge,
     /// `created`, `updated`, `exists`, `user_owned`, `failed`.
     pub pull_secret_copies: Family<ResultLabel, Counter>,
     pub pull_secret_sync_errors: Counter,
@@ -85,6 +87,12 @@ impl Metrics {
             "Certificate and key loads after a change, by result",
             certificate_reloads.clone(),
         );
+        let certificate_expiration = Gauge::default();
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "When the serving certificate in force expires (its notAfter), as a Unix time",
+            certificate_expiration.clone(),
+        );
         let pull_secret_copies = Family::<ResultLabel, Counter>::default();
         registry.register(
             "pull_secret_copies",
@@ -114,6 +122,7 @@ impl Metrics {
             images_unparsable,
             config_reloads,
             certificate_reloads,
+            certificate_expiration,
         }
     }
 

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{ConfigError, ConfigFile};
 use crate::metrics::Metrics;
 use crate::server::{AppState, ServeOptions};
-use crate::tls::{CertificateSlot, PemPair};
+use crate::tls::{self, CertificateSlot, PemPair};
 
 /// The files to watch, and what a load needs.
 pub struct Sources {
@@ -66,6 +66,13 @@ pub struct Watcher {
     slot: Arc<CertificateSlot>,
     config_seen: LastRead<Vec<u8>>,
     certificate_seen: LastRead<PemPair>,
+    expiry: tls::ExpiryReminder,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as i64)
 }
 
 impl Watcher {
@@ -76,6 +83,7 @@ impl Watcher {
             slot,
             config_seen: None,
             certificate_seen: None,
+            expiry: tls::ExpiryReminder::default(),
         }
     }
 
@@ -83,6 +91,9 @@ impl Watcher {
     pub fn poll(&mut self) {
         self.poll_config();
         self.poll_certificate();
+        if let Some(warning) = self.expiry.due(unix_now()) {
+            warn!(cert = %self.sources.tls_cert.display(), "{warning}");
+        }
     }
 
     fn poll_config(&mut self) {
@@ -125,7 +136,16 @@ impl Watcher {
         Metrics::count_reload(&self.state.metrics.certificate_reloads, loaded.is_ok());
         match loaded {
             Ok(key) => {
-                info!(cert = %sources.tls_cert.display(), "certificate loaded");
+                let expires = key.end_entity_cert().ok().and_then(tls::not_after);
+                if let Some(expires) = expires {
+                    self.state.metrics.certificate_expiration.set(expires);
+                }
+                self.expiry.loaded(expires);
+                info!(
+                    cert = %sources.tls_cert.display(),
+                    days_left = expires.map(|expires| (expires - unix_now()).div_euclid(86_400)),
+                    "certificate loaded"
+                );
                 self.slot.replace(key);
                 self.state.mark_certificate_loaded();
             }

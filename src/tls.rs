@@ -142,6 +142,70 @@ fn pem_problem(error: &pem::Error) -> &'static str {
     }
 }
 
+/// Less time than this left on a certificate just loaded is worth a warning
+/// in the log: a healthy rotation (cert-manager renews at two thirds of the
+/// lifetime) never comes this close.
+pub const EXPIRY_WARNING_SECONDS: i64 = 7 * 24 * 60 * 60;
+
+/// When the leaf certificate stops being valid (its notAfter), as a Unix
+/// time; `None` if it does not parse as X.509.
+pub fn not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(certificate.validity().not_after.timestamp())
+}
+
+/// What to warn about a certificate valid until `not_after`, at `now`
+/// (both Unix times): expired, or expiring within [`EXPIRY_WARNING_SECONDS`].
+pub fn expiry_warning(not_after: i64, now: i64) -> Option<String> {
+    let left = not_after - now;
+    if left <= 0 {
+        Some(format!(
+            "the serving certificate expired {} ago: the apiserver refuses it",
+            humantime::format_duration(std::time::Duration::from_secs(left.unsigned_abs()))
+        ))
+    } else if left < EXPIRY_WARNING_SECONDS {
+        Some(format!(
+            "the serving certificate expires in {}",
+            humantime::format_duration(std::time::Duration::from_secs(left.unsigned_abs()))
+        ))
+    } else {
+        None
+    }
+}
+
+/// How often the warning about a certificate near its end is repeated.
+pub const EXPIRY_WARNING_REPEAT_SECONDS: i64 = 60 * 60;
+
+/// Warns about the certificate in force as its end nears: when it loads,
+/// then once every [`EXPIRY_WARNING_REPEAT_SECONDS`] for as long as it stays
+/// in force within the window (a stalled rotation goes on warning).
+#[derive(Debug, Default)]
+pub struct ExpiryReminder {
+    not_after: Option<i64>,
+    last_warned: Option<i64>,
+}
+
+impl ExpiryReminder {
+    /// A certificate was loaded and is now in force.
+    pub fn loaded(&mut self, not_after: Option<i64>) {
+        self.not_after = not_after;
+        self.last_warned = None;
+    }
+
+    /// The warning to log at `now` (a Unix time), if one is due.
+    pub fn due(&mut self, now: i64) -> Option<String> {
+        let warning = expiry_warning(self.not_after?, now)?;
+        if self
+            .last_warned
+            .is_some_and(|at| now - at < EXPIRY_WARNING_REPEAT_SECONDS)
+        {
+            return None;
+        }
+        self.last_warned = Some(now);
+        Some(warning)
+    }
+}
+
 /// Hands every new TLS handshake the current certificate. A reload swaps it
 /// without touching established connections; until the first load,
 /// handshakes fail.
@@ -176,6 +240,60 @@ pub fn server_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_after_reads_the_leaf_validity_as_unix_time() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after =
+            rcgen::date_time_ymd(2030, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
+        let certificate = params.self_signed(&key).unwrap();
+        // 2030-01-02T03:04:05Z, computed apart from any X.509 code.
+        assert_eq!(not_after(certificate.der()), Some(1_893_553_445));
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
+    }
+
+    #[test]
+    fn the_reminder_repeats_hourly_while_the_certificate_stays() {
+        let not_after = 1_800_000_000;
+        let week_before = not_after - EXPIRY_WARNING_SECONDS;
+        let mut reminder = ExpiryReminder::default();
+        assert_eq!(reminder.due(week_before), None, "nothing loaded yet");
+        reminder.loaded(Some(not_after));
+        assert_eq!(reminder.due(week_before - 1), None, "more than a week left");
+        assert!(
+            reminder.due(week_before + 1).is_some(),
+            "the first poll inside the week"
+        );
+        assert_eq!(reminder.due(week_before + 3599), None);
+        assert!(reminder.due(week_before + 3601).is_some(), "an hour later");
+        assert!(
+            reminder
+                .due(not_after + 3601 * 2)
+                .unwrap()
+                .contains("expired")
+        );
+        // A rotation: the new certificate is far from its end.
+        reminder.loaded(Some(not_after + 90 * 86_400));
+        assert_eq!(reminder.due(not_after + 3601 * 3), None);
+        reminder.loaded(None);
+        assert_eq!(reminder.due(not_after + 3601 * 4), None);
+    }
+
+    #[test]
+    fn expiry_warns_within_a_week_and_after_it() {
+        let now = 1_800_000_000;
+        assert_eq!(expiry_warning(now + EXPIRY_WARNING_SECONDS, now), None);
+        assert_eq!(
+            expiry_warning(now + EXPIRY_WARNING_SECONDS - 3600, now).as_deref(),
+            Some("the serving certificate expires in 6days 23h")
+        );
+        assert_eq!(
+            expiry_warning(now - 90, now).as_deref(),
+            Some("the serving certificate expired 1m 30s ago: the apiserver refuses it")
+        );
+        assert!(expiry_warning(now, now).unwrap().contains("expired"));
+    }
 
     /// A Secret volume's two files, by version, as a kubelet `..data` swap
     /// changes them: every read sees the version current at that moment.

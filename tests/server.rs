@@ -73,12 +73,15 @@ impl Pki {
 
     /// A serving certificate chain (leaf + intermediate) and its PKCS#8 key.
     fn serving_pair(&self) -> (String, String) {
+        self.serving_pair_with(|_| {})
+    }
+
+    fn serving_pair_with(&self, adjust: impl FnOnce(&mut CertificateParams)) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let names = image_rewriter::certs::service_dns_names("image-rewriter", "image-rewriter");
-        let leaf = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.intermediate)
-            .unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        adjust(&mut params);
+        let leaf = params.signed_by(&key, &self.intermediate).unwrap();
         (
             format!("{}{}", leaf.pem(), self.intermediate_pem),
             key.serialize_pem(),
@@ -598,6 +601,38 @@ async fn health_and_readiness() {
     harness.server.as_ref().unwrap().state.begin_shutdown();
     assert_eq!(status("/readyz").await, 503);
     assert_eq!(status("/healthz").await, 200);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn the_serving_certificates_expiration_is_exported_and_follows_rotation() {
+    let harness = Harness::start(CONFIG).await;
+    let expiration = || async {
+        metric(
+            &harness.metrics().await,
+            "image_rewriter_certificate_expiration_timestamp_seconds",
+            ("", ""),
+        )
+    };
+    // rcgen's default notAfter, 4096-01-01T00:00:00Z.
+    assert_eq!(expiration().await, 67_090_118_400.0);
+
+    let (cert, key) = harness.pki.serving_pair_with(|params| {
+        params.not_after = rcgen::date_time_ymd(2031, 5, 6);
+    });
+    write_like_kubelet(
+        &harness.path("tls"),
+        &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+    );
+    harness
+        .wait_for_metric(
+            "image_rewriter_certificate_reloads_total",
+            ("result", "success"),
+            2.0,
+        )
+        .await;
+    // 2031-05-06T00:00:00Z.
+    assert_eq!(expiration().await, 1_935_792_000.0);
     harness.stop().await;
 }
 
