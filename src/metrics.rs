@@ -31,6 +31,11 @@ pub struct Metrics {
     /// `success` or `failure`.
     pub config_reloads: Family<ResultLabel, Counter>,
     pub certificate_reloads: Family<ResultLabel, Counter>,
+    /// 1 when the config file as it is now loaded, 0 when it was refused (the
+    /// last good config is in force) or none has loaded yet.
+    pub config_last_reload_successful: Gauge,
+    /// The same for the certificate and key files.
+    pub certificate_last_reload_successful: Gauge,
     /// The notAfter of the serving certificate in force, as a Unix time.
     pub certificate_expiration: Gauge,
     /// `created`, `updated`, `exists`, `user_owned`, `failed`.
@@ -87,6 +92,18 @@ impl Metrics {
             "Certificate and key loads after a change, by result",
             certificate_reloads.clone(),
         );
+        let config_last_reload_successful = Gauge::default();
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the config file as it is now was loaded, 0 if it was refused and the last good config is in force",
+            config_last_reload_successful.clone(),
+        );
+        let certificate_last_reload_successful = Gauge::default();
+        registry.register(
+            "certificate_last_reload_successful",
+            "1 if the certificate and key files as they are now were loaded, 0 if they were refused and the last good pair serves",
+            certificate_last_reload_successful.clone(),
+        );
         let certificate_expiration = Gauge::default();
         registry.register(
             "certificate_expiration_timestamp_seconds",
@@ -122,6 +139,8 @@ impl Metrics {
             images_unparsable,
             config_reloads,
             certificate_reloads,
+            config_last_reload_successful,
+            certificate_last_reload_successful,
             certificate_expiration,
         }
     }

@@ -110,7 +110,12 @@ impl Watcher {
         }) else {
             return;
         };
-        Metrics::count_reload(&self.state.metrics.config_reloads, loaded.is_ok());
+        // The gauge first: whoever sees the count go up sees the gauge too.
+        let metrics = &self.state.metrics;
+        metrics
+            .config_last_reload_successful
+            .set(i64::from(loaded.is_ok()));
+        Metrics::count_reload(&metrics.config_reloads, loaded.is_ok());
         match loaded {
             Ok(policy) => {
                 info!(path = %path.display(), rules = policy.rules().len(), "config loaded");
@@ -133,12 +138,17 @@ impl Watcher {
         }) else {
             return;
         };
-        Metrics::count_reload(&self.state.metrics.certificate_reloads, loaded.is_ok());
+        // The gauge first: whoever sees the count go up sees the gauge too.
+        let metrics = &self.state.metrics;
+        metrics
+            .certificate_last_reload_successful
+            .set(i64::from(loaded.is_ok()));
+        Metrics::count_reload(&metrics.certificate_reloads, loaded.is_ok());
         match loaded {
             Ok(key) => {
                 let expires = key.end_entity_cert().ok().and_then(tls::not_after);
                 if let Some(expires) = expires {
-                    self.state.metrics.certificate_expiration.set(expires);
+                    metrics.certificate_expiration.set(expires);
                 }
                 self.expiry.loaded(expires);
                 info!(

@@ -709,6 +709,14 @@ async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
         first_image().await,
         "mirror.corp.example/hub/library/nginx:1.27"
     );
+    let config_in_force = || async {
+        metric(
+            &harness.metrics().await,
+            "image_rewriter_config_last_reload_successful",
+            ("", ""),
+        )
+    };
+    assert_eq!(config_in_force().await, 1.0);
 
     reload(
         "rules:\n  - match: docker.io\n    target: \"\"\n".to_owned(),
@@ -719,6 +727,11 @@ async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
     assert_eq!(
         first_image().await,
         "mirror.corp.example/hub/library/nginx:1.27"
+    );
+    assert_eq!(
+        config_in_force().await,
+        0.0,
+        "the file as it is was refused"
     );
     let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
     assert_eq!(
@@ -805,6 +818,14 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
             .unwrap(),
     );
     assert_ne!(first, second, "new connections get the new certificate");
+    let pair_in_force = || async {
+        metric(
+            &harness.metrics().await,
+            "image_rewriter_certificate_last_reload_successful",
+            ("", ""),
+        )
+    };
+    assert_eq!(pair_in_force().await, 1.0);
 
     // A key that does not match its certificate is refused; the last good pair serves on.
     let (other_cert, _) = harness.pki.serving_pair();
@@ -831,6 +852,11 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
             .unwrap(),
     );
     assert_eq!(second, third);
+    assert_eq!(
+        pair_in_force().await,
+        0.0,
+        "the files as they are were refused"
+    );
     match Arc::try_unwrap(harness) {
         Ok(harness) => harness.stop().await,
         Err(_) => panic!("workers still hold the harness"),
