@@ -169,6 +169,242 @@ fn fail_closed_component_switches_to_fail() {
     );
 }
 
+/// The optional prometheus-operator component, on top of a whole overlay:
+/// its PodMonitor scrapes the webhook pods' metrics port, and every alert is
+/// valid PromQL over metrics that exist, the server's own (as its registry
+/// exports them) or the kube-apiserver's for this webhook.
+#[test]
+fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
+    let Some(kubectl) = kubectl("prometheus_operator_component") else {
+        return;
+    };
+    let ws = Workspace::new();
+    ws.generate_certs();
+    let overlay = "test-cluster-wide-prometheus-operator";
+    ws.write_overlay(
+        overlay,
+        &[
+            "../../components/cluster-wide",
+            "../../components/prometheus-operator",
+            "../../../certs",
+        ],
+    );
+    let rendered = ws.render(&kubectl, overlay);
+    check_rendered(
+        &ws,
+        &rendered,
+        &Expect {
+            scope: Scope::ClusterWide,
+            certs: CertSource::Generated,
+            failure_policy: "Ignore",
+        },
+    );
+    let deployment: Deployment = rendered.one(DEPLOYMENT);
+    let pod = Pod::of(&rendered, &deployment);
+    let job = check_pod_monitor(&rendered, &pod);
+    check_prometheus_rule(&rendered, &job);
+}
+
+/// The PodMonitor selects the webhook pods, scrapes their metrics port and
+/// path, and names the job after one of their labels; returns that job.
+fn check_pod_monitor(r: &Rendered, pod: &Pod) -> String {
+    let o = &r.overlay;
+    let monitor = r.custom("monitoring.coreos.com/v1", "PodMonitor", DEPLOYMENT);
+    assert_eq!(monitor["metadata"]["namespace"], pod.namespace, "{o}");
+    let selector: LabelSelector =
+        serde_json::from_value(monitor["spec"]["selector"].clone()).expect("PodMonitor selector");
+    assert!(
+        selector.match_expressions.is_none(),
+        "{o}: matchLabels only"
+    );
+    let match_labels = selector.match_labels.unwrap_or_default();
+    assert!(
+        !match_labels.is_empty(),
+        "{o}: PodMonitor selects every pod"
+    );
+    for (key, value) in &match_labels {
+        assert_eq!(
+            pod.labels.get(key),
+            Some(value),
+            "{o}: PodMonitor selector {key}={value} misses the webhook pods"
+        );
+    }
+    let endpoints = monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .expect("podMetricsEndpoints");
+    assert_eq!(endpoints.len(), 1, "{o}: one metrics endpoint");
+    let port = endpoints[0]["port"].as_str().expect("endpoint port name");
+    assert_eq!(
+        pod.named_port(port),
+        Some(pod.args.listen_port("--metrics-listen")),
+        "{o}: PodMonitor port {port} must be the --metrics-listen port"
+    );
+    assert_eq!(endpoints[0]["path"], "/metrics", "{o}");
+    let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
+    pod.labels
+        .get(job_label)
+        .unwrap_or_else(|| panic!("{o}: jobLabel {job_label} is not a pod label"))
+        .clone()
+}
+
+/// Every alert parses as PromQL, has a severity and a summary, and selects
+/// only metrics that exist: `image_rewriter_*` as the server's registry
+/// exports them (counters with `_total`, histograms by `_bucket`, `_sum`,
+/// `_count`), `up` of the PodMonitor's job, and the kube-apiserver's
+/// admission webhook metrics for this webhook's name.
+fn check_prometheus_rule(r: &Rendered, job: &str) {
+    use promql_parser::label::MatchOp;
+    use promql_parser::parser::{self, Expr, VectorSelector};
+
+    fn selectors<'e>(expr: &'e Expr, out: &mut Vec<&'e VectorSelector>) {
+        match expr {
+            Expr::VectorSelector(vs) => out.push(vs),
+            Expr::MatrixSelector(ms) => out.push(&ms.vs),
+            Expr::Aggregate(a) => {
+                selectors(&a.expr, out);
+                if let Some(param) = &a.param {
+                    selectors(param, out);
+                }
+            }
+            Expr::Unary(u) => selectors(&u.expr, out),
+            Expr::Binary(b) => {
+                selectors(&b.lhs, out);
+                selectors(&b.rhs, out);
+            }
+            Expr::Paren(p) => selectors(&p.expr, out),
+            Expr::Subquery(s) => selectors(&s.expr, out),
+            Expr::Call(c) => c.args.args.iter().for_each(|arg| selectors(arg, out)),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+        }
+    }
+    let equal_to = |vs: &VectorSelector, label: &str| -> Option<String> {
+        vs.matchers
+            .matchers
+            .iter()
+            .find(|m| m.name == label && matches!(m.op, MatchOp::Equal))
+            .map(|m| m.value.clone())
+    };
+
+    let o = &r.overlay;
+    let exported = exported_metric_names();
+    let rule = r.custom("monitoring.coreos.com/v1", "PrometheusRule", DEPLOYMENT);
+    let groups = rule["spec"]["groups"].as_array().expect("groups");
+    let mut alerts = BTreeSet::new();
+    for rule in groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+    {
+        let alert = rule["alert"].as_str().expect("every rule is an alert");
+        assert!(alerts.insert(alert.to_owned()), "{o}: alert {alert} twice");
+        let text = rule["expr"].as_str().expect("expr");
+        let expr = parser::parse(text).unwrap_or_else(|e| panic!("{o}: {alert}: {e}"));
+        assert!(
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
+            "{o}: {alert}: severity"
+        );
+        assert!(
+            rule["annotations"]["summary"].is_string(),
+            "{o}: {alert}: summary"
+        );
+        let mut found = Vec::new();
+        selectors(&expr, &mut found);
+        assert!(!found.is_empty(), "{o}: {alert} selects nothing");
+        for vs in found {
+            let name = vs.name.as_deref().expect("selectors name their metric");
+            if name.starts_with("image_rewriter_") {
+                assert!(
+                    exported.contains(name),
+                    "{o}: {alert}: the server exports no {name} (it exports {exported:?})"
+                );
+            } else if name == "up" {
+                assert_eq!(equal_to(vs, "job").as_deref(), Some(job), "{o}: {alert}");
+            } else if name.starts_with("apiserver_admission_webhook_") {
+                assert!(
+                    APISERVER_WEBHOOK_METRICS.contains(&name),
+                    "{o}: {alert}: {name} is not a kube-apiserver metric"
+                );
+                assert_eq!(
+                    equal_to(vs, "name").as_deref(),
+                    Some(WEBHOOK),
+                    "{o}: {alert}"
+                );
+            } else {
+                panic!("{o}: {alert}: unexpected metric {name}");
+            }
+        }
+    }
+    for metric in [
+        "image_rewriter_config_last_reload_successful",
+        "image_rewriter_certificate_last_reload_successful",
+        "image_rewriter_certificate_expiration_timestamp_seconds",
+    ] {
+        assert!(
+            groups
+                .iter()
+                .flat_map(|g| g["rules"].as_array().unwrap())
+                .any(|rule| rule["expr"].as_str().unwrap().contains(metric)),
+            "{o}: no alert on {metric}"
+        );
+    }
+}
+
+/// The kube-apiserver's admission webhook metrics, from
+/// k8s.io/apiserver/pkg/admission/metrics (v1.34).
+const APISERVER_WEBHOOK_METRICS: [&str; 4] = [
+    "apiserver_admission_webhook_fail_open_count",
+    "apiserver_admission_webhook_rejection_count",
+    "apiserver_admission_webhook_request_total",
+    "apiserver_admission_webhook_admission_duration_seconds_bucket",
+];
+
+/// Every series name the server's registry exports, as Prometheus stores
+/// them, read from its exposition. A labelled family shows only once it has
+/// a child, so each gets one first.
+fn exported_metric_names() -> BTreeSet<String> {
+    use image_rewriter::metrics::{Metrics, ResultLabel, RuleLabel};
+    let metrics = Metrics::new();
+    let result = ResultLabel { result: "any" };
+    for family in [
+        &metrics.admission_requests,
+        &metrics.config_reloads,
+        &metrics.certificate_reloads,
+        &metrics.pull_secret_copies,
+    ] {
+        family.get_or_create(&result).inc();
+    }
+    metrics
+        .images_rewritten
+        .get_or_create(&RuleLabel {
+            rule: "docker.io".into(),
+        })
+        .inc();
+    let text = metrics.encode();
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
 /// Every directory under manifests/overlays is one of the overlays checked
 /// above: a new overlay must get a test.
 #[test]
