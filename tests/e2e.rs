@@ -1163,6 +1163,75 @@ async fn apiserver_pod_creation_benchmark() {
     }
 }
 
+/// 8. The optional prometheus-operator component with the operator's own
+/// CRDs installed (v0.85.0, `tests/fixtures/prometheus-operator`): kubectl
+/// applies its PodMonitor and PrometheusRule (strict field validation, so a
+/// field the schemas do not know fails), and the apiserver stores their specs
+/// field for field as shipped (nothing pruned or defaulted away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_operator_component_is_accepted_with_the_operators_crds() {
+    let env = Env::start(Overlay::ClusterWide).await;
+    let crds =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prometheus-operator");
+    for plural in ["podmonitors", "prometheusrules"] {
+        let file = crds.join(format!("monitoring.coreos.com_{plural}.yaml"));
+        kubectl(&env, &["apply", "-f", file.to_str().unwrap()]);
+        kubectl(
+            &env,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{plural}.monitoring.coreos.com"),
+            ],
+        );
+    }
+
+    let overlay = "e2e-cluster-wide-prometheus-operator";
+    env.ws.write_overlay(
+        overlay,
+        &[
+            "../../components/cluster-wide",
+            "../../components/prometheus-operator",
+            "../../../certs",
+        ],
+    );
+    let monitoring: Vec<Value> = env
+        .ws
+        .render_dir(&env.kubectl, overlay)
+        .into_iter()
+        .filter(|o| {
+            o["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+        })
+        .collect();
+    let kinds: Vec<&str> = monitoring
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert!(kinds.contains(&"PodMonitor") && kinds.contains(&"PrometheusRule"));
+    // `kubectl wait` saw both CRDs Established: the apiserver serves them.
+    let applied = env::kubectl_apply(&env.kubectl, &env.admin_kubeconfig, &monitoring);
+    println!("applied: {}", applied.trim().replace('\n', ", "));
+
+    for shipped in &monitoring {
+        let kind = shipped["kind"].as_str().unwrap().to_lowercase();
+        let name = shipped["metadata"]["name"].as_str().unwrap();
+        let namespace = shipped["metadata"]["namespace"].as_str().unwrap();
+        let stored: Value = serde_json::from_str(&kubectl(
+            &env,
+            &["get", &kind, name, "-n", namespace, "-o", "json"],
+        ))
+        .expect("kubectl get -o json");
+        assert_eq!(
+            stored["spec"], shipped["spec"],
+            "{kind} {namespace}/{name}: stored spec"
+        );
+    }
+}
+
 /// Runs one kubectl command as the admin, as the README writes it; returns stdout.
 fn kubectl(env: &Env, args: &[&str]) -> String {
     let output = std::process::Command::new(&env.kubectl)

@@ -197,7 +197,26 @@ impl Workspace {
         if overlay.generated_certs() && !self.path().join("certs/secret.yaml").is_file() {
             self.generate_certs();
         }
-        let dir = self.path().join("manifests/overlays").join(overlay.dir());
+        self.render_dir(kubectl, overlay.dir())
+    }
+
+    /// An overlay of the base and `components` (paths from the overlay's
+    /// directory), written into the copy as `manifests/overlays/<name>`.
+    pub fn write_overlay(&self, name: &str, components: &[&str]) {
+        let dir = self.path().join("manifests/overlays").join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir overlay");
+        let mut kustomization = String::from(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../base\ncomponents:\n",
+        );
+        for component in components {
+            kustomization.push_str(&format!("  - {component}\n"));
+        }
+        std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("write overlay");
+    }
+
+    /// `kubectl kustomize manifests/overlays/<name>`, one JSON value per object.
+    pub fn render_dir(&self, kubectl: &Path, name: &str) -> Vec<Value> {
+        let dir = self.path().join("manifests/overlays").join(name);
         let out = Command::new(kubectl)
             .arg("kustomize")
             .arg(&dir)
@@ -205,8 +224,7 @@ impl Workspace {
             .expect("run kubectl kustomize");
         assert!(
             out.status.success(),
-            "kubectl kustomize manifests/overlays/{} failed:\n{}",
-            overlay.dir(),
+            "kubectl kustomize manifests/overlays/{name} failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).expect("UTF-8 YAML");
@@ -214,7 +232,7 @@ impl Workspace {
             .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
             .filter(|v| !v.is_null())
             .collect();
-        assert!(!objects.is_empty(), "{} rendered nothing", overlay.dir());
+        assert!(!objects.is_empty(), "{name} rendered nothing");
         objects
     }
 }
