@@ -590,13 +590,13 @@ impl Env {
         kubectl_apply(&self.kubectl, &self.admin_kubeconfig, &[mwc]);
     }
 
-    /// Applies every object of `objects` (cert-manager's own objects
-    /// excluded), the webhook configuration pointed at the running server.
-    /// Returns what kubectl printed (`-o name`).
+    /// Applies every object of `objects`, the webhook configuration pointed
+    /// at the running server (cert-manager's objects need
+    /// [`Env::install_crds`]`("cert-manager")` first). Returns what kubectl
+    /// printed (`-o name`).
     pub fn apply_all(&self, objects: &[Value]) -> String {
         let applied: Vec<Value> = objects
             .iter()
-            .filter(|o| !is_cert_manager_object(o))
             .map(|o| {
                 if o["kind"] == "MutatingWebhookConfiguration" {
                     with_url_client_config(o, &self.webhook.url(), &self.webhook_ca_pem)
@@ -606,6 +606,57 @@ impl Env {
             })
             .collect();
         kubectl_apply(&self.kubectl, &self.admin_kubeconfig, &applied)
+    }
+
+    /// Installs the CRDs vendored in `tests/fixtures/<fixture>/` (every
+    /// `*.yaml` there) and waits until the apiserver serves them.
+    pub fn install_crds(&self, fixture: &str) {
+        let dir = Path::new(REPO).join("tests/fixtures").join(fixture);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| entry.expect("dir entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no CRDs in {}", dir.display());
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read CRD");
+            let crd: Value = serde_yaml_ng::from_str(&text).expect("CRD YAML");
+            assert_eq!(
+                crd["kind"],
+                "CustomResourceDefinition",
+                "{}",
+                file.display()
+            );
+            let name = crd["metadata"]["name"].as_str().expect("CRD name");
+            let kubectl = |args: &[&str]| {
+                let out = Command::new(&self.kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&self.admin_kubeconfig)
+                    .args(args)
+                    .output()
+                    .expect("run kubectl");
+                assert!(
+                    out.status.success(),
+                    "kubectl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            // Server-side: the larger CRDs exceed the last-applied annotation's limit.
+            kubectl(&[
+                "apply",
+                "--server-side",
+                "-f",
+                file.to_str().expect("UTF-8 path"),
+            ]);
+            kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{name}"),
+            ]);
+        }
     }
 
     /// Waits until a dry-run pod in [`PROBE_NAMESPACE`] comes back rewritten
