@@ -427,8 +427,9 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let bundle = certs::generate(&CertRequest {
         subject_alt_names: names,
         key_type: KeyType::EcdsaP256,
-        validity_days: 7,
-        ca_validity_days: 7,
+        // Past the expiry warning's week, so a development run starts quietly.
+        validity_days: 30,
+        ca_validity_days: 30,
     })?;
     certs::write_bundle(&bundle, &dir, "image-rewriter-tls", "image-rewriter")?;
     let config = match &args.config {

@@ -1,6 +1,9 @@
 //! Prometheus metrics, prefixed `image_rewriter_`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,13 +20,59 @@ pub struct RuleLabel {
     pub rule: String,
 }
 
+/// Every `result` of `admission_requests_total`. Each series exists from
+/// the start, at 0: `increase()` over a series born at 1 reads 0, so an alert
+/// on the first overload (or bad request) would otherwise never fire.
+pub const ADMISSION_RESULTS: [&str; 8] = [
+    "patched",
+    "unchanged",
+    "skipped",
+    "bad_request",
+    "too_large",
+    "unsupported_media_type",
+    "overloaded",
+    "not_ready",
+];
+/// Every `result` of `config_reloads_total` and `certificate_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
+/// Every `result` of `pull_secret_copies_total`.
+pub const COPY_RESULTS: [&str; 5] = ["created", "updated", "exists", "user_owned", "failed"];
+
+/// A gauge with no sample until it is first set (and again once cleared):
+/// for a value that has no meaningful zero.
+#[derive(Debug, Default, Clone)]
+pub struct UnsetGauge(Arc<Mutex<Option<i64>>>);
+
+impl UnsetGauge {
+    pub fn set(&self, value: Option<i64>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = value;
+    }
+
+    pub fn get(&self) -> Option<i64> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl EncodeMetric for UnsetGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        match self.get() {
+            Some(value) => encoder.encode_gauge(&value),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
-    /// `patched`, `unchanged` (examined, nothing to do), `skipped` (not a
-    /// request the webhook acts on), `bad_request`, `too_large`,
-    /// `unsupported_media_type`, `overloaded` (body budget exhausted),
-    /// `not_ready` (no config loaded yet).
+    /// [`ADMISSION_RESULTS`]: `patched`, `unchanged` (examined, nothing to
+    /// do), `skipped` (not a request the webhook acts on), `bad_request`,
+    /// `too_large`, `unsupported_media_type`, `overloaded` (body budget
+    /// exhausted), `not_ready` (no config loaded yet).
     pub admission_requests: Family<ResultLabel, Counter>,
     pub admission_duration: Histogram,
     pub images_rewritten: Family<RuleLabel, Counter>,
@@ -36,8 +85,9 @@ pub struct Metrics {
     pub config_last_reload_successful: Gauge,
     /// The same for the certificate and key files.
     pub certificate_last_reload_successful: Gauge,
-    /// The notAfter of the serving certificate in force, as a Unix time.
-    pub certificate_expiration: Gauge,
+    /// The notAfter of the serving certificate in force, as a Unix time; no
+    /// series until a certificate has loaded (a 0 would read as expired).
+    pub certificate_expiration: UnsetGauge,
     /// `created`, `updated`, `exists`, `user_owned`, `failed`.
     pub pull_secret_copies: Family<ResultLabel, Counter>,
     pub pull_secret_sync_errors: Counter,
@@ -59,9 +109,12 @@ impl Metrics {
             "AdmissionReview requests answered, by result",
             admission_requests.clone(),
         );
-        // 50 µs to ~0.4 s: the interesting range is well under a millisecond.
+        // 50 µs to ~52 s: the interesting range is well under a millisecond,
+        // but a pull secret wait takes seconds, and the top bucket must lie
+        // past the longest webhook timeout the apiserver allows (30 s) for a
+        // quantile to tell "slow" from "timed out".
         let admission_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 14),
+            prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 21),
         );
         registry.register(
             "admission_duration_seconds",
@@ -104,7 +157,7 @@ impl Metrics {
             "1 if the certificate and key files as they are now were loaded, 0 if they were refused and the last good pair serves",
             certificate_last_reload_successful.clone(),
         );
-        let certificate_expiration = Gauge::default();
+        let certificate_expiration = UnsetGauge::default();
         registry.register(
             "certificate_expiration_timestamp_seconds",
             "When the serving certificate in force expires (its notAfter), as a Unix time",
@@ -143,9 +196,38 @@ impl Metrics {
             certificate_last_reload_successful,
             certificate_expiration,
         }
+        .with_every_result()
+    }
+
+    /// Every labelled counter at 0 for each of its results.
+    fn with_every_result(self) -> Self {
+        for result in ADMISSION_RESULTS {
+            self.admission_requests
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        for family in [&self.config_reloads, &self.certificate_reloads] {
+            for result in RELOAD_RESULTS {
+                family.get_or_create(&ResultLabel { result }).inc_by(0);
+            }
+        }
+        for result in COPY_RESULTS {
+            self.pull_secret_copies
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        self
+    }
+
+    pub fn count_copy(&self, result: &'static str) {
+        debug_assert!(COPY_RESULTS.contains(&result), "{result}");
+        self.pull_secret_copies
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn count_request(&self, result: &'static str) {
+        debug_assert!(ADMISSION_RESULTS.contains(&result), "{result}");
         self.admission_requests
             .get_or_create(&ResultLabel { result })
             .inc();
@@ -162,5 +244,73 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples_of(metrics: &Metrics, name: &str) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_certificate_expiration_has_no_sample_until_a_certificate_loads() {
+        let metrics = Metrics::new();
+        let name = "image_rewriter_certificate_expiration_timestamp_seconds";
+        assert!(
+            samples_of(&metrics, name).is_empty(),
+            "a 0 would read as expired"
+        );
+        metrics.certificate_expiration.set(Some(1_800_000_000));
+        assert_eq!(samples_of(&metrics, name), [format!("{name} 1800000000")]);
+        metrics.certificate_expiration.set(None);
+        assert!(samples_of(&metrics, name).is_empty());
+    }
+
+    #[test]
+    fn every_result_is_exported_at_zero_from_the_start() {
+        let metrics = Metrics::new();
+        for (name, results) in [
+            (
+                "image_rewriter_admission_requests_total",
+                &ADMISSION_RESULTS[..],
+            ),
+            ("image_rewriter_config_reloads_total", &RELOAD_RESULTS[..]),
+            (
+                "image_rewriter_certificate_reloads_total",
+                &RELOAD_RESULTS[..],
+            ),
+            ("image_rewriter_pull_secret_copies_total", &COPY_RESULTS[..]),
+        ] {
+            let samples = samples_of(&metrics, name);
+            assert_eq!(samples.len(), results.len(), "{samples:?}");
+            for result in results {
+                let sample = format!("{name}{{result=\"{result}\"}} 0");
+                assert!(samples.contains(&sample), "{sample} in {samples:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_duration_histogram_reaches_past_the_longest_webhook_timeout() {
+        let text = Metrics::new().encode();
+        let top = text
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("image_rewriter_admission_duration_seconds_bucket{le=\"")
+            })
+            .filter_map(|rest| rest.split('"').next())
+            .filter_map(|le| le.parse::<f64>().ok())
+            .filter(|le| le.is_finite()) // "+Inf" parses too
+            .fold(0.0, f64::max);
+        // timeoutSeconds may be set up to 30 s.
+        assert!(top > 30.0, "top finite bucket {top}");
     }
 }

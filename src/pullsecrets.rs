@@ -22,7 +22,7 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -320,10 +320,7 @@ impl Inner {
     }
 
     fn count(&self, result: &'static str) {
-        self.metrics
-            .pull_secret_copies
-            .get_or_create(&ResultLabel { result })
-            .inc();
+        self.metrics.count_copy(result);
     }
 }
 

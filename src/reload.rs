@@ -110,12 +110,7 @@ impl Watcher {
         }) else {
             return;
         };
-        // The gauge first: whoever sees the count go up sees the gauge too.
-        let metrics = &self.state.metrics;
-        metrics
-            .config_last_reload_successful
-            .set(i64::from(loaded.is_ok()));
-        Metrics::count_reload(&metrics.config_reloads, loaded.is_ok());
+        let loaded_ok = loaded.is_ok();
         match loaded {
             Ok(policy) => {
                 info!(path = %path.display(), rules = policy.rules().len(), "config loaded");
@@ -127,6 +122,13 @@ impl Watcher {
                 "config refused; the last good config stays in force"
             ),
         }
+        // The count last: whoever sees it go up finds the config in force
+        // and the gauge already set.
+        let metrics = &self.state.metrics;
+        metrics
+            .config_last_reload_successful
+            .set(i64::from(loaded_ok));
+        Metrics::count_reload(&metrics.config_reloads, loaded_ok);
     }
 
     fn poll_certificate(&mut self) {
@@ -138,18 +140,12 @@ impl Watcher {
         }) else {
             return;
         };
-        // The gauge first: whoever sees the count go up sees the gauge too.
         let metrics = &self.state.metrics;
-        metrics
-            .certificate_last_reload_successful
-            .set(i64::from(loaded.is_ok()));
-        Metrics::count_reload(&metrics.certificate_reloads, loaded.is_ok());
+        let loaded_ok = loaded.is_ok();
         match loaded {
             Ok(key) => {
                 let expires = key.end_entity_cert().ok().and_then(tls::not_after);
-                if let Some(expires) = expires {
-                    metrics.certificate_expiration.set(expires);
-                }
+                metrics.certificate_expiration.set(expires);
                 self.expiry.loaded(expires);
                 info!(
                     cert = %sources.tls_cert.display(),
@@ -164,5 +160,11 @@ impl Watcher {
                 "certificate refused; the last good certificate stays in force"
             ),
         }
+        // The count last: whoever sees it go up finds the pair in force and
+        // the gauges already set.
+        metrics
+            .certificate_last_reload_successful
+            .set(i64::from(loaded_ok));
+        Metrics::count_reload(&metrics.certificate_reloads, loaded_ok);
     }
 }
