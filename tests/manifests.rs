@@ -286,7 +286,7 @@ fn check_prometheus_rule(r: &Rendered, job: &str) {
     };
 
     let o = &r.overlay;
-    let exported = exported_metric_names();
+    let exported = exported_metrics();
     let rule = r.custom("monitoring.coreos.com/v1", "PrometheusRule", DEPLOYMENT);
     let groups = rule["spec"]["groups"].as_array().expect("groups");
     let mut alerts = BTreeSet::new();
@@ -309,6 +309,20 @@ fn check_prometheus_rule(r: &Rendered, job: &str) {
             rule["annotations"]["summary"].is_string(),
             "{o}: {alert}: summary"
         );
+        if let Expr::Binary(comparison) = &expr
+            && let Expr::Call(call) = comparison.lhs.as_ref()
+            && call.func.name == "histogram_quantile"
+            && let Expr::NumberLiteral(threshold) = comparison.rhs.as_ref()
+        {
+            // Above the top finite bucket, histogram_quantile returns that
+            // bucket's bound: the alert could never fire.
+            assert!(
+                threshold.val < exported.top_duration_bucket,
+                "{o}: {alert}: threshold {} is not below the top bucket {}",
+                threshold.val,
+                exported.top_duration_bucket
+            );
+        }
         let mut found = Vec::new();
         selectors(&expr, &mut found);
         assert!(!found.is_empty(), "{o}: {alert} selects nothing");
@@ -316,9 +330,17 @@ fn check_prometheus_rule(r: &Rendered, job: &str) {
             let name = vs.name.as_deref().expect("selectors name their metric");
             if name.starts_with("image_rewriter_") {
                 assert!(
-                    exported.contains(name),
-                    "{o}: {alert}: the server exports no {name} (it exports {exported:?})"
+                    exported.names.contains(name),
+                    "{o}: {alert}: the server exports no {name} (it exports {:?})",
+                    exported.names
                 );
+                if let Some(result) = equal_to(vs, "result") {
+                    let results = exported.results.get(name);
+                    assert!(
+                        results.is_some_and(|results| results.contains(&result)),
+                        "{o}: {alert}: {name} has no result=\"{result}\" (it has {results:?})"
+                    );
+                }
             } else if name == "up" {
                 assert_eq!(equal_to(vs, "job").as_deref(), Some(job), "{o}: {alert}");
             } else if name.starts_with("apiserver_admission_webhook_") {
@@ -360,49 +382,67 @@ const APISERVER_WEBHOOK_METRICS: [&str; 4] = [
     "apiserver_admission_webhook_admission_duration_seconds_bucket",
 ];
 
-/// Every series name the server's registry exports, as Prometheus stores
-/// them, read from its exposition. A labelled family shows only once it has
-/// a child, so each gets one first.
-fn exported_metric_names() -> BTreeSet<String> {
-    use image_rewriter::metrics::{Metrics, ResultLabel, RuleLabel};
+/// What the server's registry exports, read from a fresh registry's
+/// exposition: every series name as Prometheus stores it (counters with
+/// `_total`, histograms by `_bucket`, `_sum`, `_count`), every `result`
+/// label value of each, and the duration histogram's largest finite bucket.
+struct Exported {
+    names: BTreeSet<String>,
+    results: BTreeMap<String, BTreeSet<String>>,
+    top_duration_bucket: f64,
+}
+
+fn exported_metrics() -> Exported {
+    use image_rewriter::metrics::{Metrics, RuleLabel};
     let metrics = Metrics::new();
-    let result = ResultLabel { result: "any" };
-    for family in [
-        &metrics.admission_requests,
-        &metrics.config_reloads,
-        &metrics.certificate_reloads,
-        &metrics.pull_secret_copies,
-    ] {
-        family.get_or_create(&result).inc();
-    }
+    // The two families whose series appear only once set.
     metrics
         .images_rewritten
         .get_or_create(&RuleLabel {
             rule: "docker.io".into(),
         })
         .inc();
+    metrics.certificate_expiration.set(Some(0));
     let text = metrics.encode();
-    let mut names = BTreeSet::new();
+    let mut exported = Exported {
+        names: BTreeSet::new(),
+        results: BTreeMap::new(),
+        top_duration_bucket: 0.0,
+    };
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
-        match kind {
-            "counter" => {
-                names.insert(format!("{name}_total"));
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            for suffix in suffixes {
+                exported.names.insert(format!("{name}{suffix}"));
             }
-            "histogram" => {
-                for suffix in ["_bucket", "_sum", "_count"] {
-                    names.insert(format!("{name}{suffix}"));
-                }
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            if let Some(result) = line
+                .split_once("result=\"")
+                .and_then(|(_, rest)| rest.split('"').next())
+            {
+                exported
+                    .results
+                    .entry(name.to_owned())
+                    .or_default()
+                    .insert(result.to_owned());
             }
-            _ => {
-                names.insert(name.to_owned());
+            if let Some(le) = line
+                .strip_prefix("image_rewriter_admission_duration_seconds_bucket{le=\"")
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|le| le.parse::<f64>().ok())
+                .filter(|le| le.is_finite())
+            {
+                exported.top_duration_bucket = exported.top_duration_bucket.max(le);
             }
         }
     }
-    names
+    exported
 }
 
 /// Every directory under manifests/overlays is one of the overlays checked
