@@ -125,19 +125,44 @@ fn serve_refuses_zero_timeouts_and_a_busy_reload_interval() {
     }
 }
 
+/// What a server that keeps running printed in its first `running` (it is
+/// then stopped); `None` when it exited by itself first.
+fn output_of_a_running_server(mut child: Child, running: Duration) -> Option<Output> {
+    std::thread::sleep(running);
+    if child.try_wait().unwrap().is_some() {
+        return None;
+    }
+    child.kill().unwrap();
+    Some(child.wait_with_output().unwrap())
+}
+
 #[test]
 fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
     let dir = tempfile::tempdir().unwrap();
-    for value in ["1", "yes", "on", "true"] {
+    // With the API wanted but no way to reach it, the server says so once.
+    const NO_API_CONFIGURATION: &str = "no Kubernetes API configuration";
+    for (value, no_api) in [
+        ("1", true),
+        ("yes", true),
+        ("on", true),
+        ("true", true),
+        ("0", false),
+        ("no", false),
+        ("off", false),
+    ] {
         let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
-        serve.env("IMAGE_REWRITER_NO_API", value);
-        let child = serve.spawn().unwrap();
-        if let Some(output) = output_within(child, Duration::from_secs(2)) {
-            panic!(
-                "IMAGE_REWRITER_NO_API={value} stopped the server: {:?}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        serve
+            .env("IMAGE_REWRITER_NO_API", value)
+            .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        let output = output_of_a_running_server(serve.spawn().unwrap(), Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("IMAGE_REWRITER_NO_API={value} stopped the server"));
+        let log = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            !log.contains(NO_API_CONFIGURATION),
+            no_api,
+            "IMAGE_REWRITER_NO_API={value}: {log}"
+        );
     }
     let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
     serve.env("IMAGE_REWRITER_NO_API", "maybe");
