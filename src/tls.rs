@@ -158,16 +158,13 @@ pub fn not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
 /// (both Unix times): expired, or expiring within [`EXPIRY_WARNING_SECONDS`].
 pub fn expiry_warning(not_after: i64, now: i64) -> Option<String> {
     let left = not_after - now;
+    let span = humantime::format_duration(std::time::Duration::from_secs(left.unsigned_abs()));
     if left <= 0 {
         Some(format!(
-            "the serving certificate expired {} ago: the apiserver refuses it",
-            humantime::format_duration(std::time::Duration::from_secs(left.unsigned_abs()))
+            "the serving certificate expired {span} ago: the apiserver refuses it"
         ))
     } else if left < EXPIRY_WARNING_SECONDS {
-        Some(format!(
-            "the serving certificate expires in {}",
-            humantime::format_duration(std::time::Duration::from_secs(left.unsigned_abs()))
-        ))
+        Some(format!("the serving certificate expires in {span}"))
     } else {
         None
     }
