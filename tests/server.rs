@@ -202,6 +202,27 @@ impl Harness {
             .unwrap()
     }
 
+    /// One metric's value now: the sum of its series that carry `label`
+    /// (`("", "")` for all of them).
+    async fn metric(&self, name: &str, label: (&str, &str)) -> f64 {
+        metric(&self.metrics().await, name, label)
+    }
+
+    /// Swaps in a certificate and key as the kubelet updates a Secret volume,
+    /// then waits until the server has counted `count` reloads of `result`.
+    async fn swap_certificate(&self, cert: &str, key: &str, result: &str, count: f64) {
+        write_like_kubelet(
+            &self.path("tls"),
+            &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
+        );
+        self.wait_for_metric(
+            "image_rewriter_certificate_reloads_total",
+            ("result", result),
+            count,
+        )
+        .await;
+    }
+
     async fn metrics(&self) -> prometheus_parse::Scrape {
         let text = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
             .await
@@ -607,9 +628,8 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn the_serving_certificates_expiration_is_exported_and_follows_rotation() {
     let harness = Harness::start(CONFIG).await;
-    let expiration = || async {
-        metric(
-            &harness.metrics().await,
+    let expiration = || {
+        harness.metric(
             "image_rewriter_certificate_expiration_timestamp_seconds",
             ("", ""),
         )
@@ -620,17 +640,7 @@ async fn the_serving_certificates_expiration_is_exported_and_follows_rotation() 
     let (cert, key) = harness.pki.serving_pair_with(|params| {
         params.not_after = rcgen::date_time_ymd(2031, 5, 6);
     });
-    write_like_kubelet(
-        &harness.path("tls"),
-        &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
-    );
-    harness
-        .wait_for_metric(
-            "image_rewriter_certificate_reloads_total",
-            ("result", "success"),
-            2.0,
-        )
-        .await;
+    harness.swap_certificate(&cert, &key, "success", 2.0).await;
     // 2031-05-06T00:00:00Z.
     assert_eq!(expiration().await, 1_935_792_000.0);
     harness.stop().await;
@@ -644,11 +654,12 @@ async fn not_ready_until_a_config_loads() {
     assert_eq!(readyz.status(), 503);
     let response = harness.post_review(&client, &sample_review()).await;
     assert_eq!(response.status(), 503);
-    let refused = metric(
-        &harness.metrics().await,
-        "image_rewriter_admission_requests_total",
-        ("result", "not_ready"),
-    );
+    let refused = harness
+        .metric(
+            "image_rewriter_admission_requests_total",
+            ("result", "not_ready"),
+        )
+        .await;
     assert_eq!(
         refused, 1.0,
         "a review refused for want of a config is counted"
@@ -709,13 +720,8 @@ async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
         first_image().await,
         "mirror.corp.example/hub/library/nginx:1.27"
     );
-    let config_in_force = || async {
-        metric(
-            &harness.metrics().await,
-            "image_rewriter_config_last_reload_successful",
-            ("", ""),
-        )
-    };
+    let config_in_force =
+        || harness.metric("image_rewriter_config_last_reload_successful", ("", ""));
     assert_eq!(config_in_force().await, 1.0);
 
     reload(
@@ -790,17 +796,7 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
 
     let (cert, key) = harness.pki.serving_pair();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    write_like_kubelet(
-        &harness.path("tls"),
-        &[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())],
-    );
-    harness
-        .wait_for_metric(
-            "image_rewriter_certificate_reloads_total",
-            ("result", "success"),
-            2.0,
-        )
-        .await;
+    harness.swap_certificate(&cert, &key, "success", 2.0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
@@ -818,9 +814,8 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
             .unwrap(),
     );
     assert_ne!(first, second, "new connections get the new certificate");
-    let pair_in_force = || async {
-        metric(
-            &harness.metrics().await,
+    let pair_in_force = || {
+        harness.metric(
             "image_rewriter_certificate_last_reload_successful",
             ("", ""),
         )
@@ -829,19 +824,8 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
 
     // A key that does not match its certificate is refused; the last good pair serves on.
     let (other_cert, _) = harness.pki.serving_pair();
-    write_like_kubelet(
-        &harness.path("tls"),
-        &[
-            ("tls.crt", other_cert.as_bytes()),
-            ("tls.key", key.as_bytes()),
-        ],
-    );
     harness
-        .wait_for_metric(
-            "image_rewriter_certificate_reloads_total",
-            ("result", "failure"),
-            1.0,
-        )
+        .swap_certificate(&other_cert, &key, "failure", 1.0)
         .await;
     let third = peer_certificate(
         &harness
