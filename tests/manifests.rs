@@ -143,24 +143,9 @@ fn overlay_opt_in_cert_manager() {
 /// The optional fail-closed component flips only the failure policy.
 #[test]
 fn fail_closed_component_switches_to_fail() {
-    let Some(kubectl) = kubectl("fail_closed_component_switches_to_fail") else {
-        return;
-    };
-    let ws = Workspace::new();
-    ws.generate_certs();
-    let overlay = "test-opt-in-fail-closed";
-    ws.write_overlay(
-        overlay,
-        &[
-            "../../components/opt-in",
-            "../../components/fail-closed",
-            "../../../certs",
-        ],
-    );
-    let rendered = ws.render(&kubectl, overlay);
-    check_rendered(
-        &ws,
-        &rendered,
+    check_overlay_with_components(
+        "test-opt-in-fail-closed",
+        &["../../components/opt-in", "../../components/fail-closed"],
         &Expect {
             scope: Scope::OptIn,
             certs: CertSource::Generated,
@@ -175,30 +160,20 @@ fn fail_closed_component_switches_to_fail() {
 /// exports them) or the kube-apiserver's for this webhook.
 #[test]
 fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
-    let Some(kubectl) = kubectl("prometheus_operator_component") else {
-        return;
-    };
-    let ws = Workspace::new();
-    ws.generate_certs();
-    let overlay = "test-cluster-wide-prometheus-operator";
-    ws.write_overlay(
-        overlay,
+    let Some(rendered) = check_overlay_with_components(
+        "test-cluster-wide-prometheus-operator",
         &[
             "../../components/cluster-wide",
             "../../components/prometheus-operator",
-            "../../../certs",
         ],
-    );
-    let rendered = ws.render(&kubectl, overlay);
-    check_rendered(
-        &ws,
-        &rendered,
         &Expect {
             scope: Scope::ClusterWide,
             certs: CertSource::Generated,
             failure_policy: "Ignore",
         },
-    );
+    ) else {
+        return;
+    };
     let deployment: Deployment = rendered.one(DEPLOYMENT);
     let pod = Pod::of(&rendered, &deployment);
     let job = check_pod_monitor(&rendered, &pod);
@@ -471,6 +446,24 @@ fn every_overlay_is_checked() {
         found, checked,
         "manifests/overlays/ and the overlays this test checks differ"
     );
+}
+
+/// An overlay of the base, `components` and the generated certificates,
+/// rendered and checked like a shipped one; `None` without kubectl.
+fn check_overlay_with_components(
+    overlay: &str,
+    components: &[&str],
+    expect: &Expect,
+) -> Option<Rendered> {
+    let kubectl = kubectl(&format!("overlay {overlay}"))?;
+    let ws = Workspace::new();
+    ws.generate_certs();
+    let mut with_certs = components.to_vec();
+    with_certs.push("../../../certs");
+    ws.write_overlay(overlay, &with_certs);
+    let rendered = ws.render(&kubectl, overlay);
+    check_rendered(&ws, &rendered, expect);
+    Some(rendered)
 }
 
 fn check_overlay(overlay: &str, expect: &Expect) {
