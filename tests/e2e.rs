@@ -307,10 +307,8 @@ async fn shipped_overlays_are_accepted_by_the_apiserver() {
                 let name = shipped["metadata"]["name"].as_str().unwrap();
                 let namespace = shipped["metadata"]["namespace"].as_str().unwrap();
                 let resource = format!("{}.cert-manager.io", kind.to_lowercase());
-                let stored = kubectl(
-                    &env,
-                    &["get", &resource, name, "-n", namespace, "-o", "json"],
-                );
+                let stored =
+                    env.kubectl_as_admin(&["get", &resource, name, "-n", namespace, "-o", "json"]);
                 let stored: Value = serde_json::from_str(&stored).expect("kubectl get -o json");
                 assert_eq!(
                     stored["spec"], shipped["spec"],
@@ -1206,10 +1204,9 @@ async fn the_prometheus_operator_component_is_accepted_with_the_operators_crds()
         let kind = shipped["kind"].as_str().unwrap().to_lowercase();
         let name = shipped["metadata"]["name"].as_str().unwrap();
         let namespace = shipped["metadata"]["namespace"].as_str().unwrap();
-        let stored: Value = serde_json::from_str(&kubectl(
-            &env,
-            &["get", &kind, name, "-n", namespace, "-o", "json"],
-        ))
+        let stored: Value = serde_json::from_str(
+            &env.kubectl_as_admin(&["get", &kind, name, "-n", namespace, "-o", "json"]),
+        )
         .expect("kubectl get -o json");
         assert_eq!(
             stored["spec"], shipped["spec"],
@@ -1218,78 +1215,49 @@ async fn the_prometheus_operator_component_is_accepted_with_the_operators_crds()
     }
 }
 
-/// Runs one kubectl command as the admin, as the README writes it; returns stdout.
-fn kubectl(env: &Env, args: &[&str]) -> String {
-    let output = std::process::Command::new(&env.kubectl)
-        .arg("--kubeconfig")
-        .arg(&env.admin_kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        output.status.success(),
-        "kubectl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// The README's kubectl commands, verbatim, against the real apiserver:
 /// the source pull secret (made again with kubectl), labelling a namespace out in cluster-wide mode, the dry-run check, and
 /// the uninstall steps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_kubectl_commands_work() {
     let env = Env::start(Overlay::ClusterWide).await;
-    kubectl(
-        &env,
-        &["delete", "secret", "harbor-pull", "-n", "image-rewriter"],
-    );
-    kubectl(
-        &env,
-        &[
-            "create",
-            "secret",
-            "docker-registry",
-            "harbor-pull",
-            "-n",
-            "image-rewriter",
-            "--docker-server=harbor.corp.example",
-            "--docker-username=robot$pull",
-            "--docker-password=secret",
-        ],
-    );
+    env.kubectl_as_admin(&["delete", "secret", "harbor-pull", "-n", "image-rewriter"]);
+    env.kubectl_as_admin(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "harbor-pull",
+        "-n",
+        "image-rewriter",
+        "--docker-server=harbor.corp.example",
+        "--docker-username=robot$pull",
+        "--docker-password=secret",
+    ]);
     let check_image = |namespace: &str| {
-        kubectl(
-            &env,
-            &[
-                "run",
-                "check",
-                "--image=nginx:1.27",
-                "-n",
-                namespace,
-                "--dry-run=server",
-                "-o",
-                "jsonpath={.spec.containers[0].image}",
-            ],
-        )
+        env.kubectl_as_admin(&[
+            "run",
+            "check",
+            "--image=nginx:1.27",
+            "-n",
+            namespace,
+            "--dry-run=server",
+            "-o",
+            "jsonpath={.spec.containers[0].image}",
+        ])
     };
     for namespace in ["team-a", "legacy-app"] {
-        kubectl(&env, &["create", "namespace", namespace]);
+        env.kubectl_as_admin(&["create", "namespace", namespace]);
         env.cp
             .ensure_default_service_account(namespace)
             .await
             .expect("default ServiceAccount");
     }
-    kubectl(
-        &env,
-        &[
-            "label",
-            "namespace",
-            "legacy-app",
-            "image-rewriter.io/enabled=false",
-        ],
-    );
+    env.kubectl_as_admin(&[
+        "label",
+        "namespace",
+        "legacy-app",
+        "image-rewriter.io/enabled=false",
+    ]);
     assert_eq!(
         check_image("team-a"),
         "harbor.corp.example/dockerhub/library/nginx:1.27"
@@ -1304,22 +1272,16 @@ async fn the_readme_kubectl_commands_work() {
     };
     assert!(copies("team-a").await);
 
-    kubectl(
-        &env,
-        &["delete", "mutatingwebhookconfiguration", "image-rewriter"],
-    );
+    env.kubectl_as_admin(&["delete", "mutatingwebhookconfiguration", "image-rewriter"]);
     env.wait_webhook_called(false).await;
     assert_eq!(check_image("team-a"), "nginx:1.27");
-    kubectl(
-        &env,
-        &[
-            "delete",
-            "secret",
-            "-A",
-            "-l",
-            "app.kubernetes.io/managed-by=image-rewriter",
-        ],
-    );
+    env.kubectl_as_admin(&[
+        "delete",
+        "secret",
+        "-A",
+        "-l",
+        "app.kubernetes.io/managed-by=image-rewriter",
+    ]);
     assert!(!copies("team-a").await, "the copy is removed");
     assert!(
         copies(WEBHOOK_NAMESPACE).await,

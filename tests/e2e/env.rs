@@ -608,6 +608,24 @@ impl Env {
         kubectl_apply(&self.kubectl, &self.admin_kubeconfig, &applied)
     }
 
+    /// Runs one kubectl command as the admin (as the README writes it);
+    /// returns stdout, fails the test on a non-zero exit.
+    pub fn kubectl_as_admin(&self, args: &[&str]) -> String {
+        let output = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.admin_kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Installs the CRDs vendored in `tests/fixtures/<fixture>/` (every
     /// `*.yaml` there) and waits until the apiserver serves them.
     pub fn install_crds(&self, fixture: &str) {
@@ -629,28 +647,14 @@ impl Env {
                 file.display()
             );
             let name = crd["metadata"]["name"].as_str().expect("CRD name");
-            let kubectl = |args: &[&str]| {
-                let out = Command::new(&self.kubectl)
-                    .arg("--kubeconfig")
-                    .arg(&self.admin_kubeconfig)
-                    .args(args)
-                    .output()
-                    .expect("run kubectl");
-                assert!(
-                    out.status.success(),
-                    "kubectl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
             // Server-side: the larger CRDs exceed the last-applied annotation's limit.
-            kubectl(&[
+            self.kubectl_as_admin(&[
                 "apply",
                 "--server-side",
                 "-f",
                 file.to_str().expect("UTF-8 path"),
             ]);
-            kubectl(&[
+            self.kubectl_as_admin(&[
                 "wait",
                 "--for=condition=Established",
                 "--timeout=60s",
