@@ -42,7 +42,10 @@
 //!    a pacing thread (open loop: latency is also reported from each
 //!    request's scheduled start). Each run is repeated `--rounds` times
 //!    (default 3), ours and the baseline alternating; ratios and goals use
-//!    the medians.
+//!    the medians. The keep-alive modes send with hyper's HTTP/1.1 client
+//!    connections (one per worker) and the h2 crate (one connection for all
+//!    workers); new connections and the soak with reqwest, which cost the
+//!    generator ~40 µs per HTTP/1.1 request against ~27 (BENCHMARKS.md).
 //!
 //! `--soak` instead sends `--requests` requests (half the workers on HTTP/1.1
 //! keep-alive, half on one HTTP/2 connection, plus a new-connection probe
@@ -699,6 +702,14 @@ impl Endpoint {
         builder.build().expect("reqwest client")
     }
 
+    /// TLS for [`Lane`]s: our CA, `alpn` only, sessions resumed.
+    fn lane_tls(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut tls = self.fresh_tls.clone();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.resumption = rustls::client::Resumption::default();
+        Arc::new(tls)
+    }
+
     fn verified(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         builder
             .use_rustls_tls()
@@ -845,6 +856,18 @@ async fn post(
     let status = response.status();
     let version = response.version();
     let bytes = response.bytes().await.map_err(|e| format!("{e:?}"))?;
+    check_answer(status, version, &bytes, uid, check)
+}
+
+/// The answer as the load runs accept it: 200, and the request's uid (ours)
+/// or the fixed answer's length (the baseline).
+fn check_answer(
+    status: reqwest::StatusCode,
+    version: reqwest::Version,
+    bytes: &[u8],
+    uid: &str,
+    check: Check,
+) -> Result<reqwest::Version, String> {
     if status != 200 {
         return Err(format!(
             "status {status}: {}",
@@ -865,6 +888,158 @@ async fn post(
             String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
         ))
     }
+}
+
+/// The keep-alive modes' client: hyper's client connections over
+/// tokio-rustls, driven directly. reqwest (still used for new connections,
+/// the soak and the checks) parses the URL, checks its pool out and back
+/// and keeps redirect state on every request: on the generator's one core
+/// that cost about as much per request as the server under test, and the
+/// paced runs, where the generator must keep to the schedule, measured the
+/// generator's queueing as much as the server.
+enum Lane {
+    /// A connection of the worker's own, opened on first use and again
+    /// after an error.
+    Http1 {
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        connection: Option<hyper::client::conn::http1::SendRequest<LaneBody>>,
+    },
+    /// A stream on the run's one HTTP/2 connection, with the h2 crate
+    /// itself: hyper's client spawns a task per request body and hands each
+    /// request to the connection through a channel, which made the
+    /// generator the limit over HTTP/2.
+    Http2(h2::client::SendRequest<bytes::Bytes>),
+}
+
+type LaneBody = http_body_util::Full<bytes::Bytes>;
+
+impl Lane {
+    fn http1(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Self {
+        Lane::Http1 {
+            addr,
+            tls,
+            connection: None,
+        }
+    }
+
+    /// One HTTP/2 connection for every worker of a run, as the apiserver
+    /// keeps one to the webhook.
+    async fn http2(endpoint: &Endpoint) -> anyhow::Result<Self> {
+        let tls = lane_connect(endpoint.addr, endpoint.lane_tls(b"h2")).await?;
+        let (sender, connection) = h2::client::handshake(tls).await?;
+        tokio::spawn(connection);
+        Ok(Lane::Http2(sender))
+    }
+
+    async fn post(
+        &mut self,
+        body: Vec<u8>,
+        uid: &str,
+        check: Check,
+    ) -> Result<reqwest::Version, String> {
+        let (status, version, bytes) = match self {
+            Lane::Http1 {
+                addr,
+                tls,
+                connection,
+            } => {
+                let answered = post_http1(connection, *addr, tls, body).await;
+                if answered.is_err() {
+                    *connection = None;
+                }
+                answered.map_err(|e| format!("{e:?}"))?
+            }
+            Lane::Http2(sender) => post_http2(sender, body)
+                .await
+                .map_err(|e| format!("{e:?}"))?,
+        };
+        check_answer(status, version, &bytes, uid, check)
+    }
+}
+
+type Answer = (reqwest::StatusCode, reqwest::Version, bytes::Bytes);
+
+/// One request on the worker's HTTP/1.1 connection, opened first if it has
+/// none or the server closed it.
+async fn post_http1(
+    connection: &mut Option<hyper::client::conn::http1::SendRequest<LaneBody>>,
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    body: Vec<u8>,
+) -> anyhow::Result<Answer> {
+    let sender = match connection {
+        Some(sender) if !sender.is_closed() => sender,
+        _ => {
+            let tls = lane_connect(addr, tls.clone()).await?;
+            let (sender, driver) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(driver);
+            connection.insert(sender)
+        }
+    };
+    let request = hyper::Request::post("/mutate?timeout=10s")
+        .header("host", format!("{SERVICE_HOST}:{}", addr.port()))
+        .header("content-type", "application/json")
+        .body(LaneBody::new(body.into()))?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let version = response.version();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await?
+        .to_bytes();
+    Ok((status, version, bytes))
+}
+
+/// One stream on the shared HTTP/2 connection.
+async fn post_http2(
+    sender: &h2::client::SendRequest<bytes::Bytes>,
+    body: Vec<u8>,
+) -> Result<Answer, h2::Error> {
+    static TARGET: std::sync::LazyLock<hyper::Uri> = std::sync::LazyLock::new(|| {
+        format!("https://{SERVICE_HOST}/mutate?timeout=10s")
+            .parse()
+            .expect("a valid URI")
+    });
+    let request = hyper::Request::post(TARGET.clone())
+        .header("content-type", "application/json")
+        .body(())
+        .expect("a valid request");
+    let mut sender = sender.clone().ready().await?;
+    let (response, mut stream) = sender.send_request(request, false)?;
+    stream.send_data(body.into(), true)?;
+    let response = response.await?;
+    let status = response.status();
+    let version = response.version();
+    let mut answer = response.into_body();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk?;
+        answer.flow_control().release_capacity(chunk.len())?;
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((status, version, bytes.freeze()))
+}
+
+/// A TLS connection verified as `SERVICE_HOST` against the benchmark's CA,
+/// with the one protocol `tls` offers.
+async fn lane_connect(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(SERVICE_HOST)?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    anyhow::ensure!(
+        stream.get_ref().1.alpn_protocol() == tls.alpn_protocols.first().map(Vec::as_slice),
+        "the server did not agree to {:?}",
+        tls.alpn_protocols
+    );
+    Ok(stream)
 }
 
 /// Polls `/readyz` until it answers 200; the time since `spawned`.
@@ -1153,7 +1328,7 @@ struct Phase {
 
 #[allow(clippy::too_many_arguments)]
 async fn worker(
-    client: Option<reqwest::Client>,
+    mut lane: Option<Lane>,
     endpoint: Endpoint,
     url: Arc<str>,
     payload: Arc<Payload>,
@@ -1169,6 +1344,7 @@ async fn worker(
     Histogram<u64>,
     u64,
     Option<reqwest::Version>,
+    Option<Lane>,
 ) {
     let mut latency = histogram();
     let mut from_schedule = histogram();
@@ -1187,18 +1363,15 @@ async fn worker(
                 (next.fetch_add(1, Ordering::Relaxed), None)
             }
         };
-        let fresh;
-        let client = match &client {
-            Some(client) => client,
-            None => {
-                fresh = endpoint.client(spec.mode);
-                &fresh
-            }
-        };
         let uid = uid(run_id, seq);
         let body = payload.body(&uid);
         let sent = Instant::now();
-        let result = post(client, &url, body, &uid, check).await;
+        let result = match &mut lane {
+            Some(lane) => lane.post(body, &uid, check).await,
+            // A new connection per request: a client of its own, without
+            // session resumption.
+            None => post(&endpoint.client(spec.mode), &url, body, &uid, check).await,
+        };
         let done = Instant::now();
         match result {
             Ok(v) => {
@@ -1214,7 +1387,7 @@ async fn worker(
             Err(error) => errors.record(error),
         }
     }
-    (latency, from_schedule, requests, version)
+    (latency, from_schedule, requests, version, lane)
 }
 
 async fn run_load(
@@ -1225,13 +1398,23 @@ async fn run_load(
     spec: &LoadSpec,
 ) -> LoadResult {
     static RUN: AtomicU64 = AtomicU64::new(1);
-    let shared = match spec.mode {
-        Mode::H1 | Mode::H2 => Some(endpoint.client(spec.mode)),
-        Mode::NewConn => None,
-    };
     let url: Arc<str> = endpoint.url("/mutate?timeout=10s").into();
     let ticks_per_second = clock_ticks();
     let mut result = None;
+    // Each worker's lane, kept from the warm-up to the measurement so that
+    // the measurement opens no connection.
+    let http1_tls = endpoint.lane_tls(b"http/1.1");
+    let http2 = match spec.mode {
+        Mode::H2 => Some(Lane::http2(endpoint).await.expect("an HTTP/2 connection")),
+        Mode::H1 | Mode::NewConn => None,
+    };
+    let mut lanes: Vec<Option<Lane>> = (0..spec.concurrency.max(1))
+        .map(|_| match (&http2, spec.mode) {
+            (Some(Lane::Http2(sender)), _) => Some(Lane::Http2(sender.clone())),
+            (_, Mode::H1) => Some(Lane::http1(endpoint.addr, http1_tls.clone())),
+            _ => None,
+        })
+        .collect();
     // Warm-up (connections, allocator, caches) first, then the measurement.
     for record in [false, true] {
         let errors = Arc::new(Errors::default());
@@ -1261,10 +1444,11 @@ async fn run_load(
         });
         let next = Arc::new(AtomicU64::new(0));
         let schedule = spec.rate.map(|rate| pace(rate, start, start + length));
-        let workers: Vec<_> = (0..spec.concurrency.max(1))
-            .map(|_| {
+        let workers: Vec<_> = lanes
+            .drain(..)
+            .map(|lane| {
                 tokio::spawn(worker(
-                    shared.clone(),
+                    lane,
                     endpoint.clone(),
                     url.clone(),
                     payload.clone(),
@@ -1283,7 +1467,8 @@ async fn run_load(
         let mut requests = 0;
         let mut version = None;
         for handle in workers {
-            let (l, s, n, v) = handle.await.expect("worker");
+            let (l, s, n, v, lane) = handle.await.expect("worker");
+            lanes.push(lane);
             latency.add(l).expect("same bounds");
             from_schedule.add(s).expect("same bounds");
             requests += n;
