@@ -44,8 +44,9 @@
 //!    (default 3), ours and the baseline alternating; ratios and goals use
 //!    the medians. The keep-alive modes send with hyper's HTTP/1.1 client
 //!    connections (one per worker) and the h2 crate (one connection for all
-//!    workers); new connections and the soak with reqwest, which cost the
-//!    generator ~40 µs per HTTP/1.1 request against ~27 (BENCHMARKS.md).
+//!    workers); new connections and the soak with reqwest (in the
+//!    keep-alive modes it cost the generator ~40 µs of CPU per HTTP/1.1
+//!    request, these ~27; BENCHMARKS.md).
 //!
 //! `--soak` instead sends `--requests` requests (half the workers on HTTP/1.1
 //! keep-alive, half on one HTTP/2 connection, plus a new-connection probe
@@ -862,8 +863,8 @@ async fn post(
 /// The answer as the load runs accept it: 200, and the request's uid (ours)
 /// or the fixed answer's length (the baseline).
 fn check_answer(
-    status: reqwest::StatusCode,
-    version: reqwest::Version,
+    status: hyper::StatusCode,
+    version: hyper::Version,
     bytes: &[u8],
     uid: &str,
     check: Check,
@@ -897,39 +898,76 @@ fn check_answer(
 /// that cost about as much per request as the server under test, and the
 /// paced runs, where the generator must keep to the schedule, measured the
 /// generator's queueing as much as the server.
-enum Lane {
-    /// A connection of the worker's own, opened on first use and again
-    /// after an error.
-    Http1 {
-        addr: SocketAddr,
-        tls: Arc<rustls::ClientConfig>,
-        connection: Option<hyper::client::conn::http1::SendRequest<LaneBody>>,
-    },
-    /// A stream on the run's one HTTP/2 connection, with the h2 crate
-    /// itself: hyper's client spawns a task per request body and hands each
-    /// request to the connection through a channel, which made the
-    /// generator the limit over HTTP/2.
+///
+/// A worker's lane holds its HTTP/1.1 connection, or its handle on the
+/// run's one HTTP/2 connection. After an error or a timeout the worker
+/// opens a connection of its own on its next request, as a pooling client
+/// would (the run has failed by then: it fails on any error).
+struct Lane {
+    addr: SocketAddr,
+    /// Offers exactly one protocol: the one the lane speaks.
+    tls: Arc<rustls::ClientConfig>,
+    host: String,
+    target: hyper::Uri,
+    connection: Option<Connection>,
+}
+
+enum Connection {
+    Http1(hyper::client::conn::http1::SendRequest<LaneBody>),
+    /// The h2 crate itself: hyper's HTTP/2 client spawns a task per
+    /// request body and hands each request to the connection through a
+    /// channel, which kept the generator at its limit over HTTP/2.
     Http2(h2::client::SendRequest<bytes::Bytes>),
 }
 
 type LaneBody = http_body_util::Full<bytes::Bytes>;
 
+type Answer = (hyper::StatusCode, hyper::Version, bytes::Bytes);
+
+/// What the apiserver allows a webhook call at most, and the URL's
+/// `timeout` parameter.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const MUTATE_PATH: &str = "/mutate?timeout=10s";
+
 impl Lane {
-    fn http1(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Self {
-        Lane::Http1 {
+    fn new(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        connection: Option<Connection>,
+    ) -> Self {
+        let host = format!("{SERVICE_HOST}:{}", addr.port());
+        let target = format!("https://{host}{MUTATE_PATH}")
+            .parse()
+            .expect("a valid URI");
+        Self {
             addr,
             tls,
-            connection: None,
+            host,
+            target,
+            connection,
         }
     }
 
-    /// One HTTP/2 connection for every worker of a run, as the apiserver
-    /// keeps one to the webhook.
-    async fn http2(endpoint: &Endpoint) -> anyhow::Result<Self> {
-        let tls = lane_connect(endpoint.addr, endpoint.lane_tls(b"h2")).await?;
-        let (sender, connection) = h2::client::handshake(tls).await?;
-        tokio::spawn(connection);
-        Ok(Lane::Http2(sender))
+    /// A new connection in the protocol `tls` offers.
+    async fn open(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<Connection> {
+        if tls.alpn_protocols.iter().any(|protocol| protocol == b"h2") {
+            return Ok(Connection::Http2(Self::open_http2(addr, tls).await?));
+        }
+        let stream = lane_connect(addr, tls.clone()).await?;
+        let (sender, driver) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(driver);
+        Ok(Connection::Http1(sender))
+    }
+
+    async fn open_http2(
+        addr: SocketAddr,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+        let stream = lane_connect(addr, tls.clone()).await?;
+        let (sender, driver) = h2::client::handshake(stream).await?;
+        tokio::spawn(driver);
+        Ok(sender)
     }
 
     async fn post(
@@ -937,89 +975,72 @@ impl Lane {
         body: Vec<u8>,
         uid: &str,
         check: Check,
-    ) -> Result<reqwest::Version, String> {
-        let (status, version, bytes) = match self {
-            Lane::Http1 {
-                addr,
-                tls,
-                connection,
-            } => {
-                let answered = post_http1(connection, *addr, tls, body).await;
-                if answered.is_err() {
-                    *connection = None;
-                }
-                answered.map_err(|e| format!("{e:?}"))?
-            }
-            Lane::Http2(sender) => post_http2(sender, body)
-                .await
-                .map_err(|e| format!("{e:?}"))?,
+    ) -> Result<hyper::Version, String> {
+        let answered = match tokio::time::timeout(REQUEST_TIMEOUT, self.send(body)).await {
+            Ok(answered) => answered,
+            Err(_) => Err(anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}")),
         };
-        check_answer(status, version, &bytes, uid, check)
-    }
-}
-
-type Answer = (reqwest::StatusCode, reqwest::Version, bytes::Bytes);
-
-/// One request on the worker's HTTP/1.1 connection, opened first if it has
-/// none or the server closed it.
-async fn post_http1(
-    connection: &mut Option<hyper::client::conn::http1::SendRequest<LaneBody>>,
-    addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
-    body: Vec<u8>,
-) -> anyhow::Result<Answer> {
-    let sender = match connection {
-        Some(sender) if !sender.is_closed() => sender,
-        _ => {
-            let tls = lane_connect(addr, tls.clone()).await?;
-            let (sender, driver) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
-            tokio::spawn(driver);
-            connection.insert(sender)
+        match answered {
+            Ok((status, version, bytes)) => check_answer(status, version, &bytes, uid, check),
+            Err(error) => {
+                self.connection = None;
+                Err(format!("{error:#}"))
+            }
         }
-    };
-    let request = hyper::Request::post("/mutate?timeout=10s")
-        .header("host", format!("{SERVICE_HOST}:{}", addr.port()))
-        .header("content-type", "application/json")
-        .body(LaneBody::new(body.into()))?;
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let version = response.version();
-    let bytes = http_body_util::BodyExt::collect(response.into_body())
-        .await?
-        .to_bytes();
-    Ok((status, version, bytes))
-}
-
-/// One stream on the shared HTTP/2 connection.
-async fn post_http2(
-    sender: &h2::client::SendRequest<bytes::Bytes>,
-    body: Vec<u8>,
-) -> Result<Answer, h2::Error> {
-    static TARGET: std::sync::LazyLock<hyper::Uri> = std::sync::LazyLock::new(|| {
-        format!("https://{SERVICE_HOST}/mutate?timeout=10s")
-            .parse()
-            .expect("a valid URI")
-    });
-    let request = hyper::Request::post(TARGET.clone())
-        .header("content-type", "application/json")
-        .body(())
-        .expect("a valid request");
-    let mut sender = sender.clone().ready().await?;
-    let (response, mut stream) = sender.send_request(request, false)?;
-    stream.send_data(body.into(), true)?;
-    let response = response.await?;
-    let status = response.status();
-    let version = response.version();
-    let mut answer = response.into_body();
-    let mut bytes = bytes::BytesMut::new();
-    while let Some(chunk) = answer.data().await {
-        let chunk = chunk?;
-        answer.flow_control().release_capacity(chunk.len())?;
-        bytes.extend_from_slice(&chunk);
     }
-    Ok((status, version, bytes.freeze()))
+
+    async fn send(&mut self, body: Vec<u8>) -> anyhow::Result<Answer> {
+        // An HTTP/1.1 connection the server closed after its last answer
+        // may not look closed yet; nothing has been sent on it, so a new
+        // one takes the request.
+        if let Some(Connection::Http1(sender)) = &mut self.connection
+            && sender.ready().await.is_err()
+        {
+            self.connection = None;
+        }
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => Self::open(self.addr, &self.tls).await?,
+        };
+        let length = body.len();
+        match self.connection.insert(connection) {
+            Connection::Http1(sender) => {
+                let request = hyper::Request::post(MUTATE_PATH)
+                    .header("host", &self.host)
+                    .header("content-type", "application/json")
+                    .header("content-length", length)
+                    .body(LaneBody::new(body.into()))?;
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                let version = response.version();
+                let bytes = http_body_util::BodyExt::collect(response.into_body())
+                    .await?
+                    .to_bytes();
+                Ok((status, version, bytes))
+            }
+            Connection::Http2(sender) => {
+                let request = hyper::Request::post(self.target.clone())
+                    .header("content-type", "application/json")
+                    .header("content-length", length)
+                    .body(())?;
+                let mut sender = sender.clone().ready().await?;
+                let (response, mut stream) = sender.send_request(request, false)?;
+                stream.send_data(body.into(), true)?;
+                let response = response.await?;
+                let status = response.status();
+                let version = response.version();
+                let mut answer = response.into_body();
+                let mut bytes = bytes::BytesMut::new();
+                while let Some(chunk) = answer.data().await {
+                    let chunk = chunk?;
+                    answer.flow_control().release_capacity(chunk.len())?;
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok((status, version, bytes.freeze()))
+            }
+        }
+    }
 }
 
 /// A TLS connection verified as `SERVICE_HOST` against the benchmark's CA,
@@ -1167,7 +1188,7 @@ async fn capture_and_verify(endpoint: &Endpoint) -> anyhow::Result<Vec<u8>> {
     let uid = "11111111-2222-4333-8444-555555555555";
     let review = create_review(sample_pod(), uid);
     let response = client
-        .post(endpoint.url("/mutate?timeout=10s"))
+        .post(endpoint.url(MUTATE_PATH))
         .header("Content-Type", "application/json")
         .body(serde_json::to_vec(&review)?)
         .send()
@@ -1204,7 +1225,7 @@ async fn capture_and_verify(endpoint: &Endpoint) -> anyhow::Result<Vec<u8>> {
     );
     let again = create_review(pod, uid);
     let response = client
-        .post(endpoint.url("/mutate?timeout=10s"))
+        .post(endpoint.url(MUTATE_PATH))
         .header("Content-Type", "application/json")
         .body(serde_json::to_vec(&again)?)
         .send()
@@ -1363,14 +1384,16 @@ async fn worker(
                 (next.fetch_add(1, Ordering::Relaxed), None)
             }
         };
+        // A new connection per request: a client of its own, without
+        // session resumption, built before the clock starts.
+        let fresh = lane.is_none().then(|| endpoint.client(spec.mode));
         let uid = uid(run_id, seq);
         let body = payload.body(&uid);
         let sent = Instant::now();
-        let result = match &mut lane {
-            Some(lane) => lane.post(body, &uid, check).await,
-            // A new connection per request: a client of its own, without
-            // session resumption.
-            None => post(&endpoint.client(spec.mode), &url, body, &uid, check).await,
+        let result = match (&mut lane, &fresh) {
+            (Some(lane), _) => lane.post(body, &uid, check).await,
+            (None, Some(client)) => post(client, &url, body, &uid, check).await,
+            (None, None) => unreachable!("a client for every worker without a lane"),
         };
         let done = Instant::now();
         match result {
@@ -1398,21 +1421,31 @@ async fn run_load(
     spec: &LoadSpec,
 ) -> LoadResult {
     static RUN: AtomicU64 = AtomicU64::new(1);
-    let url: Arc<str> = endpoint.url("/mutate?timeout=10s").into();
+    let url: Arc<str> = endpoint.url(MUTATE_PATH).into();
     let ticks_per_second = clock_ticks();
     let mut result = None;
     // Each worker's lane, kept from the warm-up to the measurement so that
     // the measurement opens no connection.
-    let http1_tls = endpoint.lane_tls(b"http/1.1");
-    let http2 = match spec.mode {
-        Mode::H2 => Some(Lane::http2(endpoint).await.expect("an HTTP/2 connection")),
-        Mode::H1 | Mode::NewConn => None,
+    let tls = match spec.mode {
+        Mode::H1 => Some(endpoint.lane_tls(b"http/1.1")),
+        Mode::H2 => Some(endpoint.lane_tls(b"h2")),
+        Mode::NewConn => None,
     };
+    // HTTP/2: one connection for every worker, as the apiserver keeps one
+    // to the webhook. If it cannot be opened, each worker tries its own
+    // and records why it failed.
+    let mut shared_http2 = None;
+    if let (Mode::H2, Some(tls)) = (spec.mode, &tls) {
+        match Lane::open_http2(endpoint.addr, tls).await {
+            Ok(sender) => shared_http2 = Some(sender),
+            Err(error) => eprintln!("  cannot open the HTTP/2 connection: {error:#}"),
+        }
+    }
     let mut lanes: Vec<Option<Lane>> = (0..spec.concurrency.max(1))
-        .map(|_| match (&http2, spec.mode) {
-            (Some(Lane::Http2(sender)), _) => Some(Lane::Http2(sender.clone())),
-            (_, Mode::H1) => Some(Lane::http1(endpoint.addr, http1_tls.clone())),
-            _ => None,
+        .map(|_| {
+            let tls = tls.clone()?;
+            let connection = shared_http2.clone().map(Connection::Http2);
+            Some(Lane::new(endpoint.addr, tls, connection))
         })
         .collect();
     // Warm-up (connections, allocator, caches) first, then the measurement.
@@ -2003,7 +2036,7 @@ async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
     let metrics_addr = ours.metrics_addr.expect("ours has metrics");
     capture_and_verify(&ours.endpoint).await?;
     let payload = Arc::new(Payload::new(&create_review(sample_pod(), UID_PLACEHOLDER)));
-    let url: Arc<str> = ours.endpoint.url("/mutate?timeout=10s").into();
+    let url: Arc<str> = ours.endpoint.url(MUTATE_PATH).into();
     let total = args.requests;
     let concurrency = args.concurrency.max(2);
     println!("== image-rewriter soak ==");
@@ -2107,7 +2140,7 @@ async fn soak(args: &Args, bin: &Path) -> anyhow::Result<bool> {
         async move {
             let mut certificates = HashSet::new();
             let mut probes = 0u64;
-            let url = endpoint.url("/mutate?timeout=10s");
+            let url = endpoint.url(MUTATE_PATH);
             while !stop.load(Ordering::Relaxed) {
                 let client = endpoint.client(Mode::NewConn);
                 let uid = uid(2, probes);
