@@ -691,7 +691,7 @@ impl Endpoint {
     fn client(&self, mode: Mode) -> reqwest::Client {
         let builder = reqwest::Client::builder()
             .resolve(SERVICE_HOST, self.addr)
-            .timeout(Duration::from_secs(10))
+            .timeout(REQUEST_TIMEOUT)
             .tls_info(true);
         let builder = match mode {
             Mode::H1 => self.verified(builder).http1_only(),
@@ -1384,16 +1384,20 @@ async fn worker(
                 (next.fetch_add(1, Ordering::Relaxed), None)
             }
         };
-        // A new connection per request: a client of its own, without
-        // session resumption, built before the clock starts.
-        let fresh = lane.is_none().then(|| endpoint.client(spec.mode));
         let uid = uid(run_id, seq);
         let body = payload.body(&uid);
-        let sent = Instant::now();
-        let result = match (&mut lane, &fresh) {
-            (Some(lane), _) => lane.post(body, &uid, check).await,
-            (None, Some(client)) => post(client, &url, body, &uid, check).await,
-            (None, None) => unreachable!("a client for every worker without a lane"),
+        let (sent, result) = match &mut lane {
+            Some(lane) => {
+                let sent = Instant::now();
+                (sent, lane.post(body, &uid, check).await)
+            }
+            None => {
+                // A new connection per request: a client of its own,
+                // without session resumption, built before the clock starts.
+                let client = endpoint.client(spec.mode);
+                let sent = Instant::now();
+                (sent, post(&client, &url, body, &uid, check).await)
+            }
         };
         let done = Instant::now();
         match result {
