@@ -514,7 +514,9 @@ async fn a_dropped_watch_reconnects_and_loses_nothing() {
 async fn api_errors_become_warnings_within_the_budget() {
     let (fake, client) = start_fake().await;
     fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
-    let policy = policy("500ms");
+    // A budget a busy CI machine cannot overrun by accident; the fake
+    // answers its error at once.
+    let policy = policy("2s");
     let (sync, metrics) = started_sync(&fake, client, &policy).await;
 
     fake.set_fault(Fault::ServerError);
@@ -523,7 +525,7 @@ async fn api_errors_become_warnings_within_the_budget() {
         .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
         .await;
     assert!(
-        started.elapsed() < Duration::from_millis(900),
+        started.elapsed() < Duration::from_millis(2500),
         "took {:?}",
         started.elapsed()
     );
@@ -562,8 +564,10 @@ async fn a_hanging_api_never_delays_admission_beyond_its_budget() {
             .ensure_for_pod(&policy, namespace, &[SECRET.into()])
             .await;
         let took = started.elapsed();
+        // The 300 ms budget and a slack for a busy machine; the hanging
+        // call itself would last the 5 s API call timeout.
         assert!(
-            took < Duration::from_millis(700),
+            took < Duration::from_millis(1300),
             "{namespace}: admission waited {took:?}"
         );
         // Still in progress: no warning yet, the kubelet retries its pull.

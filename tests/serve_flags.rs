@@ -2,8 +2,10 @@
 //! `--namespace` that is not a namespace name, a zero timeout, a busy reload
 //! interval) before it serves anything.
 
+use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -125,15 +127,44 @@ fn serve_refuses_zero_timeouts_and_a_busy_reload_interval() {
     }
 }
 
-/// What a server that keeps running printed in its first `running` (it is
-/// then stopped); `None` when it exited by itself first.
-fn output_of_a_running_server(mut child: Child, running: Duration) -> Option<Output> {
-    std::thread::sleep(running);
-    if child.try_wait().unwrap().is_some() {
-        return None;
-    }
-    child.kill().unwrap();
-    Some(child.wait_with_output().unwrap())
+/// What a server printed to stdout up to its `listening` line (it is then
+/// stopped); `None` when it exited first. Waiting for the line, not a fixed
+/// time, keeps a slow machine from stopping it before it logged its start.
+fn log_until_listening(mut child: Child) -> Option<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = String::new();
+    let listening = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => {
+                // The `listening` event, in the text or the JSON format.
+                let listening = line.contains("listening") && line.contains("https_addr");
+                log.push_str(&line);
+                log.push('\n');
+                if listening {
+                    break true;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break false,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("no listening line within 30 s; stdout so far:\n{log}")
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    listening.then_some(log)
 }
 
 #[test]
@@ -155,9 +186,8 @@ fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
             .env("IMAGE_REWRITER_NO_API", value)
             .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
             .env_remove("KUBERNETES_SERVICE_HOST");
-        let output = output_of_a_running_server(serve.spawn().unwrap(), Duration::from_secs(2))
+        let log = log_until_listening(serve.spawn().unwrap())
             .unwrap_or_else(|| panic!("IMAGE_REWRITER_NO_API={value} stopped the server"));
-        let log = String::from_utf8_lossy(&output.stdout);
         assert_eq!(
             !log.contains(NO_API_CONFIGURATION),
             no_api,

@@ -158,7 +158,8 @@ async fn sigterm_turns_readiness_off_then_exits_cleanly() {
         &config,
         &fixture("ec.crt"),
         &fixture("ec-pkcs8.key"),
-        &["--shutdown-delay", "2s", "--shutdown-grace", "2s"],
+        // A delay long enough for a busy CI machine to see both answers in it.
+        &["--shutdown-delay", "5s", "--shutdown-grace", "2s"],
     );
     let client = client(&process, &std::fs::read(fixture("ec.crt")).unwrap());
     wait_for_status(&client, &process, "/readyz", 200).await;
@@ -172,7 +173,7 @@ async fn sigterm_turns_readiness_off_then_exits_cleanly() {
     wait_for_status(&client, &process, "/readyz", 503).await;
     assert_eq!(status(&client, &process, "/healthz").await, Some(200));
 
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(exit) = process.child.try_wait().unwrap() {
             break exit;

@@ -146,8 +146,15 @@ for bin in "${todo[@]}"; do
             ;;
         *) die "internal error: unknown binary $bin" ;;
     esac
-    "$go_bin" build -trimpath -ldflags="$ldflags" -o "$tmp_dir/$bin" "$pkg" ||
-        die "building $bin ($pkg) failed (see the go output above)"
+    # Up to three tries: a cold build downloads hundreds of modules, and the
+    # go command does not retry a proxy's transient error (a retry resumes
+    # from the module and build caches).
+    for attempt in 1 2 3; do
+        "$go_bin" build -trimpath -ldflags="$ldflags" -o "$tmp_dir/$bin" "$pkg" && break
+        [[ $attempt -lt 3 ]] || die "building $bin ($pkg) failed 3 times (see the go output above)"
+        echo "control-plane/build.sh: building $bin failed (try $attempt of 3); again in 10 s" >&2
+        sleep 10
+    done
     echo "control-plane/build.sh: $bin built after $((SECONDS - start)) s" >&2
 done
 
@@ -166,6 +173,10 @@ for bin in "${todo[@]}"; do
     mv -f "$tmp_dir/$bin" "$out_dir/$bin"
 done
 echo "control-plane/build.sh: done in $((SECONDS - start)) s: $out_dir" >&2
-"$out_dir/kube-apiserver" --version >&2
-"$out_dir/etcd" --version | head -n 1 >&2
-"$out_dir/kubectl" version --client 2>&1 | head -n 1 >&2
+# The first line of each version, read whole and not piped into head: a
+# binary still writing when head has exited gets SIGPIPE, and under pipefail
+# that failed this script after a good build (1 run in 5 for kubectl here).
+first_line() { local text; text=$("$@" 2>&1); printf '%s\n' "${text%%$'\n'*}" >&2; }
+first_line "$out_dir/kube-apiserver" --version
+first_line "$out_dir/etcd" --version
+first_line "$out_dir/kubectl" version --client
