@@ -1,5 +1,6 @@
 //! Prometheus metrics, prefixed `image_rewriter_`.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
@@ -13,6 +14,11 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,6 +39,8 @@ pub const ADMISSION_RESULTS: [&str; 8] = [
     "overloaded",
     "not_ready",
 ];
+/// Every `protocol` of `tls_connections_total`: what ALPN settled on.
+pub const PROTOCOLS: [&str; 2] = ["h2", "http/1.1"];
 /// Every `result` of `config_reloads_total` and `certificate_reloads_total`.
 pub const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 /// Every `result` of `pull_secret_copies_total`.
@@ -92,6 +100,9 @@ pub struct Metrics {
     pub pull_secret_copies: Family<ResultLabel, Counter>,
     pub pull_secret_sync_errors: Counter,
     pub pull_secret_cache_size: Gauge,
+    /// [`PROTOCOLS`]: connections whose TLS handshake completed (the
+    /// apiserver's, the kubelet's HTTPS probes, anyone's).
+    pub tls_connections: Family<ProtocolLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +131,12 @@ impl Metrics {
             "admission_duration_seconds",
             "Time to answer one AdmissionReview, from body read to response encoded",
             admission_duration.clone(),
+        );
+        let tls_connections = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "tls_connections",
+            "TLS connections accepted (handshake completed), by the protocol ALPN settled on",
+            tls_connections.clone(),
         );
         let images_rewritten = Family::<RuleLabel, Counter>::default();
         registry.register(
@@ -195,6 +212,7 @@ impl Metrics {
             config_last_reload_successful,
             certificate_last_reload_successful,
             certificate_expiration,
+            tls_connections,
         }
         .with_every_result()
     }
@@ -216,6 +234,11 @@ impl Metrics {
                 .get_or_create(&ResultLabel { result })
                 .inc_by(0);
         }
+        for protocol in PROTOCOLS {
+            self.tls_connections
+                .get_or_create(&ProtocolLabel { protocol })
+                .inc_by(0);
+        }
         self
     }
 
@@ -223,6 +246,13 @@ impl Metrics {
         debug_assert!(COPY_RESULTS.contains(&result), "{result}");
         self.pull_secret_copies
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn count_connection(&self, http2: bool) {
+        let protocol = if http2 { "h2" } else { "http/1.1" };
+        self.tls_connections
+            .get_or_create(&ProtocolLabel { protocol })
             .inc();
     }
 
@@ -238,13 +268,55 @@ impl Metrics {
         family.get_or_create(&ResultLabel { result }).inc();
     }
 
-    /// The Prometheus text exposition format.
+    /// OpenMetrics text (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+
+    /// The Prometheus text format 0.0.4 (what a scraper gets that does not
+    /// ask for OpenMetrics).
+    pub fn encode_prometheus_text(&self) -> String {
+        prometheus_text_from_openmetrics(&self.encode())
+    }
+}
+
+/// OpenMetrics text rewritten as the Prometheus text format 0.0.4 reads it.
+/// prometheus-client writes only OpenMetrics. For the metric types here
+/// (counters, gauges, histograms; help texts without escapes) the formats
+/// differ in three places: OpenMetrics names a counter's family without
+/// `_total`, where 0.0.4 names it as its samples (a 0.0.4 parser otherwise
+/// reads the samples as untyped, without help), and `# UNIT` and the closing
+/// `# EOF` exist only in OpenMetrics. Samples are copied as they are.
+pub fn prometheus_text_from_openmetrics(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let counter_family = ["# HELP ", "# TYPE "].into_iter().find_map(|keyword| {
+            let rest = line.strip_prefix(keyword)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then_some((keyword, name, tail))
+        });
+        match counter_family {
+            Some((keyword, name, tail)) => {
+                text.push_str(keyword);
+                text.push_str(name);
+                text.push_str("_total ");
+                text.push_str(tail);
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -258,6 +330,66 @@ mod tests {
             .filter(|line| line.starts_with(name))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The 0.0.4 text has OpenMetrics' samples, in order and unchanged;
+    /// counters' families named as their samples; no `# UNIT`, no `# EOF`.
+    #[test]
+    fn the_prometheus_text_names_counter_families_as_their_samples() {
+        let metrics = Metrics::new();
+        metrics.count_request("patched");
+        metrics.admission_duration.observe(0.001);
+        let openmetrics = metrics.encode();
+        let text = metrics.encode_prometheus_text();
+        let samples = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|line| !line.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&openmetrics));
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+        assert!(!text.contains("# EOF"), "{text}");
+
+        let requests = "image_rewriter_admission_requests";
+        assert!(openmetrics.contains(&format!("# TYPE {requests} counter\n")));
+        assert!(text.contains(&format!("# TYPE {requests}_total counter\n")));
+        assert!(text.contains(&format!(
+            "# HELP {requests}_total AdmissionReview requests answered, by result.\n"
+        )));
+        assert!(!text.contains(&format!("# TYPE {requests} ")), "{text}");
+        for unchanged in [
+            "# TYPE image_rewriter_admission_duration_seconds histogram\n",
+            "# TYPE image_rewriter_pull_secret_cache_size gauge\n",
+        ] {
+            assert!(openmetrics.contains(unchanged), "{openmetrics}");
+            assert!(text.contains(unchanged), "{text}");
+        }
+        // Every counter family is named exactly as its samples.
+        let counters: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        assert!(counters.len() >= 5, "{text}");
+        for name in counters {
+            assert!(
+                samples(&text).iter().any(|s| s
+                    .strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))),
+                "{name}: no sample of that name"
+            );
+        }
+    }
+
+    #[test]
+    fn unit_lines_are_openmetrics_only() {
+        let openmetrics = "# HELP x_seconds Time.\n# TYPE x_seconds counter\n# UNIT x_seconds seconds\n\
+                           x_seconds_total 1\n# HELP y A gauge.\n# TYPE y gauge\ny 2\n# EOF\n";
+        assert_eq!(
+            prometheus_text_from_openmetrics(openmetrics),
+            "# HELP x_seconds_total Time.\n# TYPE x_seconds_total counter\n\
+             x_seconds_total 1\n# HELP y A gauge.\n# TYPE y gauge\ny 2\n"
+        );
     }
 
     #[test]
@@ -295,6 +427,13 @@ mod tests {
                 let sample = format!("{name}{{result=\"{result}\"}} 0");
                 assert!(samples.contains(&sample), "{sample} in {samples:?}");
             }
+        }
+        let name = "image_rewriter_tls_connections_total";
+        let samples = samples_of(&metrics, name);
+        assert_eq!(samples.len(), PROTOCOLS.len(), "{samples:?}");
+        for protocol in PROTOCOLS {
+            let sample = format!("{name}{{protocol=\"{protocol}\"}} 0");
+            assert!(samples.contains(&sample), "{sample} in {samples:?}");
         }
     }
 

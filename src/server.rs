@@ -176,15 +176,74 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
+/// OpenMetrics for a scraper that asks for it (Prometheus does), else the
+/// Prometheus text format 0.0.4 (curl, and scrapers that only read that).
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let (content_type, text) = if wants_openmetrics(&headers) {
+        (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
+            state.metrics.encode(),
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.encode_prometheus_text(),
+        )
+    };
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+/// Whether to answer with OpenMetrics: `Accept` gives it a quality above 0
+/// and above that of `text/plain`. On a tie OpenMetrics wins only when named
+/// and `text/plain` is not; no `Accept`, or wildcards alone, get the plain
+/// text format.
+fn wants_openmetrics(headers: &HeaderMap) -> bool {
+    let ranges: Vec<(&str, f32)> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next()?;
+            let quality = parts
+                .filter_map(|parameter| parameter.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            Some((media, quality))
+        })
+        .collect();
+    let (openmetrics, named) = accepted(&ranges, "application/openmetrics-text");
+    let (plain_text, plain_named) = accepted(&ranges, "text/plain");
+    openmetrics > 0.0
+        && (openmetrics > plain_text || (openmetrics == plain_text && named && !plain_named))
+}
+
+/// The quality `Accept`'s `ranges` give `media`: that of the most specific
+/// range covering it (RFC 9110: `type/subtype`, else `type/*`, else `*/*`;
+/// 0 when none does), and whether that range names `media` itself.
+fn accepted(ranges: &[(&str, f32)], media: &str) -> (f32, bool) {
+    let kind = media.split('/').next().unwrap_or_default();
+    let specificity = |range: &str| {
+        if range.eq_ignore_ascii_case(media) {
+            Some(0)
+        } else if range
+            .strip_suffix("/*")
+            .is_some_and(|range_kind| range_kind.eq_ignore_ascii_case(kind))
+        {
+            Some(1)
+        } else {
+            (range == "*/*").then_some(2)
+        }
+    };
+    ranges
+        .iter()
+        .filter_map(|&(range, quality)| Some((specificity(range)?, quality)))
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map_or((0.0, false), |(specificity, quality)| {
+            (quality, specificity == 0)
+        })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -239,7 +298,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         ),
     )
     .await;
-    let (bytes, _reservation) = match read {
+    let (bytes, reservation) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(BodyError::TooLarge)) => {
             metrics.count_request("too_large");
@@ -275,7 +334,12 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "no config loaded yet\n".into(),
         );
     };
-    match admission::plan_review(&policy, &bytes) {
+    let planned = admission::plan_review(&policy, &bytes);
+    // The plan owns what it needs: the body and its share of the budget go
+    // back now, not after the wait for a pull secret copy (up to 3 s).
+    drop(reservation);
+    drop(bytes);
+    match planned {
         Ok(mut planned) => {
             let warnings = match (state.pull_secrets.get(), planned.pull_secrets_needed()) {
                 (Some(sync), Some((namespace, names))) => {
@@ -324,7 +388,7 @@ enum BodyError {
 /// length, else the limit. One piece, because a body that held part of the
 /// budget while waiting for more could deadlock with others doing the same.
 /// What a client only announces reserves nothing until it has sent the free
-/// part. The reservation is held until the review is answered;
+/// part. The reservation is held until the review is decoded;
 /// `waiting_for_budget` tells the caller's timeout which of the two it ran
 /// out waiting for.
 async fn read_body<'a>(
@@ -619,6 +683,7 @@ async fn run(
         let (http1, http2) = (http1.clone(), http2.clone());
         let watcher = graceful.watcher();
         let handshake_timeout = options.header_read_timeout;
+        let metrics = state.metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let stream = ReadAhead::new(stream);
@@ -635,6 +700,7 @@ async fn run(
                     }
                 };
             let http2_negotiated = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            metrics.count_connection(http2_negotiated);
             if !http2_negotiated {
                 tls.get_mut().0.pass_through();
             }
@@ -827,7 +893,10 @@ mod tests {
     /// body timeout, and a review sent meanwhile is answered at once.
     #[tokio::test]
     async fn stalled_bodies_hold_no_budget() {
-        let state = Arc::new(state_with_policy(Duration::from_millis(300)));
+        // The body timeout is long enough that "at once" below cannot be a
+        // busy machine's luck, and short enough for a unit test.
+        let body_timeout = Duration::from_secs(2);
+        let state = Arc::new(state_with_policy(body_timeout));
         let everything = state.body_budget.available_permits();
         let stalled: Vec<_> = (0..4)
             .map(|_| {
@@ -847,7 +916,11 @@ mod tests {
         let started = Instant::now();
         let small = review_request(Body::from(REVIEW), None);
         assert_eq!(answer_now(&state, small).await, StatusCode::OK);
-        assert!(started.elapsed() < Duration::from_millis(300));
+        assert!(
+            started.elapsed() < body_timeout / 2,
+            "{:?}",
+            started.elapsed()
+        );
 
         for stalled in stalled {
             assert_eq!(stalled.await.expect("task"), StatusCode::REQUEST_TIMEOUT);
@@ -906,6 +979,124 @@ mod tests {
             state.body_budget.available_permits(),
             MIN_BODY_LIMIT * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT
         );
+    }
+
+    /// An API server that accepts connections and never answers; the
+    /// first line of each request it is sent goes to the receiver.
+    async fn silent_api() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::AsyncBufReadExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (seen, request_lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.is_ok() {
+                        let _ = seen.send(line);
+                    }
+                    // Held open, unanswered, until the test ends.
+                    std::future::pending::<()>().await;
+                    drop(stream);
+                });
+            }
+        });
+        (url, request_lines)
+    }
+
+    /// A large review whose pod needs a pull secret copy gives its body
+    /// budget back once decoded: while the copy is awaited (the API server
+    /// here never answers, so for the whole waitForCopy) the budget is full
+    /// again, and the review is still answered when the wait ends.
+    #[tokio::test]
+    async fn the_budget_is_back_while_a_pull_secret_copy_is_awaited() {
+        let (api_url, mut api_requests) = silent_api().await;
+        let api_config = kube::Config::new(api_url.parse().expect("url"));
+        let client = kube::Client::try_from(api_config).expect("client");
+        let state = Arc::new(AppState::new(MIN_BODY_LIMIT, Duration::from_secs(5)));
+        let config = crate::config::ConfigFile::from_yaml(
+            "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    \
+             pullSecret: harbor-pull\npullSecretSync:\n  sourceNamespace: image-rewriter\n  \
+             waitForCopy: 3s\n",
+        )
+        .expect("config");
+        state.set_policy(config.into_policy(None).expect("policy"));
+        state.enable_pull_secret_sync(PullSecretSync::start(client, state.metrics.clone()));
+        let everything = state.body_budget.available_permits();
+
+        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture");
+        padded["request"]["object"]["metadata"]["annotations"]["padding"] =
+            "x".repeat(1024 * 1024).into();
+        let large = serde_json::to_vec(&padded).expect("encode");
+        let request = review_request(Body::from(large.clone()), Some(large.len()));
+        let started = Instant::now();
+        let answer = {
+            let state = state.clone();
+            tokio::spawn(async move { answer_now(&state, request).await })
+        };
+        // The copy's first call: the review has been decoded and waits.
+        let source_secret = "/api/v1/namespaces/image-rewriter/secrets/harbor-pull ";
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(line) = api_requests.recv().await {
+                if line.contains(source_secret) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the copy asks the API server for the source secret");
+        assert!(!answer.is_finished(), "the review waits for the copy");
+        assert_eq!(state.body_budget.available_permits(), everything);
+
+        assert_eq!(answer.await.expect("task"), StatusCode::OK);
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "waited for the copy"
+        );
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for_and_preferred() {
+        let accepting = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::ACCEPT, value.parse().expect("header"));
+            }
+            wants_openmetrics(&headers)
+        };
+        // Prometheus 2.42's scrape header.
+        assert!(accepting(&[
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ]));
+        assert!(accepting(&["application/openmetrics-text"]));
+        assert!(accepting(&[
+            "text/plain;q=0.2",
+            "Application/OpenMetrics-Text ; q=0.3"
+        ]));
+        // A scraper that prefers the plain format, and those that name none.
+        assert!(!accepting(&[
+            "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5"
+        ]));
+        assert!(!accepting(&["*/*"]));
+        assert!(!accepting(&[]));
+        // `*/*` covers text/plain at 1 here, above OpenMetrics' 0.5.
+        assert!(!accepting(&["application/openmetrics-text;q=0.5, */*"]));
+        assert!(!accepting(&[
+            "application/openmetrics-text;q=0.5, text/*;q=0.6"
+        ]));
+        // Named, and tied with a wildcard only: OpenMetrics.
+        assert!(accepting(&["application/openmetrics-text, */*"]));
+        assert!(accepting(&["application/*, text/*;q=0.9"]));
+        // A specific range overrides a wildcard's quality.
+        assert!(accepting(&[
+            "application/openmetrics-text, text/plain;q=0, */*"
+        ]));
+        assert!(!accepting(&["application/openmetrics-text;q=0, */*"]));
+        assert!(!accepting(&["application/openmetrics-text;q=0"]));
+        assert!(!accepting(&["application/openmetrics-text;q=bad"]));
     }
 
     /// Past the limit, declared or not: 413 without waiting for the rest.

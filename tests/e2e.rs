@@ -383,6 +383,29 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
         let created = env.create_pod(namespace, &sent).await;
         assert_untouched(&created, &sent, namespace);
     }
+
+    // The apiserver calls the webhook over HTTP/2: the tests' own client of
+    // the TLS port (`wait_ready`) speaks HTTP/1.1 only, so an h2 connection
+    // is the apiserver's. BENCHMARKS.md weighs HTTP/2 for this reason.
+    let metrics = env.webhook.metrics().await;
+    let h2_connections = tls_connections(&metrics, "h2");
+    println!(
+        "webhook TLS connections: h2 {h2_connections}, http/1.1 {}",
+        tls_connections(&metrics, "http/1.1")
+    );
+    assert!(
+        h2_connections >= 1.0,
+        "the apiserver reached the webhook without HTTP/2:\n{metrics}"
+    );
+}
+
+/// `image_rewriter_tls_connections_total` for one protocol.
+fn tls_connections(metrics: &str, protocol: &str) -> f64 {
+    let series = format!("image_rewriter_tls_connections_total{{protocol=\"{protocol}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// 2b. Opt-in mode: only namespaces labelled "true"; never the system
@@ -462,10 +485,18 @@ async fn dry_run_returns_the_rewritten_pod_and_copies_no_secret() {
     // The same request for real does copy it: the dry run was the difference.
     let created = env.create_pod("team-a", &app_pod("web", &[])).await;
     assert_rewritten(&created, "real create");
-    assert!(
-        secrets.get_opt(PULL_SECRET).await.unwrap().is_some(),
-        "the real create must find its {PULL_SECRET} copy"
-    );
+    eventually(
+        "the real create makes its pull secret copy",
+        Duration::from_secs(10),
+        || async {
+            match secrets.get_opt(PULL_SECRET).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(format!("no {PULL_SECRET} in team-a")),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await;
 }
 
 /// PATCHes `pods/<pod>/ephemeralcontainers` the way `kubectl debug` does (a
@@ -903,7 +934,9 @@ async fn webhook_down_pods_are_created_unrewritten_within_the_timeout() {
     println!("webhook frozen (SIGSTOP): pod created un-rewritten after {frozen_took:?}");
     assert_untouched(&created, &sent, "webhook frozen");
     assert!(
-        frozen_took < Duration::from_secs(8),
+        // 5 s and the apiserver's own work; a slack for a busy CI machine,
+        // still far below the apiserver's 60 s request timeout.
+        frozen_took < Duration::from_secs(15),
         "pod creation took {frozen_took:?} with the webhook hanging (timeoutSeconds 5)"
     );
 
@@ -917,7 +950,10 @@ async fn webhook_down_pods_are_created_unrewritten_within_the_timeout() {
     let killed_took = started.elapsed();
     println!("webhook killed: pod created un-rewritten after {killed_took:?}");
     assert_untouched(&created, &sent, "webhook killed");
-    assert!(killed_took < Duration::from_secs(8), "took {killed_took:?}");
+    assert!(
+        killed_took < Duration::from_secs(15),
+        "took {killed_took:?}"
+    );
 
     let fail_open_after = fail_open_count(&env.apiserver_metrics().await);
     println!(
@@ -1262,7 +1298,19 @@ async fn the_readme_kubectl_commands_work() {
         check_image("team-a"),
         "harbor.corp.example/dockerhub/library/nginx:1.27"
     );
-    assert_eq!(check_image("legacy-app"), "nginx:1.27");
+    // The apiserver matches namespaceSelector against its namespace cache,
+    // which sees the new label a moment after `kubectl label` returns.
+    eventually(
+        "legacy-app labelled out",
+        Duration::from_secs(10),
+        || async {
+            match check_image("legacy-app") {
+                image if image == "nginx:1.27" => Ok(()),
+                image => Err(format!("still rewritten to {image}")),
+            }
+        },
+    )
+    .await;
 
     // A real pod in team-a makes a pull secret copy that uninstall removes.
     env.create_pod("team-a", &app_pod("web", &[])).await;
@@ -1270,7 +1318,14 @@ async fn the_readme_kubectl_commands_work() {
         let secrets: Api<Secret> = Api::namespaced(env.admin(), namespace);
         async move { secrets.get_opt(PULL_SECRET).await.unwrap().is_some() }
     };
-    assert!(copies("team-a").await);
+    eventually("the copy in team-a", Duration::from_secs(10), || async {
+        if copies("team-a").await {
+            Ok(())
+        } else {
+            Err(format!("no {PULL_SECRET} in team-a"))
+        }
+    })
+    .await;
 
     env.kubectl_as_admin(&["delete", "mutatingwebhookconfiguration", "image-rewriter"]);
     env.wait_webhook_called(false).await;

@@ -21,6 +21,8 @@
 //! The Dockerfile, `.dockerignore` and `.gitignore` get structural checks that
 //! need no tools.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -455,7 +457,7 @@ fn check_overlay_with_components(
     components: &[&str],
     expect: &Expect,
 ) -> Option<Rendered> {
-    let kubectl = kubectl(&format!("overlay {overlay}"))?;
+    let kubectl = common::kubectl(&format!("overlay {overlay}"))?;
     let ws = Workspace::new();
     ws.generate_certs();
     let mut with_certs = components.to_vec();
@@ -467,7 +469,7 @@ fn check_overlay_with_components(
 }
 
 fn check_overlay(overlay: &str, expect: &Expect) {
-    let Some(kubectl) = kubectl(&format!("overlay {overlay}")) else {
+    let Some(kubectl) = common::kubectl(&format!("overlay {overlay}")) else {
         return;
     };
     let ws = Workspace::new();
@@ -1885,50 +1887,6 @@ impl Workspace {
             String::from_utf8_lossy(&out.stderr)
         );
         Rendered::parse(overlay, &String::from_utf8(out.stdout).expect("UTF-8 YAML"))
-    }
-}
-
-/// `$KUBECTL` or `kubectl`, if it runs; None (after saying so) if it is absent.
-/// `$KUBECTL`, else the kubectl the test control plane built (the same one
-/// on every machine), else `kubectl` on the PATH.
-fn kubectl(test: &str) -> Option<OsString> {
-    let built =
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh"))
-            .arg("--print-dir")
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| {
-                let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                OsString::from(Path::new(&dir).join("kubectl"))
-            });
-    let program = std::env::var_os("KUBECTL")
-        .or(built)
-        .unwrap_or_else(|| "kubectl".into());
-    match Command::new(&program)
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(out) if out.status.success() => Some(program),
-        Ok(out) => panic!(
-            "{} version --client failed: {}",
-            program.to_string_lossy(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let required = std::env::var("IMAGE_REWRITER_REQUIRE_KUBECTL")
-                .is_ok_and(|v| !v.is_empty() && v != "0");
-            assert!(
-                !required,
-                "kubectl not found and IMAGE_REWRITER_REQUIRE_KUBECTL is set"
-            );
-            say(&format!(
-                "SKIPPED: kubectl not found; {test} not rendered or checked"
-            ));
-            None
-        }
-        Err(e) => panic!("running {}: {e}", program.to_string_lossy()),
     }
 }
 

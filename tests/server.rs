@@ -188,6 +188,15 @@ impl Harness {
         builder.build().unwrap()
     }
 
+    /// `GET /healthz` on a new connection of a new [`Self::client`].
+    async fn healthz_on_new_connection(&self, http1_only: bool) -> reqwest::Response {
+        self.client(http1_only)
+            .get(self.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("https://{SERVICE_HOST}:{}{path}", self.https_addr.port())
     }
@@ -350,12 +359,7 @@ async fn mutates_over_http1_and_h2_as_the_apiserver_calls_it() {
 async fn only_tls_1_2_and_up_and_the_whole_chain_are_served() {
     let harness = Harness::start(CONFIG).await;
     // The client trusts only the root: the intermediate must come from the server.
-    let response = harness
-        .client(true)
-        .get(harness.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let response = harness.healthz_on_new_connection(true).await;
     let tls_info = response
         .extensions()
         .get::<reqwest::tls::TlsInfo>()
@@ -608,6 +612,117 @@ async fn metrics_move_with_requests() {
     harness.stop().await;
 }
 
+/// `/metrics` in the two formats (and the connections counted by protocol):
+/// the Prometheus text format 0.0.4 unless
+/// the scraper asks for OpenMetrics, as Prometheus does. The 0.0.4 text is
+/// checked by Prometheus' own `promtool check metrics` (its parser and
+/// lint), where installed (`IMAGE_REWRITER_REQUIRE_PROMTOOL=1`: required).
+#[tokio::test]
+async fn metrics_speak_the_format_the_scraper_asks_for() {
+    let harness = Harness::start(CONFIG).await;
+    // Connections are counted by the protocol ALPN settled on: two requests
+    // on one HTTP/1.1 connection, one on another, one on an h2 connection.
+    let connections = |protocol| {
+        let harness = &harness;
+        async move {
+            harness
+                .metric(
+                    "image_rewriter_tls_connections_total",
+                    ("protocol", protocol),
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        (connections("http/1.1").await, connections("h2").await),
+        (0.0, 0.0)
+    );
+    let client = harness.client(true);
+    mutate_and_reinvoke(&harness, &client).await;
+    for http1_only in [true, false] {
+        let response = harness.healthz_on_new_connection(http1_only).await;
+        assert_eq!(response.version() == reqwest::Version::HTTP_2, !http1_only);
+    }
+    assert_eq!(
+        (connections("http/1.1").await, connections("h2").await),
+        (2.0, 1.0)
+    );
+    let url = format!("http://{}/metrics", harness.metrics_addr);
+    let scrape = |accept: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut request = reqwest::Client::new().get(url);
+            if let Some(accept) = accept {
+                request = request.header("accept", accept);
+            }
+            let response = request.send().await.unwrap();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (content_type, response.text().await.unwrap())
+        }
+    };
+
+    let (content_type, text) = scrape(None).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(text.contains("# TYPE image_rewriter_admission_requests_total counter\n"));
+    assert!(
+        text.contains("image_rewriter_images_rewritten_total{rule=\"docker.io\"} "),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"));
+    promtool_check_metrics(&text);
+
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                      version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (content_type, openmetrics) = scrape(Some(prometheus)).await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(openmetrics.contains("# TYPE image_rewriter_admission_requests counter\n"));
+    assert!(openmetrics.ends_with("# EOF\n"));
+    harness.stop().await;
+}
+
+/// `promtool check metrics` on `text`: no parse error, no lint problem.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write as _;
+    let spawned = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            common::skip_missing_tool(
+                "promtool (Debian package prometheus)",
+                "IMAGE_REWRITER_REQUIRE_PROMTOOL",
+                "/metrics not linted",
+            );
+            return;
+        }
+        Err(error) => panic!("running promtool: {error}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}\n--- the text:\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let harness = Harness::start(CONFIG).await;
@@ -759,14 +874,7 @@ fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
 #[tokio::test]
 async fn certificate_rotation_under_live_traffic_fails_no_request() {
     let harness = Arc::new(Harness::start(CONFIG).await);
-    let first = peer_certificate(
-        &harness
-            .client(true)
-            .get(harness.url("/healthz"))
-            .send()
-            .await
-            .unwrap(),
-    );
+    let first = peer_certificate(&harness.healthz_on_new_connection(true).await);
 
     // Keep-alive clients and a new connection per request, all through the rotation.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -805,14 +913,7 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
     }
     assert!(total > 20, "only {total} requests went through");
 
-    let second = peer_certificate(
-        &harness
-            .client(true)
-            .get(harness.url("/healthz"))
-            .send()
-            .await
-            .unwrap(),
-    );
+    let second = peer_certificate(&harness.healthz_on_new_connection(true).await);
     assert_ne!(first, second, "new connections get the new certificate");
     let pair_in_force = || {
         harness.metric(
@@ -827,14 +928,7 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
     harness
         .swap_certificate(&other_cert, &key, "failure", 1.0)
         .await;
-    let third = peer_certificate(
-        &harness
-            .client(true)
-            .get(harness.url("/healthz"))
-            .send()
-            .await
-            .unwrap(),
-    );
+    let third = peer_certificate(&harness.healthz_on_new_connection(true).await);
     assert_eq!(second, third);
     assert_eq!(
         pair_in_force().await,
@@ -1050,12 +1144,7 @@ async fn a_silent_connection_does_not_hold_a_slot_forever() {
         "a silent connection was kept for {:?}",
         started.elapsed()
     );
-    let response = harness
-        .client(true)
-        .get(harness.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let response = harness.healthz_on_new_connection(true).await;
     assert_eq!(response.status(), 200);
     harness.stop().await;
 }

@@ -14,8 +14,13 @@
 //! - [`pod_after`]: applies the patch and decodes a `k8s_openapi` Pod.
 //! - [`pod`], [`container`], [`ephemeral_container`]: realistic objects.
 //! - [`binary`]: the `image-rewriter` binary, environment cleared of ours.
+//! - [`skip_missing_tool`]: a missing tool skips a check, unless CI requires it.
+//! - [`kubectl`]: the kubectl to run, or `None` after such a skip.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
@@ -645,11 +650,65 @@ pub fn binary() -> std::process::Command {
     // `option_env!`: the benches include this module too, and Cargo names
     // the binary only to integration tests (the benches never call this).
     let binary = option_env!("CARGO_BIN_EXE_image-rewriter").unwrap_or("image-rewriter");
-    let mut command = std::process::Command::new(binary);
+    let mut command = Command::new(binary);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
             command.env_remove(key);
         }
     }
     command
+}
+
+/// A tool a check needs is not installed: the check is skipped with a
+/// `SKIPPED` line on stderr (written past the test harness's capture, so it
+/// shows in a passing run), unless the environment variable `required_by` is
+/// set to anything but empty or `0` (`.ci/run` sets it), which fails the test.
+pub fn skip_missing_tool(tool: &str, required_by: &str, skipped: &str) {
+    use std::io::Write as _;
+    let required = std::env::var(required_by).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(!required, "{tool} not found and {required_by} is set");
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED: {tool} not found; {skipped}"
+    );
+}
+
+/// `$KUBECTL` or `kubectl`, if it runs; None (after saying so) if it is absent.
+/// `$KUBECTL`, else the kubectl the test control plane built (the same one
+/// on every machine), else `kubectl` on the PATH.
+pub fn kubectl(test: &str) -> Option<OsString> {
+    let built =
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh"))
+            .arg("--print-dir")
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| {
+                let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                OsString::from(Path::new(&dir).join("kubectl"))
+            });
+    let program = std::env::var_os("KUBECTL")
+        .or(built)
+        .unwrap_or_else(|| "kubectl".into());
+    match Command::new(&program)
+        .args(["version", "--client"])
+        .output()
+    {
+        Ok(out) if out.status.success() => Some(program),
+        Ok(out) => panic!(
+            "{} version --client failed: {}",
+            program.to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            skip_missing_tool(
+                "kubectl",
+                "IMAGE_REWRITER_REQUIRE_KUBECTL",
+                &format!("{test} not rendered or checked"),
+            );
+            None
+        }
+        Err(e) => panic!("running {}: {e}", program.to_string_lossy()),
+    }
 }

@@ -504,17 +504,28 @@ impl Env {
         )]);
         create_pull_secret(&admin, WEBHOOK_NAMESPACE, &source_data, None).await;
 
-        // The shipped config, from the rendered ConfigMap.
+        // The shipped config, from the rendered ConfigMap, with the longest
+        // wait for a pull secret copy: two control planes share the CI
+        // machine's two cores, and the tests that read a copy right after
+        // the pod's admission must not race the shipped 1 s wait.
         let config_map = objects
             .iter()
             .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "image-rewriter-config")
             .expect("the overlay renders ConfigMap image-rewriter-config");
+        let shipped = config_map["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml key");
+        let mut config_value: Value =
+            serde_yaml_ng::from_str(shipped).expect("shipped config YAML");
+        assert!(
+            config_value.get("pullSecretSync").is_none(),
+            "the shipped config now sets pullSecretSync; merge instead of replacing it"
+        );
+        config_value["pullSecretSync"] = json!({ "waitForCopy": "3s" });
         let config = ws.path().join("config.yaml");
         std::fs::write(
             &config,
-            config_map["data"]["config.yaml"]
-                .as_str()
-                .expect("config.yaml key"),
+            serde_yaml_ng::to_string(&config_value).expect("config YAML"),
         )
         .expect("write config.yaml");
 
@@ -552,8 +563,11 @@ impl Env {
     }
 
     /// `/readyz` of the server answers 200 over TLS with its certificate.
+    /// Over HTTP/1.1 only: the apiserver is then the webhook's only h2 client
+    /// (see the cluster-wide test).
     pub async fn wait_ready(&self) {
         let client = reqwest::Client::builder()
+            .http1_only()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(
@@ -654,12 +668,48 @@ impl Env {
                 "-f",
                 file.to_str().expect("UTF-8 path"),
             ]);
-            self.kubectl_as_admin(&[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                &format!("crd/{name}"),
-            ]);
+            self.wait_crd_established(name);
+        }
+    }
+
+    /// Polls until the CRD's `Established` condition is `True` and discovery
+    /// serves its resource, so the next `kubectl apply` can map the kind.
+    /// Neither `kubectl wait --for=condition=Established` nor a jsonpath
+    /// filter on the conditions: both fail at once ("accessor error: <nil>",
+    /// "<nil> is not array or slice") when they read the CRD before the
+    /// apiserver has written its status conditions, which CI hit. Discovery
+    /// is filled in apart from the condition, a little later.
+    fn wait_crd_established(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let crd = format!("crd/{name}");
+        loop {
+            let object: Value =
+                serde_json::from_str(&self.kubectl_as_admin(&["get", &crd, "-o", "json"]))
+                    .expect("kubectl get -o json");
+            let established = object["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|condition| condition["type"] == "Established")
+                .map(|condition| condition["status"].clone())
+                .unwrap_or(Value::Null);
+            // A CRD's name is `<plural>.<group>`, which `kubectl get` resolves
+            // through discovery.
+            let listed = Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.admin_kubeconfig)
+                .args(["get", name, "--all-namespaces", "-o", "name"])
+                .output()
+                .expect("run kubectl");
+            if established == "True" && listed.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{crd} not served within 60 s (Established: {established:?}; kubectl get {name}: {})",
+                String::from_utf8_lossy(&listed.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
