@@ -82,8 +82,9 @@ pub struct CertBundle {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
+    /// In the message, so not a `source` (the error chain would repeat it).
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     #[error(
         "{flag} 0: must be at least 1 (a certificate valid for 0 days has expired when written)"
     )]
@@ -97,11 +98,18 @@ pub enum CertsError {
     OutlivesCa { days: u32, ca_days: u32 },
     #[error("{days} days from now is beyond the dates a certificate can hold")]
     OutOfRange { days: u32 },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {reason}")]
     Write {
         path: String,
-        source: std::io::Error,
+        /// In the message, so not a `source` (the error chain would repeat it).
+        reason: std::io::Error,
     },
+}
+
+impl From<rcgen::Error> for CertsError {
+    fn from(error: rcgen::Error) -> Self {
+        Self::Generate(error)
+    }
 }
 
 /// The names the apiserver may use for `service` in `namespace`.
@@ -211,16 +219,16 @@ pub fn write_bundle(
         ),
         ("webhook-ca-bundle.yaml", ca_bundle_patch(bundle), false),
     ];
-    std::fs::create_dir_all(out).map_err(|source| CertsError::Write {
+    std::fs::create_dir_all(out).map_err(|reason| CertsError::Write {
         path: out.display().to_string(),
-        source,
+        reason,
     })?;
     let mut written = Vec::with_capacity(files.len());
     for (name, content, private) in files {
         let path = out.join(name);
-        write_file(&path, content.as_bytes(), private).map_err(|source| CertsError::Write {
+        write_file(&path, content.as_bytes(), private).map_err(|reason| CertsError::Write {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         written.push(path);
     }

@@ -72,10 +72,12 @@ pub struct ExcludeSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        // Not `source`: the message holds it already, and a source would be
+        // printed a second time in the CLI's error chain.
+        reason: std::io::Error,
     },
     #[error("config is not valid YAML for image-rewriter: {0}")]
     Syntax(String),
@@ -152,9 +154,9 @@ impl PullSecretSyncSpec {
 
 /// Reads, parses and validates a config file.
 pub fn load_policy(path: &Path, own_namespace: Option<&str>) -> Result<Policy, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
         path: path.display().to_string(),
-        source,
+        reason,
     })?;
     ConfigFile::from_yaml(&text)?.into_policy(own_namespace)
 }

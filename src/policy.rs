@@ -89,11 +89,7 @@ fn normalize_prefix(text: &str) -> Result<String, String> {
              letters and digits separated by '.', '_', '__' or '-' (no tag, no digest)"
         ));
     }
-    let host = image::canonical_domain(host);
-    Ok(match path {
-        Some(path) => format!("{host}/{path}"),
-        None => host.to_owned(),
-    })
+    Ok(with_canonical_host(text))
 }
 
 /// What the policy decides for one image, and why.
@@ -188,9 +184,13 @@ impl Policy {
                         format!("rules[{index}].pullSecret"),
                         format!(
                             "target {:?} lies under (or is) target {prefix:?} of rules[{other}], \
-                             which has pullSecret {:?}: an image already there could have come \
-                             from either rule, so they must use the same pullSecret",
-                            rule.target, rules[other].pull_secret
+                             which has {}: an image already there could have come from either \
+                             rule, so they must use the same pullSecret",
+                            rule.target,
+                            match &rules[other].pull_secret {
+                                Some(secret) => format!("pullSecret {secret:?}"),
+                                None => "no pullSecret".to_owned(),
+                            }
                         ),
                     ));
                 }
@@ -223,7 +223,13 @@ impl Policy {
                     ),
                 ));
             }
-            let glob = GlobBuilder::new(&star_only_glob(pattern))
+            if let Some(reason) = shape_no_name_has(pattern) {
+                return Err(ConfigError::invalid(
+                    format!("exclude.images[{index}]"),
+                    reason,
+                ));
+            }
+            let glob = GlobBuilder::new(&star_only_glob(&with_canonical_host(pattern)))
                 .literal_separator(true)
                 .build()
                 .map_err(|e| {
@@ -472,6 +478,58 @@ fn character_no_name_holds(pattern: &str) -> Option<char> {
         .or_else(|| path.chars().find(|&c| !in_path(c)))
 }
 
+/// Why a pattern of characters names do hold still could never match a
+/// normalized name, with what to write instead: the name always starts with
+/// a registry host, has a path after it, and on Docker Hub a namespace
+/// (`library/` for official images) before the repository.
+fn shape_no_name_has(pattern: &str) -> Option<String> {
+    let (host, path) = pattern.split_once('/').unwrap_or((pattern, ""));
+    if host.is_empty() {
+        return Some(format!(
+            "{pattern:?} would never match: the globs apply to the normalized name, which \
+             starts with its registry host (`nginx` is `docker.io/library/nginx`)"
+        ));
+    }
+    if !host.contains('*') && !image::looks_like_domain(host) {
+        let docker_hub = if pattern.contains('/') {
+            format!("docker.io/{pattern}")
+        } else {
+            format!("docker.io/library/{pattern}")
+        };
+        return Some(format!(
+            "{pattern:?} would never match: the globs apply to the normalized name, which \
+             starts with its registry host ({host:?} is none: `nginx` is \
+             `docker.io/library/nginx`); for Docker Hub write {docker_hub:?}"
+        ));
+    }
+    // Under `literal_separator`, `**` crosses `/` only as a whole component;
+    // elsewhere it is `*`.
+    if !pattern.contains('/') && pattern != "**" {
+        return Some(format!(
+            "{pattern:?} would never match: a normalized name has a path after its registry \
+             host, `*` stops at `/`, and the globs match the name without tag or digest; for \
+             every image under it write \"{pattern}/**\""
+        ));
+    }
+    if image::canonical_domain(host) == image::DOCKER_HUB && !path.contains('/') && path != "**" {
+        return Some(format!(
+            "{pattern:?} would never match: on Docker Hub a normalized name has a namespace \
+             before the repository (`nginx` is `docker.io/library/nginx`); write \
+             \"docker.io/library/{path}\""
+        ));
+    }
+    None
+}
+
+/// `index.docker.io[/...]` as `docker.io[/...]`, the host normalized names
+/// have: for a rule's `match` and `target` and an `exclude.images` pattern.
+fn with_canonical_host(text: &str) -> String {
+    match text.split_once('/') {
+        Some((host, path)) => format!("{}/{path}", image::canonical_domain(host)),
+        None => image::canonical_domain(text).to_owned(),
+    }
+}
+
 /// `pattern` in globset's syntax with every character but `*` literal: the
 /// config's globs have `*` and `**` only, and a registry host can hold
 /// globset's metacharacters (`[fd00::1]:5000` is an IPv6 host, not a class).
@@ -556,6 +614,16 @@ exclude:
             .unwrap()
             .into_policy(Some("image-rewriter"))
             .unwrap()
+    }
+
+    /// What loading `yaml` (without an own namespace) gives.
+    fn load(yaml: &str) -> Result<Policy, ConfigError> {
+        ConfigFile::from_yaml(yaml).unwrap().into_policy(None)
+    }
+
+    /// The message a refused `yaml` gets.
+    fn refusal(yaml: &str) -> String {
+        load(yaml).unwrap_err().to_string()
     }
 
     fn outcome(policy: &Policy, image: &str) -> (String, Option<String>) {
@@ -675,15 +743,72 @@ exclude:
             "{quay,ghcr}.io/**",
         ] {
             let yaml = format!("exclude:\n  images: [\"quay.io/**\", \"{pattern}\"]\n");
-            let refused = ConfigFile::from_yaml(&yaml)
-                .unwrap()
-                .into_policy(None)
-                .unwrap_err()
-                .to_string();
+            let refused = refusal(&yaml);
             assert!(
                 refused.starts_with("exclude.images[1]") && refused.contains("never match"),
                 "{pattern}: {refused}"
             );
+        }
+    }
+
+    #[test]
+    fn exclude_globs_that_no_normalized_name_has_the_shape_of_are_refused() {
+        for (pattern, advice) in [
+            ("nginx", "\"docker.io/library/nginx\""),
+            ("library/nginx", "\"docker.io/library/nginx\""),
+            ("bitnami/*", "\"docker.io/bitnami/*\""),
+            ("5", "\"docker.io/library/5\""),
+            ("quay.io", "\"quay.io/**\""),
+            ("*", "\"*/**\""),
+            ("quay.io*", "\"quay.io*/**\""),
+            ("quay.io**", "\"quay.io**/**\""),
+            ("nginx:1.27", "without tag or digest"),
+            ("/x", "starts with its registry host"),
+            ("docker.io/nginx", "\"docker.io/library/nginx\""),
+            ("index.docker.io/*", "\"docker.io/library/*\""),
+        ] {
+            let yaml = format!("exclude:\n  images: [\"quay.io/**\", \"{pattern}\"]\n");
+            let refused = refusal(&yaml);
+            assert!(
+                refused.starts_with("exclude.images[1]")
+                    && refused.contains("would never match")
+                    && refused.contains(advice),
+                "{pattern}: {refused}"
+            );
+        }
+        let policy = policy(
+            r#"
+rules:
+  - match: docker.io
+    target: harbor.corp.example/hub
+  - match: MIRROR
+    target: harbor.corp.example/mirror
+exclude:
+  images: ["index.docker.io/library/nginx", "**/keep", "MIRROR/**", "*/team/**"]
+"#,
+        );
+        for excluded in [
+            "nginx:1.27",
+            "ghcr.io/org/keep",
+            "MIRROR/x",
+            "quay.io/team/a/b",
+        ] {
+            assert_eq!(policy.decide(excluded), Decision::Excluded, "{excluded}");
+        }
+        assert!(matches!(policy.decide("redis"), Decision::Rewrite { .. }));
+        for accepted in [
+            "**",
+            "docker.io/**",
+            "docker.io/library/*",
+            "*:5000/**",
+            "[fd00::1]:5000/**",
+            "localhost/**",
+            "LOCALHOST/**",
+            "Docker.io/x",
+        ] {
+            let yaml = format!("exclude:\n  images: [\"{accepted}\"]\n");
+            let loaded = load(&yaml);
+            assert!(loaded.is_ok(), "{accepted}: {:?}", loaded.err());
         }
     }
 
@@ -835,24 +960,22 @@ exclude:
 
     #[test]
     fn overlapping_targets_must_agree_on_the_pull_secret() {
-        let refused = |yaml: &str| {
-            ConfigFile::from_yaml(yaml)
-                .unwrap()
-                .into_policy(None)
-                .unwrap_err()
-                .to_string()
-        };
         let shared = "rules:\n  - match: docker.io\n    target: h.example/m\n    pullSecret: a\n  - match: quay.io\n    target: h.example/m\n    pullSecret: b\n";
-        assert!(refused(shared).starts_with("rules[1].pullSecret"));
+        assert!(refusal(shared).starts_with("rules[1].pullSecret"));
         let nested = "rules:\n  - match: docker.io\n    target: h.example/hub\n    pullSecret: a\n  - match: quay.io\n    target: h.example/hub/quay\n";
-        assert!(refused(nested).starts_with("rules[1].pullSecret"));
-        let agreeing = "rules:\n  - match: docker.io\n    target: h.example/m\n    pullSecret: a\n  - match: quay.io\n    target: h.example/m/quay\n    pullSecret: a\n";
+        let nested_refusal = refusal(nested);
         assert!(
-            ConfigFile::from_yaml(agreeing)
-                .unwrap()
-                .into_policy(None)
-                .is_ok()
+            nested_refusal.starts_with("rules[1].pullSecret")
+                && nested_refusal.contains("of rules[0], which has pullSecret \"a\":"),
+            "{nested_refusal}"
         );
+        let without_secret = nested.replace("    pullSecret: a\n", "") + "    pullSecret: b\n";
+        assert!(
+            refusal(&without_secret).contains("of rules[0], which has no pullSecret:"),
+            "{without_secret}"
+        );
+        let agreeing = "rules:\n  - match: docker.io\n    target: h.example/m\n    pullSecret: a\n  - match: quay.io\n    target: h.example/m/quay\n    pullSecret: a\n";
+        assert!(load(agreeing).is_ok());
     }
 
     #[test]

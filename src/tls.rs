@@ -15,10 +15,11 @@ use rustls::sign::CertifiedKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        /// In the message, so not a `source` (the error chain would repeat it).
+        reason: std::io::Error,
     },
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: String },
@@ -67,9 +68,9 @@ impl PemPair {
         mut read_file: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
     ) -> Result<Self, TlsError> {
         let mut read = |path: &Path| {
-            read_file(path).map_err(|source| TlsError::Read {
+            read_file(path).map_err(|reason| TlsError::Read {
                 path: path.display().to_string(),
-                source,
+                reason,
             })
         };
         let mut pair = Self {
