@@ -12,6 +12,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod image;
+pub mod manifest_yaml;
 pub mod metrics;
 pub mod offline;
 pub mod patch;

@@ -110,29 +110,7 @@ fn pod_location(kind: &str) -> Option<&'static [&'static str]> {
 /// as the webhook would mutate the pods they create. Output keeps the
 /// input's format; objects without pods pass through unchanged.
 pub fn mutate_documents(policy: &Policy, input: &str) -> Result<Mutated, MutateError> {
-    let is_json = input.trim_start().starts_with(['{', '[']);
-    let documents: Vec<Value> = if is_json {
-        let value: Value = serde_json::from_str(input).map_err(|e| MutateError::Syntax {
-            index: 1,
-            reason: e.to_string(),
-        })?;
-        vec![value]
-    } else {
-        let mut documents = Vec::new();
-        for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
-            let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| {
-                MutateError::Syntax {
-                    index: index + 1,
-                    reason: e.to_string(),
-                }
-            })?;
-            if !value.is_null() {
-                documents.push(value);
-            }
-        }
-        documents
-    };
-
+    let (documents, is_json) = read_documents(input)?;
     let mut mutated = Mutated::default();
     let mut outputs = Vec::with_capacity(documents.len());
     for (index, mut document) in documents.into_iter().enumerate() {
@@ -146,19 +124,63 @@ pub fn mutate_documents(policy: &Policy, input: &str) -> Result<Mutated, MutateE
         outputs.push(document);
     }
     mutated.output = if is_json {
-        let single = outputs.into_iter().next().unwrap_or(Value::Null);
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&single).unwrap_or_default()
-        )
+        outputs
+            .iter()
+            .map(|document| {
+                format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(document).unwrap_or_default()
+                )
+            })
+            .collect()
     } else {
         outputs
             .iter()
-            .map(|doc| serde_yaml_ng::to_string(doc).unwrap_or_default())
+            .map(crate::manifest_yaml::to_yaml)
             .collect::<Vec<_>>()
             .join("---\n")
     };
     Ok(mutated)
+}
+
+/// The input's objects, and whether it was JSON: one JSON value or several
+/// in a row (as `jq` prints them), else YAML documents, flow style
+/// (`{kind: Pod, ...}`) included. Text that starts like JSON but is neither
+/// gets JSON's error, the likelier intent.
+fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
+    if !input.trim_start().starts_with(['{', '[']) {
+        return Ok((read_yaml(input)?, false));
+    }
+    let values: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(input)
+        .into_iter::<Value>()
+        .enumerate()
+        .map(|(index, value)| value.map_err(|error| (index, error)))
+        .collect();
+    match values {
+        Ok(values) => Ok((values, true)),
+        Err((index, json_error)) => read_yaml(input)
+            .map(|documents| (documents, false))
+            .map_err(|_| MutateError::Syntax {
+                index: index + 1,
+                reason: json_error.to_string(),
+            }),
+    }
+}
+
+fn read_yaml(input: &str) -> Result<Vec<Value>, MutateError> {
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
+        let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| {
+            MutateError::Syntax {
+                index: index + 1,
+                reason: e.to_string(),
+            }
+        })?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    Ok(documents)
 }
 
 /// Mutates one object at `prefix` inside `root`, recursing into `List`s.

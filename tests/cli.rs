@@ -49,6 +49,11 @@ fn run_stdin(args: &[&str], input: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// `mutate --config CONFIG -f -` with `input` on standard input.
+fn mutate_stdin(config: &Path, input: &str) -> Output {
+    run_stdin(&["mutate", "--config", s(config), "-f", "-"], input)
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
@@ -260,6 +265,11 @@ fn rewrite_with_a_missing_config_fails() {
     assert_exit_1(&output);
     let err = stderr(&output);
     assert!(err.contains("nope.yaml"), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the reason once: {err}"
+    );
     assert!(stdout(&output).is_empty());
 }
 
@@ -522,7 +532,7 @@ fn mutate_workloads_from_stdin() {
             vec!["harbor.corp.example/dockerhub/bitnami/kubectl:1.31"],
         ),
     ] {
-        let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], input);
+        let output = mutate_stdin(&config, input);
         assert_success(&output);
         let documents = yaml_documents(&stdout(&output));
         assert_eq!(documents.len(), 1);
@@ -541,7 +551,7 @@ fn mutate_a_template_without_metadata() {
             "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\nspec:\n  template:\n{metadata}\
              \x20   spec:\n      restartPolicy: Never\n      containers:\n        - name: web\n          image: nginx\n"
         );
-        let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &job);
+        let output = mutate_stdin(&config, &job);
         assert_success(&output);
         let documents = yaml_documents(&stdout(&output));
         assert_eq!(
@@ -591,15 +601,112 @@ fn mutate_a_multi_document_stream() {
     );
 }
 
+/// Strings a YAML 1.1 reader (`kubectl apply`'s go-yaml v2, PyYAML) would
+/// take for a boolean, a number, a timestamp or a value key, in a document
+/// `mutate` changes and in one it passes through: both the output's own
+/// reading and kubectl's must give back the very strings.
+const AMBIGUOUS_STRINGS: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: flags
+data:
+  FEATURE_X: "on"
+  ENABLED: "yes"
+  OFF_SWITCH: "Off"
+  BATCH: "1_000"
+  OCTAL: "0o17"
+  CLOCK: "12:30"
+  SINCE: "2024-01-01"
+  EQUALS: "="
+  PORT: "8080"
+  SCRIPT: |
+    #!/bin/sh
+    echo "ready: yes" # done
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  containers:
+    - name: web
+      image: nginx:1.27
+      args: ["--verbose", "-v", "no", "- x"]
+      env:
+        - {name: DEBUG, value: "yes"}
+        - {name: RATIO, value: ".5"}
+        - {name: EMPTY, value: ""}
+        - {name: NULLISH, value: "~"}
+"#;
+
+#[test]
+fn mutate_keeps_strings_other_yaml_readers_would_retype() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = mutate_stdin(&config, AMBIGUOUS_STRINGS);
+    assert_success(&output);
+    let mutated = stdout(&output);
+    let written = yaml_documents(AMBIGUOUS_STRINGS);
+    let read_back = yaml_documents(&mutated);
+    assert_eq!(
+        read_back[0], written[0],
+        "the ConfigMap passes through:\n{mutated}"
+    );
+    assert_eq!(
+        read_back[1]["spec"]["containers"][0]["env"], written[1]["spec"]["containers"][0]["env"],
+        "{mutated}"
+    );
+    assert_eq!(
+        images_at(&read_back[1], "/spec/containers"),
+        ["harbor.corp.example/dockerhub/library/nginx:1.27"]
+    );
+
+    // `kubectl label --local` reads the file as `kubectl apply` does, offline.
+    let Some(kubectl) = common::kubectl("mutate's YAML through kubectl") else {
+        return;
+    };
+    let file = dir.file("mutated.yaml", &mutated);
+    let labelled = std::process::Command::new(kubectl)
+        .args([
+            "label",
+            "--local",
+            "-f",
+            s(&file),
+            "read=back",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("kubectl runs");
+    assert_success(&labelled);
+    // One JSON object per document, the label added; without it, the rest
+    // must be what mutate wrote.
+    let kubectl_read: Vec<Value> = serde_json::Deserializer::from_str(&stdout(&labelled))
+        .into_iter::<Value>()
+        .map(|object| {
+            let mut object = object.unwrap();
+            let metadata = object["metadata"].as_object_mut().unwrap();
+            let labels = metadata["labels"].as_object_mut().unwrap();
+            assert_eq!(labels.remove("read"), Some("back".into()));
+            if labels.is_empty() {
+                metadata.remove("labels");
+            }
+            object
+        })
+        .collect();
+    assert_eq!(
+        kubectl_read, read_back,
+        "kubectl reads mutate's output as mutate wrote it:\n{mutated}"
+    );
+}
+
 #[test]
 fn mutate_json_in_json_out() {
     let dir = Dir::new();
     let config = dir.config();
     let pod: Value = serde_yaml_ng::from_str(POD).unwrap();
-    let output = run_stdin(
-        &["mutate", "--config", s(&config), "-f", "-"],
-        &serde_json::to_string_pretty(&pod).unwrap(),
-    );
+    let output = mutate_stdin(&config, &serde_json::to_string_pretty(&pod).unwrap());
     assert_success(&output);
     let mutated: Value = serde_json::from_str(&stdout(&output))
         .unwrap_or_else(|e| panic!("output is not JSON: {e}\n{}", stdout(&output)));
@@ -610,11 +717,69 @@ fn mutate_json_in_json_out() {
 }
 
 #[test]
+fn mutate_reads_json_values_in_a_row_and_flow_style_yaml() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod: Value = serde_yaml_ng::from_str(POD).unwrap();
+    let mut other = pod.clone();
+    other["metadata"]["name"] = "other".into();
+    other["spec"]["containers"][0]["image"] = "quay.io/org/api:2".into();
+    let two_in_a_row = format!(
+        "{}\n{}",
+        serde_json::to_string_pretty(&pod).unwrap(),
+        serde_json::to_string(&other).unwrap()
+    );
+    let output = mutate_stdin(&config, &two_in_a_row);
+    assert_success(&output);
+    let mutated: Vec<Value> = serde_json::Deserializer::from_str(&stdout(&output))
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("output is not JSON values: {e}\n{}", stdout(&output)));
+    let images: Vec<Vec<String>> = mutated
+        .iter()
+        .map(|pod| images_at(pod, "/spec/containers"))
+        .collect();
+    assert_eq!(
+        images,
+        [
+            [
+                "harbor.corp.example/dockerhub/library/nginx:1.27",
+                "registry.k8s.io/pause:3.9"
+            ],
+            [
+                "harbor.corp.example/quay/org/api:2",
+                "registry.k8s.io/pause:3.9"
+            ]
+        ]
+    );
+
+    let flow = "{apiVersion: v1, kind: Pod, metadata: {name: f}, spec: {containers: [{name: a, image: nginx}]}}\n";
+    let output = mutate_stdin(&config, flow);
+    assert_success(&output);
+    let documents = yaml_documents(&stdout(&output));
+    assert_eq!(
+        images_at(&documents[0], "/spec/containers"),
+        ["harbor.corp.example/dockerhub/library/nginx"]
+    );
+
+    let output = mutate_stdin(
+        &config,
+        &format!("{}\n{{\"kind\": ", serde_json::to_string(&pod).unwrap()),
+    );
+    assert_exit_1(&output);
+    assert!(
+        stderr(&output).contains("document 2"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn mutate_warns_about_unparsable_images_and_leaves_them() {
     let dir = Dir::new();
     let config = dir.config();
     let pod = POD.replace("image: nginx:1.27", "image: NGINX");
-    let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &pod);
+    let output = mutate_stdin(&config, &pod);
     assert_success(&output);
     let documents = yaml_documents(&stdout(&output));
     assert_eq!(images_at(&documents[0], "/spec/containers")[0], "NGINX");
@@ -630,7 +795,7 @@ fn mutate_respects_excluded_namespaces() {
     let dir = Dir::new();
     let config = dir.config();
     let pod = POD.replace("namespace: shop", "namespace: legacy");
-    let output = run_stdin(&["mutate", "--config", s(&config), "-f", "-"], &pod);
+    let output = mutate_stdin(&config, &pod);
     assert_success(&output);
     let documents = yaml_documents(&stdout(&output));
     assert_eq!(documents[0], yaml_documents(&pod)[0]);
@@ -640,10 +805,7 @@ fn mutate_respects_excluded_namespaces() {
 fn mutate_refuses_bad_input() {
     let dir = Dir::new();
     let config = dir.config();
-    let output = run_stdin(
-        &["mutate", "--config", s(&config), "-f", "-"],
-        "kind: Pod\nspec: [\n",
-    );
+    let output = mutate_stdin(&config, "kind: Pod\nspec: [\n");
     assert_exit_1(&output);
     assert!(
         stderr(&output).contains("document 1"),
@@ -658,8 +820,8 @@ fn mutate_refuses_bad_input() {
         "{}",
         stderr(&output)
     );
-    let output = run_stdin(
-        &["mutate", "--config", s(&config), "-f", "-"],
+    let output = mutate_stdin(
+        &config,
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\nspec:\n  containers: nginx\n",
     );
     assert_exit_1(&output);
