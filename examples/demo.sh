@@ -9,16 +9,23 @@ port=${PORT:-18443}
 metrics_port=${METRICS_PORT:-19090}
 dir=$(mktemp -d)
 cargo build --quiet --locked
-./target/debug/image-rewriter serve --dev-self-signed --dev-dir "$dir" \
+"${CARGO_TARGET_DIR:-target}/debug/image-rewriter" serve --dev-self-signed --dev-dir "$dir" \
   --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
   --shutdown-delay 0s >"$dir/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$dir"' EXIT
 
-for _ in $(seq 100); do
-  curl -sf --cacert "$dir/ca.crt" "https://localhost:$port/readyz" >/dev/null && break
+ready=false
+for _ in $(seq 300); do
+  curl -sf --cacert "$dir/ca.crt" "https://localhost:$port/readyz" >/dev/null && { ready=true; break; }
+  kill -0 "$server" 2>/dev/null || break
   sleep 0.1
 done
+if [ "$ready" != true ]; then
+  echo "demo: the webhook exited or was not ready within 30 s; its log:" >&2
+  cat "$dir/server.log" >&2
+  exit 1
+fi
 echo "== webhook ready on https://localhost:$port (CA: $dir/ca.crt)"
 echo "== POST /mutate with examples/admission-review.json; the response:"
 curl -sS --cacert "$dir/ca.crt" -H 'Content-Type: application/json' \
