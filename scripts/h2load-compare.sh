@@ -88,29 +88,51 @@ fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# Servers listen below the kernel's ephemeral port range: a port inside it
+# can be held by a client's TIME_WAIT socket (thousands of them after
+# loadbench's new-connection runs), which a listener cannot bind (CI saw
+# "Address already in use").
+ephemeral_low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+port_floor=10000
+[ "$ephemeral_low" -gt $((port_floor + 100)) ] || port_floor=1024
+free_ports=$((ephemeral_low - port_floor - 1))
+[ "$free_ports" -ge 100 ] || { echo "the ephemeral port range starts at $ephemeral_low: no room below it for the servers" >&2; exit 2; }
+
 # Starts one server on CPU 0 and waits for /readyz; sets $server and $port.
+# A server that exits before it is ready (its port taken after all) is
+# started again on another port, up to three times.
 start() {
-  port=$((20000 + RANDOM % 20000))
-  if [ "$1" = ours ]; then
-    taskset -c 0 "$ours_bin" serve --config "$dir/config.yaml" \
-      --tls-cert "$dir/tls/tls.crt" --tls-key "$dir/tls/tls.key" \
-      --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
-      --namespace image-rewriter >"$dir/h2load-ours.log" 2>&1 &
-  else
-    local same=()
-    [ "$1" = baseline-io ] && same=(--same-transport)
-    taskset -c 0 "$loadbench_bin" --baseline-server "${same[@]}" --port "$port" \
-      --cert "$dir/tls/tls.crt" --key "$dir/tls/tls.key" \
-      --response "$dir/response.json" >"$dir/h2load-$1.log" 2>&1 &
-  fi
-  server=$!
-  if [ -n "$capped" ] && ! echo "$server" >"$capped/cgroup.procs"; then
-    echo "cannot cap the servers: moving one into $capped failed" >&2
-    exit 3
-  fi
-  for _ in $(seq 100); do
-    curl -skf "https://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.05
+  local attempt
+  for attempt in 1 2 3; do
+    port=$((port_floor + RANDOM % free_ports))
+    if [ "$1" = ours ]; then
+      taskset -c 0 "$ours_bin" serve --config "$dir/config.yaml" \
+        --tls-cert "$dir/tls/tls.crt" --tls-key "$dir/tls/tls.key" \
+        --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
+        --namespace image-rewriter >"$dir/h2load-ours.log" 2>&1 &
+    else
+      local same=()
+      [ "$1" = baseline-io ] && same=(--same-transport)
+      taskset -c 0 "$loadbench_bin" --baseline-server "${same[@]}" --port "$port" \
+        --cert "$dir/tls/tls.crt" --key "$dir/tls/tls.key" \
+        --response "$dir/response.json" >"$dir/h2load-$1.log" 2>&1 &
+    fi
+    server=$!
+    if [ -n "$capped" ] && ! echo "$server" >"$capped/cgroup.procs"; then
+      echo "cannot cap the servers: moving one into $capped failed" >&2
+      exit 3
+    fi
+    for _ in $(seq 100); do
+      curl -skf "https://127.0.0.1:$port/readyz" >/dev/null 2>&1 && return 0
+      kill -0 "$server" 2>/dev/null || break
+      sleep 0.05
+    done
+    if kill -0 "$server" 2>/dev/null; then
+      break # up, but not ready in 5 s
+    fi
+    wait "$server" 2>/dev/null || true
+    server=""
+    echo "$1 exited before it was ready on port $port (try $attempt of 3): $(tail -n 1 "$dir/h2load-$1.log")" >&2
   done
   echo "$1 did not become ready (log: $dir/h2load-$1.log)" >&2
   exit 1
