@@ -40,7 +40,9 @@ pub const ADMISSION_RESULTS: [&str; 8] = [
     "not_ready",
 ];
 /// Every `protocol` of `tls_connections_total`: what ALPN settled on.
-pub const PROTOCOLS: [&str; 2] = ["h2", "http/1.1"];
+pub const PROTOCOLS: [&str; 2] = [H2, HTTP1];
+const H2: &str = "h2";
+const HTTP1: &str = "http/1.1";
 /// Every `result` of `config_reloads_total` and `certificate_reloads_total`.
 pub const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 /// Every `result` of `pull_secret_copies_total`.
@@ -250,7 +252,7 @@ impl Metrics {
     }
 
     pub fn count_connection(&self, http2: bool) {
-        let protocol = if http2 { "h2" } else { "http/1.1" };
+        let protocol = if http2 { H2 } else { HTTP1 };
         self.tls_connections
             .get_or_create(&ProtocolLabel { protocol })
             .inc();

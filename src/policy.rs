@@ -502,6 +502,35 @@ fn shape_no_name_has(pattern: &str) -> Option<String> {
              `docker.io/library/nginx`); for Docker Hub write {docker_hub:?}"
         ));
     }
+    if !host.contains('*') && !image::is_valid_domain(host) {
+        let advice = match pattern.split_once(':') {
+            // `nginx:1.27`: a tag, not a port.
+            Some((name, _)) if !pattern.contains('/') => format!(
+                "; the globs match the name without tag or digest: write {:?}",
+                if image::looks_like_domain(name) {
+                    format!("{name}/**")
+                } else {
+                    format!("docker.io/library/{name}")
+                }
+            ),
+            _ => String::new(),
+        };
+        return Some(format!(
+            "{pattern:?} would never match: {host:?} is not a registry host (letters, digits, \
+             '.' and '-', then an optional ':port' of digits){advice}"
+        ));
+    }
+    if pattern.contains('/')
+        && let Some(bad) = path.split('/').find(|component| {
+            component.is_empty()
+                || !component.contains('*') && !image::is_valid_path_component(component)
+        })
+    {
+        return Some(format!(
+            "{pattern:?} would never match: {bad:?} is no path component of an image name \
+             (lower-case letters and digits separated by '.', '_', '__' or '-'; none empty)"
+        ));
+    }
     // Under `literal_separator`, `**` crosses `/` only as a whole component;
     // elsewhere it is `*`.
     if !pattern.contains('/') && pattern != "**" {
@@ -762,10 +791,22 @@ exclude:
             ("*", "\"*/**\""),
             ("quay.io*", "\"quay.io*/**\""),
             ("quay.io**", "\"quay.io**/**\""),
-            ("nginx:1.27", "without tag or digest"),
+            (
+                "nginx:1.27",
+                "without tag or digest: write \"docker.io/library/nginx\"",
+            ),
             ("/x", "starts with its registry host"),
             ("docker.io/nginx", "\"docker.io/library/nginx\""),
             ("index.docker.io/*", "\"docker.io/library/*\""),
+            ("nginx:latest", "\"docker.io/library/nginx\""),
+            ("registry.example:5000:1/**", "is not a registry host"),
+            ("quay..io/**", "is not a registry host"),
+            ("quay.io/", "\"\" is no path component"),
+            ("quay.io//**", "\"\" is no path component"),
+            ("quay.io/x/", "\"\" is no path component"),
+            ("docker.io/", "\"\" is no path component"),
+            ("quay.io/-x/**", "\"-x\" is no path component"),
+            ("quay.io/a..b", "\"a..b\" is no path component"),
         ] {
             let yaml = format!("exclude:\n  images: [\"quay.io/**\", \"{pattern}\"]\n");
             let refused = refusal(&yaml);
@@ -805,6 +846,8 @@ exclude:
             "localhost/**",
             "LOCALHOST/**",
             "Docker.io/x",
+            "quay.io/a__b/c-d.e/**",
+            "quay.io/*x*/**",
         ] {
             let yaml = format!("exclude:\n  images: [\"{accepted}\"]\n");
             let loaded = load(&yaml);

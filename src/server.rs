@@ -190,7 +190,14 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
             state.metrics.encode_prometheus_text(),
         )
     };
-    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::VARY, "Accept"),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 /// Whether to answer with OpenMetrics: `Accept` gives it a quality above 0
@@ -209,7 +216,7 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
             let quality = parts
                 .filter_map(|parameter| parameter.split_once('='))
                 .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
-                .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok())
+                .map_or(Some(1.0), |(_, q)| qvalue(q.trim()))
                 .unwrap_or(0.0);
             Some((media, quality))
         })
@@ -218,6 +225,17 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
     let (plain_text, plain_named) = accepted(&ranges, "text/plain");
     openmetrics > 0.0
         && (openmetrics > plain_text || (openmetrics == plain_text && named && !plain_named))
+}
+
+/// An RFC 9110 qvalue (`0` to `1`, at most three decimals); anything else
+/// (`nan`, `-1`, `1e3`, `bad`) is `None`, which counts as not acceptable.
+fn qvalue(text: &str) -> Option<f32> {
+    let (whole, decimals) = text.split_once('.').unwrap_or((text, ""));
+    let well_formed = matches!(whole, "0" | "1")
+        && decimals.len() <= 3
+        && decimals.bytes().all(|b| b.is_ascii_digit())
+        && (whole == "0" || decimals.bytes().all(|b| b == b'0'));
+    well_formed.then(|| text.parse().ok()).flatten()
 }
 
 /// The quality `Accept`'s `ranges` give `media`: that of the most specific
@@ -1089,7 +1107,22 @@ mod tests {
         ]));
         // Named, and tied with a wildcard only: OpenMetrics.
         assert!(accepting(&["application/openmetrics-text, */*"]));
+        // Covered by `application/*` at 1, above text/plain's 0.9.
         assert!(accepting(&["application/*, text/*;q=0.9"]));
+        // A q that is not an RFC 9110 qvalue counts as 0, never above 1.
+        assert!(accepting(&[
+            "application/openmetrics-text, text/plain;q=nan"
+        ]));
+        assert!(!accepting(&[
+            "application/openmetrics-text;q=1e3, text/plain;q=0.5"
+        ]));
+        assert!(!accepting(&["application/openmetrics-text;q=-1"]));
+        assert!(!accepting(&["application/openmetrics-text;q=1.5"]));
+        assert!(accepting(&["application/openmetrics-text;q=0.001"]));
+        assert!(accepting(&[
+            "application/openmetrics-text;q=1.000, text/plain;q=0.999"
+        ]));
+        assert!(!accepting(&["application/openmetrics-text;q=0.0001"]));
         // A specific range overrides a wildcard's quality.
         assert!(accepting(&[
             "application/openmetrics-text, text/plain;q=0, */*"

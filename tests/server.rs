@@ -656,6 +656,9 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
                 request = request.header("accept", accept);
             }
             let response = request.send().await.unwrap();
+            // The body depends on Accept: a cache must not serve one
+            // scraper's format to another.
+            assert_eq!(response.headers()["vary"], "Accept");
             let content_type = response.headers()["content-type"]
                 .to_str()
                 .unwrap()

@@ -673,9 +673,9 @@ pub fn skip_missing_tool(tool: &str, required_by: &str, skipped: &str) {
     );
 }
 
-/// `$KUBECTL` or `kubectl`, if it runs; None (after saying so) if it is absent.
 /// `$KUBECTL`, else the kubectl the test control plane built (the same one
-/// on every machine), else `kubectl` on the PATH.
+/// on every machine), else `kubectl` on the PATH; None (after saying so)
+/// when it is not installed.
 pub fn kubectl(test: &str) -> Option<OsString> {
     let built =
         Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh"))
