@@ -209,9 +209,9 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+        .flat_map(|value| split_unquoted(value, b','))
         .filter_map(|range| {
-            let mut parts = range.split(';').map(str::trim);
+            let mut parts = split_unquoted(range, b';').map(str::trim);
             let media = parts.next()?;
             let quality = parts
                 .filter_map(|parameter| parameter.split_once('='))
@@ -225,6 +225,31 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
     let (plain_text, plain_named) = accepted(&ranges, "text/plain");
     openmetrics > 0.0
         && (openmetrics > plain_text || (openmetrics == plain_text && named && !plain_named))
+}
+
+/// `text` split at each `separator` outside an RFC 9110 quoted string
+/// (`"…"`, where `\` escapes the next character): a parameter value such as
+/// `"a,b;q=0"` stays whole instead of starting a range or a parameter.
+fn split_unquoted(text: &str, separator: u8) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let remaining = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (index, byte) in remaining.bytes().enumerate() {
+            if escaped {
+                escaped = false;
+            } else if quoted && byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                quoted = !quoted;
+            } else if !quoted && byte == separator {
+                rest = Some(&remaining[index + 1..]);
+                return Some(&remaining[..index]);
+            }
+        }
+        rest = None;
+        Some(remaining)
+    })
 }
 
 /// An RFC 9110 qvalue (`0` to `1`, at most three decimals); anything else
@@ -1130,6 +1155,13 @@ mod tests {
         assert!(!accepting(&["application/openmetrics-text;q=0, */*"]));
         assert!(!accepting(&["application/openmetrics-text;q=0"]));
         assert!(!accepting(&["application/openmetrics-text;q=bad"]));
+        // Separators inside a quoted parameter value split nothing.
+        assert!(accepting(&[
+            r#"text/plain;note="a,b;q=1";q=0.1, application/openmetrics-text;q=0.5"#
+        ]));
+        assert!(!accepting(&[
+            r#"application/openmetrics-text;note="x\";q=1,y";q=0.2, text/plain;q=0.3"#
+        ]));
     }
 
     /// Past the limit, declared or not: 413 without waiting for the rest.

@@ -622,6 +622,8 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
     let harness = Harness::start(CONFIG).await;
     // Connections are counted by the protocol ALPN settled on: two requests
     // on one HTTP/1.1 connection, one on another, one on an h2 connection.
+    // The first connection is hyper's own, not a pooled client's, so that it
+    // is one connection by construction.
     let connections = |protocol| {
         let harness = &harness;
         async move {
@@ -637,8 +639,7 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
         (connections("http/1.1").await, connections("h2").await),
         (0.0, 0.0)
     );
-    let client = harness.client(true);
-    mutate_and_reinvoke(&harness, &client).await;
+    healthz_twice_on_one_http1_connection(&harness).await;
     for http1_only in [true, false] {
         let response = harness.healthz_on_new_connection(http1_only).await;
         assert_eq!(response.version() == reqwest::Version::HTTP_2, !http1_only);
@@ -647,6 +648,7 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
         (connections("http/1.1").await, connections("h2").await),
         (2.0, 1.0)
     );
+    mutate_and_reinvoke(&harness, &harness.client(true)).await;
     let url = format!("http://{}/metrics", harness.metrics_addr);
     let scrape = |accept: Option<&'static str>| {
         let url = url.clone();
@@ -687,6 +689,27 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
     assert!(openmetrics.contains("# TYPE image_rewriter_admission_requests counter\n"));
     assert!(openmetrics.ends_with("# EOF\n"));
     harness.stop().await;
+}
+
+async fn healthz_twice_on_one_http1_connection(harness: &Harness) {
+    use http_body_util::BodyExt as _;
+    let stream = http1_connection(harness).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let driver = tokio::spawn(connection);
+    for _ in 0..2 {
+        let request = hyper::Request::get("/healthz")
+            .header(hyper::header::HOST, SERVICE_HOST)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    drop(sender);
+    driver.await.unwrap().unwrap();
 }
 
 /// `promtool check metrics` on `text`: no parse error, no lint problem.
