@@ -99,8 +99,9 @@ fn pod_location(kind: &str) -> Option<&'static [&'static str]> {
         | "DaemonSet"
         | "ReplicaSet"
         | "Job"
-        | "ReplicationController"
-        | "PodTemplate" => Some(&["spec", "template"]),
+        | "ReplicationController" => Some(&["spec", "template"]),
+        // core/v1 PodTemplate keeps its template beside its metadata.
+        "PodTemplate" => Some(&["template"]),
         "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
         _ => None,
     }

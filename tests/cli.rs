@@ -451,6 +451,33 @@ spec:
               image: bitnami/kubectl:1.31
 "#;
 
+const POD_TEMPLATE: &str = r#"apiVersion: v1
+kind: PodTemplate
+metadata:
+  name: worker
+template:
+  metadata:
+    labels:
+      app: worker
+  spec:
+    containers:
+      - name: worker
+        image: library/redis:7
+"#;
+
+const REPLICATION_CONTROLLER: &str = r#"apiVersion: v1
+kind: ReplicationController
+metadata:
+  name: legacy
+spec:
+  replicas: 1
+  template:
+    spec:
+      containers:
+        - name: legacy
+          image: quay.io/org/legacy@sha256:4c1e997385b8fb4ad4d1d3c7e5af7ff3f882e94d07cf5b78de9e889bc60830e6
+"#;
+
 const SERVICE_AND_JOB: &str = r#"---
 apiVersion: v1
 kind: Service
@@ -530,6 +557,18 @@ fn mutate_workloads_from_stdin() {
             CRONJOB,
             "/spec/jobTemplate/spec/template/spec/containers",
             vec!["harbor.corp.example/dockerhub/bitnami/kubectl:1.31"],
+        ),
+        (
+            POD_TEMPLATE,
+            "/template/spec/containers",
+            vec!["harbor.corp.example/dockerhub/library/redis:7"],
+        ),
+        (
+            REPLICATION_CONTROLLER,
+            "/spec/template/spec/containers",
+            vec![
+                "harbor.corp.example/quay/org/legacy@sha256:4c1e997385b8fb4ad4d1d3c7e5af7ff3f882e94d07cf5b78de9e889bc60830e6",
+            ],
         ),
     ] {
         let output = mutate_stdin(&config, input);
