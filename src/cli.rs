@@ -337,13 +337,14 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let given_files = args.given_files().unwrap_or_else(|usage| usage.exit());
     let namespace = own_namespace(args.namespace.as_deref(), || {
         std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok()
     })?;
     init_logging(args.log_format);
-    let (config, tls_cert, tls_key) = match (&args.config, &args.tls_cert, &args.tls_key) {
-        (Some(config), Some(cert), Some(key)) => (config.clone(), cert.clone(), key.clone()),
-        _ => dev_files(&args)?,
+    let (config, tls_cert, tls_key) = match given_files {
+        Some(files) => files,
+        None => dev_files(&args)?,
     };
     let options = ServeOptions {
         config,
@@ -366,6 +367,40 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(crate::server::serve_until_signal(options))?;
     Ok(ExitCode::SUCCESS)
+}
+
+impl ServeArgs {
+    /// The config, certificate and key to serve; `None` for a development
+    /// run. clap's `required_unless_present` is not enough: a flag set from
+    /// its variable counts as present even when the variable says false, so
+    /// `IMAGE_REWRITER_DEV_SELF_SIGNED=false` alone would stand in for all
+    /// three files and start a development server.
+    fn given_files(&self) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, clap::Error> {
+        use clap::Args as _;
+        let usage = |kind, message: &str| {
+            ServeArgs::augment_args(clap::Command::new("image-rewriter serve")).error(kind, message)
+        };
+        if self.dev_self_signed {
+            if self.tls_cert.is_some() || self.tls_key.is_some() {
+                return Err(usage(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--dev-self-signed generates its own certificate: drop --tls-cert and \
+                     --tls-key (or IMAGE_REWRITER_TLS_CERT and IMAGE_REWRITER_TLS_KEY)",
+                ));
+            }
+            return Ok(None);
+        }
+        match (&self.config, &self.tls_cert, &self.tls_key) {
+            (Some(config), Some(cert), Some(key)) => {
+                Ok(Some((config.clone(), cert.clone(), key.clone())))
+            }
+            _ => Err(usage(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config, --tls-cert and --tls-key are required unless --dev-self-signed is on \
+                 (IMAGE_REWRITER_DEV_SELF_SIGNED is set, but not to a true value)",
+            )),
+        }
+    }
 }
 
 /// `--namespace` / `IMAGE_REWRITER_NAMESPACE` as given. Empty counts as not

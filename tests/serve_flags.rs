@@ -202,3 +202,46 @@ fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("maybe"), "stderr: {stderr}");
 }
+
+/// `IMAGE_REWRITER_DEV_SELF_SIGNED=false` is no development run: without
+/// the config and certificate flags `serve` is a usage error, as with the
+/// variable unset; and the throwaway certificate never silently replaces a
+/// certificate that was given.
+#[test]
+fn serve_without_its_files_is_a_usage_error_whatever_the_dev_variable_says() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in [None, Some("false"), Some("0"), Some("off")] {
+        let mut serve = command();
+        serve
+            .args(["serve", "--no-api", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--dev-dir"])
+            .arg(dir.path().join("dev"))
+            .env_remove("IMAGE_REWRITER_CONFIG")
+            .env_remove("IMAGE_REWRITER_TLS_CERT")
+            .env_remove("IMAGE_REWRITER_TLS_KEY");
+        match value {
+            Some(value) => serve.env("IMAGE_REWRITER_DEV_SELF_SIGNED", value),
+            None => serve.env_remove("IMAGE_REWRITER_DEV_SELF_SIGNED"),
+        };
+        let output = output_within(serve.spawn().unwrap(), Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("IMAGE_REWRITER_DEV_SELF_SIGNED={value:?} started a server"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{value:?}: {stderr}");
+        assert!(stderr.contains("--tls-cert"), "{value:?}: {stderr}");
+        assert!(
+            !dir.path().join("dev").exists(),
+            "{value:?}: a throwaway CA was written"
+        );
+    }
+
+    let mut serve = serve(dir.path());
+    serve.arg("--dev-self-signed");
+    let output = output_within(serve.spawn().unwrap(), Duration::from_secs(10))
+        .expect("--dev-self-signed with --tls-cert started a server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--dev-self-signed generates its own certificate"),
+        "{stderr}"
+    );
+}
