@@ -1,6 +1,6 @@
 //! The real binary refuses flag values that parse but make no sense (a
 //! `--namespace` that is not a namespace name, a zero timeout, a busy reload
-//! interval) before it serves anything.
+//! interval, no certificate outside development) before it serves anything.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
