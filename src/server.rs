@@ -21,11 +21,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, SemaphorePermit, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
+use crate::allowance::{Allowance, Share};
 use crate::coalesce;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -88,10 +89,21 @@ const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// container's memory limit.
 const BODY_BUDGET_FACTOR: usize = 2;
 /// What every body may hold without a reservation: more than a review of an
-/// ordinary pod (a few KiB; a pod with a long env list some tens). Outside
-/// the budget, so bounded by the connections instead: at most
-/// [`H2_MAX_CONCURRENT_STREAMS`] bodies a connection.
+/// ordinary pod (a few KiB; a pod with a long env list some tens). Also
+/// the most an HTTP/1.1 connection buffers (hyper's default is ~400 KiB),
+/// so that no chunk a waiting body keeps is larger.
 const BODY_FREE_BYTES: usize = 64 * 1024;
+/// The free first parts of all bodies together, at most: 256 bodies' worth.
+/// A body that finds it full reserves from the budget instead.
+const FREE_BODY_BYTES_IN_FLIGHT: usize = 256 * BODY_FREE_BYTES;
+/// Bodies waiting for budget at once, at most: one HTTP/2 connection's
+/// streams. One more gets 503 at once. Each holds what it read (counted
+/// above), its connection's buffers and, on HTTP/2, up to a stream window
+/// of unread data. These three bounds took the peak RSS of a burst of 1 MiB
+/// bodies from 417 to 100 MiB over HTTP/2 and from 973 to 158 MiB over
+/// HTTP/1.1; with 256 bodies allowed to wait, 136 and 235 MiB
+/// (BENCHMARKS.md, "Memory under a burst of large bodies").
+const MAX_BODIES_WAITING_FOR_BUDGET: usize = H2_MAX_CONCURRENT_STREAMS as usize;
 const BODY_BUDGET_UNIT: usize = 1024;
 
 /// State shared by every request.
@@ -105,6 +117,9 @@ pub struct AppState {
     body_read_timeout: Duration,
     /// In units of [`BODY_BUDGET_UNIT`] bytes.
     body_budget: Semaphore,
+    /// Bytes of bodies' free first parts.
+    free_body_bytes: Allowance,
+    bodies_waiting_for_budget: Allowance,
 }
 
 impl AppState {
@@ -118,6 +133,8 @@ impl AppState {
             max_body_bytes,
             body_read_timeout,
             body_budget: Semaphore::new(max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT),
+            free_body_bytes: Allowance::new(FREE_BODY_BYTES_IN_FLIGHT),
+            bodies_waiting_for_budget: Allowance::new(MAX_BODIES_WAITING_FOR_BUDGET),
         }
     }
 
@@ -341,7 +358,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         ),
     )
     .await;
-    let (bytes, reservation) = match read {
+    let (bytes, hold) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(BodyError::TooLarge)) => {
             metrics.count_request("too_large");
@@ -380,7 +397,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
     let planned = admission::plan_review(&policy, &bytes);
     // The plan owns what it needs: the body and its share of the budget go
     // back now, not after the wait for a pull secret copy (up to 3 s).
-    drop(reservation);
+    drop(hold);
     drop(bytes);
     match planned {
         Ok(mut planned) => {
@@ -424,27 +441,38 @@ enum BodyError {
     Overloaded,
 }
 
+/// What a body being read holds of the server's memory bounds: its bytes
+/// of the free first parts, and what it reserved of the budget past them.
+/// Given back when the review is decoded.
+struct BodyHold<'a> {
+    free: Share<'a>,
+    reserved: Option<SemaphorePermit<'a>>,
+}
+
 /// Reads a body of at most the body limit. The first [`BODY_FREE_BYTES`]
 /// need no reservation, so a review of an ordinary pod never waits behind
-/// large or slow ones. A body that actually sends more reserves, at that
-/// moment and in one piece, what it will hold past them: its declared
-/// length, else the limit. One piece, because a body that held part of the
-/// budget while waiting for more could deadlock with others doing the same.
-/// What a client only announces reserves nothing until it has sent the free
-/// part. The reservation is held until the review is decoded;
-/// `waiting_for_budget` tells the caller's timeout which of the two it ran
-/// out waiting for.
+/// large or slow ones; they count against [`FREE_BODY_BYTES_IN_FLIGHT`] as
+/// they arrive. A body that actually sends more, or finds that full,
+/// reserves, at that moment and in one piece, what it will hold past what
+/// it took for free: its declared length, else the limit. One piece,
+/// because a body that held part of the budget while waiting for more could
+/// deadlock with others doing the same. What a client only announces
+/// reserves nothing until it sends it. `waiting_for_budget` tells the
+/// caller's timeout which of the two it ran out waiting for.
 async fn read_body<'a>(
     state: &'a AppState,
     mut body: Body,
     declared_length: Option<usize>,
     waiting_for_budget: &AtomicBool,
-) -> Result<(Bytes, Option<SemaphorePermit<'a>>), BodyError> {
+) -> Result<(Bytes, BodyHold<'a>), BodyError> {
     if declared_length.is_some_and(|length| length > state.max_body_bytes) {
         return Err(BodyError::TooLarge);
     }
     let mut collected = Collected::Empty;
-    let mut reservation: Option<SemaphorePermit<'a>> = None;
+    let mut hold = BodyHold {
+        free: state.free_body_bytes.share(),
+        reserved: None,
+    };
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Unreadable)?;
         let Ok(chunk) = frame.into_data() else {
@@ -454,24 +482,44 @@ async fn read_body<'a>(
         if total > state.max_body_bytes {
             return Err(BodyError::TooLarge);
         }
-        if total > BODY_FREE_BYTES && reservation.is_none() {
+        if hold.reserved.is_none() && (total > BODY_FREE_BYTES || !hold.free.grow(chunk.len())) {
             let expected = declared_length.unwrap_or(state.max_body_bytes).max(total);
-            let units = (expected - BODY_FREE_BYTES).div_ceil(BODY_BUDGET_UNIT);
+            let units = (expected - hold.free.amount()).div_ceil(BODY_BUDGET_UNIT);
             // At most the body limit in units: fits, and the budget (a
             // multiple of the limit) can grant it.
             let units = u32::try_from(units).unwrap_or(u32::MAX);
-            waiting_for_budget.store(true, Ordering::Relaxed);
-            let reserved = state
-                .body_budget
-                .acquire_many(units)
-                .await
-                .map_err(|_| BodyError::Overloaded)?;
-            waiting_for_budget.store(false, Ordering::Relaxed);
-            reservation = Some(reserved);
+            hold.reserved = Some(reserve(state, units, waiting_for_budget).await?);
         }
         collected.push(chunk);
     }
-    Ok((collected.into_bytes(), reservation))
+    Ok((collected.into_bytes(), hold))
+}
+
+/// `units` of the body budget, waiting for them (up to the caller's
+/// timeout) only while fewer than [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies
+/// wait: past that, a burst is turned away at once instead of piling up
+/// bodies half read.
+async fn reserve<'a>(
+    state: &'a AppState,
+    units: u32,
+    waiting_for_budget: &AtomicBool,
+) -> Result<SemaphorePermit<'a>, BodyError> {
+    match state.body_budget.try_acquire_many(units) {
+        Ok(reserved) => return Ok(reserved),
+        Err(TryAcquireError::Closed) => return Err(BodyError::Overloaded),
+        Err(TryAcquireError::NoPermits) => {}
+    }
+    let Some(_waiting) = state.bodies_waiting_for_budget.take(1) else {
+        return Err(BodyError::Overloaded);
+    };
+    waiting_for_budget.store(true, Ordering::Relaxed);
+    let reserved = state
+        .body_budget
+        .acquire_many(units)
+        .await
+        .map_err(|_| BodyError::Overloaded)?;
+    waiting_for_budget.store(false, Ordering::Relaxed);
+    Ok(reserved)
 }
 
 /// A body as it arrives: one chunk is kept as it is (the usual case for a
@@ -675,6 +723,7 @@ async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(BODY_FREE_BYTES)
         .keep_alive(true);
     // Pings also find an HTTP/2 peer that keeps its socket but stopped
     // answering; few streams per connection bound the bodies one connection
@@ -929,6 +978,87 @@ mod tests {
             scrape.contains("image_rewriter_admission_requests_total{result=\"overloaded\"} 1"),
             "{scrape}"
         );
+    }
+
+    /// With the free first parts of other bodies filling their allowance, a
+    /// review of an ordinary pod reserves its length from the budget instead
+    /// (and is answered); with the budget full as well it is turned away.
+    #[tokio::test]
+    async fn small_reviews_reserve_when_the_free_allowance_is_full() {
+        let state = state_with_policy(Duration::from_millis(200));
+        let everything = state.body_budget.available_permits();
+        let free = state
+            .free_body_bytes
+            .take(FREE_BODY_BYTES_IN_FLIGHT)
+            .expect("all of it");
+
+        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
+        assert_eq!(state.body_budget.available_permits(), everything);
+
+        let held = state
+            .body_budget
+            .acquire_many(everything as u32)
+            .await
+            .expect("budget");
+        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(
+            answer_now(&state, small).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop((held, free));
+        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
+        assert_eq!(state.free_body_bytes.held(), 0);
+    }
+
+    /// Bodies past their free part while the budget is full wait for it,
+    /// but only so many at once: one more is turned away at once, not after
+    /// the body timeout, and the waiting ones get 503 at the timeout.
+    #[tokio::test]
+    async fn past_the_waiting_limit_large_bodies_are_turned_away_at_once() {
+        let body_timeout = Duration::from_secs(2);
+        let state = Arc::new(state_with_policy(body_timeout));
+        let everything = state.body_budget.available_permits() as u32;
+        let held = state
+            .body_budget
+            .acquire_many(everything)
+            .await
+            .expect("budget");
+        let past_the_free_part = || {
+            let first = Bytes::from(vec![b' '; BODY_FREE_BYTES + 1]);
+            review_request(stalled_body(first), Some(1024 * 1024))
+        };
+        let waiting: Vec<_> = (0..MAX_BODIES_WAITING_FOR_BUDGET)
+            .map(|_| {
+                let state = state.clone();
+                let request = past_the_free_part();
+                tokio::spawn(async move { answer_now(&state, request).await })
+            })
+            .collect();
+        while state.bodies_waiting_for_budget.held() < MAX_BODIES_WAITING_FOR_BUDGET {
+            tokio::task::yield_now().await;
+        }
+
+        let started = Instant::now();
+        assert_eq!(
+            answer_now(&state, past_the_free_part()).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            started.elapsed() < body_timeout / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        for waiting in waiting {
+            assert_eq!(
+                waiting.await.expect("task"),
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        assert_eq!(state.bodies_waiting_for_budget.held(), 0);
+        drop(held);
+        assert_eq!(state.body_budget.available_permits() as u32, everything);
     }
 
     /// What a client only claims it will send reserves nothing: bodies that
