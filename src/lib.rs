@@ -2,12 +2,11 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
-//! without a server; `server`, `allowance`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
+//! without a server; `server`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
 pub mod admission;
-pub mod allowance;
 pub mod certs;
 pub mod cli;
 pub mod coalesce;

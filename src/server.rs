@@ -21,12 +21,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
-use crate::allowance::{Allowance, Share};
 use crate::coalesce;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -85,25 +84,29 @@ const H2_STREAM_WINDOW: u32 = BODY_FREE_BYTES as u32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bodies being read and decoded at once may hold this many times the body
 /// limit in bytes (past each body's free first part); the rest wait (up to
-/// the body timeout), then get 503. Keeps a burst of huge reviews inside the
-/// container's memory limit.
+/// the body timeout), then get 503. Bounds what a burst of huge reviews
+/// holds, whatever their number.
 const BODY_BUDGET_FACTOR: usize = 2;
 /// What every body may hold without a reservation: more than a review of an
-/// ordinary pod (a few KiB; a pod with a long env list some tens). Also
-/// the most an HTTP/1.1 connection buffers (hyper's default is ~400 KiB),
-/// so that no chunk a waiting body keeps is larger.
+/// ordinary pod (a few KiB; a pod with a long env list some tens).
 const BODY_FREE_BYTES: usize = 64 * 1024;
-/// The free first parts of all bodies together, at most: 256 bodies' worth.
-/// A body that finds it full reserves from the budget instead.
+/// The free first parts of bodies that may grow past them (a declared
+/// length over [`BODY_FREE_BYTES`], or none), all together: 256 bodies'
+/// worth. Such a body that finds it full reserves from the budget instead.
+/// Bodies that declare at most the free part never wait for the budget, so
+/// they are not counted: a burst of large ones cannot turn them away.
 const FREE_BODY_BYTES_IN_FLIGHT: usize = 256 * BODY_FREE_BYTES;
-/// Bodies waiting for budget at once, at most: one HTTP/2 connection's
-/// streams. One more gets 503 at once. Each holds what it read (counted
-/// above), its connection's buffers and, on HTTP/2, up to a stream window
-/// of unread data. These three bounds took the peak RSS of a burst of 1 MiB
-/// bodies from 417 to 100 MiB over HTTP/2 and from 973 to 158 MiB over
-/// HTTP/1.1; with 256 bodies allowed to wait, 136 and 235 MiB
-/// (BENCHMARKS.md, "Memory under a burst of large bodies").
-const MAX_BODIES_WAITING_FOR_BUDGET: usize = H2_MAX_CONCURRENT_STREAMS as usize;
+/// Bodies waiting for budget at once, at most; one more gets 503 at once.
+/// Each holds what it read (counted above), its connection's buffers and,
+/// on HTTP/2, up to a stream window of unread data, so the cap is what
+/// bounds those last two in a burst; a 1 MiB body is read and decoded in
+/// milliseconds, so 32 in line still get in well within a webhook timeout.
+const MAX_BODIES_WAITING_FOR_BUDGET: usize = 32;
+/// hyper's HTTP/1.1 read buffer, at most: the largest chunk a body gets,
+/// kept alive while its body waits (hyper's default, ~400 KiB, made the
+/// waiting bodies of a burst pin several times what they had read). Also
+/// the largest request head accepted (the apiserver's is well under 1 KiB).
+const HTTP1_MAX_BUFFER: usize = 64 * 1024;
 const BODY_BUDGET_UNIT: usize = 1024;
 
 /// State shared by every request.
@@ -117,9 +120,10 @@ pub struct AppState {
     body_read_timeout: Duration,
     /// In units of [`BODY_BUDGET_UNIT`] bytes.
     body_budget: Semaphore,
-    /// Bytes of bodies' free first parts.
-    free_body_bytes: Allowance,
-    bodies_waiting_for_budget: Allowance,
+    /// In bytes: the free first parts of bodies that may grow past them.
+    free_body_bytes: Semaphore,
+    /// A permit per body waiting for `body_budget`.
+    waiting_for_budget: Semaphore,
 }
 
 impl AppState {
@@ -133,8 +137,8 @@ impl AppState {
             max_body_bytes,
             body_read_timeout,
             body_budget: Semaphore::new(max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT),
-            free_body_bytes: Allowance::new(FREE_BODY_BYTES_IN_FLIGHT),
-            bodies_waiting_for_budget: Allowance::new(MAX_BODIES_WAITING_FOR_BUDGET),
+            free_body_bytes: Semaphore::new(FREE_BODY_BYTES_IN_FLIGHT),
+            waiting_for_budget: Semaphore::new(MAX_BODIES_WAITING_FOR_BUDGET),
         }
     }
 
@@ -437,28 +441,37 @@ fn overloaded(metrics: &Metrics) -> Response {
 enum BodyError {
     TooLarge,
     Unreadable(axum::Error),
-    /// The budget refused outright (it is never closed, so never seen).
+    /// No room in the budget, and [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies
+    /// already waiting for it.
     Overloaded,
 }
 
 /// What a body being read holds of the server's memory bounds: its bytes
-/// of the free first parts, and what it reserved of the budget past them.
-/// Given back when the review is decoded.
+/// of the free first parts (when counted), and what it reserved of the
+/// budget past them. Given back when the review is decoded.
+#[derive(Default)]
 struct BodyHold<'a> {
-    free: Share<'a>,
+    free: Option<SemaphorePermit<'a>>,
     reserved: Option<SemaphorePermit<'a>>,
+}
+
+impl BodyHold<'_> {
+    fn free_bytes(&self) -> usize {
+        self.free.as_ref().map_or(0, SemaphorePermit::num_permits)
+    }
 }
 
 /// Reads a body of at most the body limit. The first [`BODY_FREE_BYTES`]
 /// need no reservation, so a review of an ordinary pod never waits behind
-/// large or slow ones; they count against [`FREE_BODY_BYTES_IN_FLIGHT`] as
-/// they arrive. A body that actually sends more, or finds that full,
-/// reserves, at that moment and in one piece, what it will hold past what
-/// it took for free: its declared length, else the limit. One piece,
-/// because a body that held part of the budget while waiting for more could
-/// deadlock with others doing the same. What a client only announces
-/// reserves nothing until it sends it. `waiting_for_budget` tells the
-/// caller's timeout which of the two it ran out waiting for.
+/// large or slow ones. A body that may grow past them counts them against
+/// [`FREE_BODY_BYTES_IN_FLIGHT`] as they arrive; one that actually sends
+/// more, or finds that full, reserves, at that moment and in one piece,
+/// what it will hold past what it took for free: its declared length, else
+/// the limit. One piece, because a body that held part of the budget while
+/// waiting for more could deadlock with others doing the same. What a
+/// client only announces reserves nothing until it sends it.
+/// `waiting_for_budget` tells the caller's timeout which of the two it ran
+/// out waiting for.
 async fn read_body<'a>(
     state: &'a AppState,
     mut body: Body,
@@ -468,11 +481,9 @@ async fn read_body<'a>(
     if declared_length.is_some_and(|length| length > state.max_body_bytes) {
         return Err(BodyError::TooLarge);
     }
+    let counts_free_bytes = declared_length.is_none_or(|length| length > BODY_FREE_BYTES);
     let mut collected = Collected::Empty;
-    let mut hold = BodyHold {
-        free: state.free_body_bytes.share(),
-        reserved: None,
-    };
+    let mut hold = BodyHold::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Unreadable)?;
         let Ok(chunk) = frame.into_data() else {
@@ -482,9 +493,12 @@ async fn read_body<'a>(
         if total > state.max_body_bytes {
             return Err(BodyError::TooLarge);
         }
-        if hold.reserved.is_none() && (total > BODY_FREE_BYTES || !hold.free.grow(chunk.len())) {
+        if hold.reserved.is_none()
+            && (total > BODY_FREE_BYTES
+                || (counts_free_bytes && !take_free_bytes(state, &mut hold, chunk.len())))
+        {
             let expected = declared_length.unwrap_or(state.max_body_bytes).max(total);
-            let units = (expected - hold.free.amount()).div_ceil(BODY_BUDGET_UNIT);
+            let units = (expected - hold.free_bytes()).div_ceil(BODY_BUDGET_UNIT);
             // At most the body limit in units: fits, and the budget (a
             // multiple of the limit) can grant it.
             let units = u32::try_from(units).unwrap_or(u32::MAX);
@@ -493,6 +507,22 @@ async fn read_body<'a>(
         collected.push(chunk);
     }
     Ok((collected.into_bytes(), hold))
+}
+
+/// Adds `bytes` (at most [`BODY_FREE_BYTES`]) to what `hold` has of the
+/// free parts; `false`, taking nothing, when they do not fit.
+fn take_free_bytes<'a>(state: &'a AppState, hold: &mut BodyHold<'a>, bytes: usize) -> bool {
+    let Ok(taken) = state
+        .free_body_bytes
+        .try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX))
+    else {
+        return false;
+    };
+    match &mut hold.free {
+        Some(free) => free.merge(taken),
+        None => hold.free = Some(taken),
+    }
+    true
 }
 
 /// `units` of the body budget, waiting for them (up to the caller's
@@ -504,12 +534,10 @@ async fn reserve<'a>(
     units: u32,
     waiting_for_budget: &AtomicBool,
 ) -> Result<SemaphorePermit<'a>, BodyError> {
-    match state.body_budget.try_acquire_many(units) {
-        Ok(reserved) => return Ok(reserved),
-        Err(TryAcquireError::Closed) => return Err(BodyError::Overloaded),
-        Err(TryAcquireError::NoPermits) => {}
+    if let Ok(reserved) = state.body_budget.try_acquire_many(units) {
+        return Ok(reserved);
     }
-    let Some(_waiting) = state.bodies_waiting_for_budget.take(1) else {
+    let Ok(_in_line) = state.waiting_for_budget.try_acquire() else {
         return Err(BodyError::Overloaded);
     };
     waiting_for_budget.store(true, Ordering::Relaxed);
@@ -723,7 +751,7 @@ async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(BODY_FREE_BYTES)
+        .max_buf_size(HTTP1_MAX_BUFFER)
         .keep_alive(true);
     // Pings also find an HTTP/2 peer that keeps its socket but stopped
     // answering; few streams per connection bound the bodies one connection
@@ -980,36 +1008,42 @@ mod tests {
         );
     }
 
-    /// With the free first parts of other bodies filling their allowance, a
-    /// review of an ordinary pod reserves its length from the budget instead
-    /// (and is answered); with the budget full as well it is turned away.
+    /// The free parts of bodies that may grow filling their allowance, and
+    /// the budget full too: a review that declares an ordinary length is
+    /// still answered (never counted, it never waits); one that declares no
+    /// length has to reserve instead, and is turned away until the budget
+    /// has room.
     #[tokio::test]
-    async fn small_reviews_reserve_when_the_free_allowance_is_full() {
+    async fn a_full_free_allowance_turns_away_only_bodies_that_may_grow() {
         let state = state_with_policy(Duration::from_millis(200));
         let everything = state.body_budget.available_permits();
-        let free = state
+        let all_free = state
             .free_body_bytes
-            .take(FREE_BODY_BYTES_IN_FLIGHT)
+            .try_acquire_many(FREE_BODY_BYTES_IN_FLIGHT as u32)
             .expect("all of it");
-
-        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
-        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
-        assert_eq!(state.body_budget.available_permits(), everything);
-
         let held = state
             .body_budget
             .acquire_many(everything as u32)
             .await
             .expect("budget");
-        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+
+        let declared = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(answer_now(&state, declared).await, StatusCode::OK);
+        let undeclared = review_request(Body::from(REVIEW), None);
         assert_eq!(
-            answer_now(&state, small).await,
+            answer_now(&state, undeclared).await,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        drop((held, free));
-        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
-        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
-        assert_eq!(state.free_body_bytes.held(), 0);
+
+        drop(held);
+        let undeclared = review_request(Body::from(REVIEW), None);
+        assert_eq!(answer_now(&state, undeclared).await, StatusCode::OK);
+        drop(all_free);
+        assert_eq!(
+            state.free_body_bytes.available_permits(),
+            FREE_BODY_BYTES_IN_FLIGHT
+        );
+        assert_eq!(state.body_budget.available_permits(), everything);
     }
 
     /// Bodies past their free part while the budget is full wait for it,
@@ -1017,7 +1051,7 @@ mod tests {
     /// the body timeout, and the waiting ones get 503 at the timeout.
     #[tokio::test]
     async fn past_the_waiting_limit_large_bodies_are_turned_away_at_once() {
-        let body_timeout = Duration::from_secs(2);
+        let body_timeout = Duration::from_secs(1);
         let state = Arc::new(state_with_policy(body_timeout));
         let everything = state.body_budget.available_permits() as u32;
         let held = state
@@ -1036,9 +1070,13 @@ mod tests {
                 tokio::spawn(async move { answer_now(&state, request).await })
             })
             .collect();
-        while state.bodies_waiting_for_budget.held() < MAX_BODIES_WAITING_FOR_BUDGET {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(body_timeout / 2, async {
+            while state.waiting_for_budget.available_permits() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every body past its free part waits for the budget");
 
         let started = Instant::now();
         assert_eq!(
@@ -1056,7 +1094,10 @@ mod tests {
                 StatusCode::SERVICE_UNAVAILABLE
             );
         }
-        assert_eq!(state.bodies_waiting_for_budget.held(), 0);
+        assert_eq!(
+            state.waiting_for_budget.available_permits(),
+            MAX_BODIES_WAITING_FOR_BUDGET
+        );
         drop(held);
         assert_eq!(state.body_budget.available_permits() as u32, everything);
     }
