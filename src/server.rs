@@ -958,6 +958,23 @@ mod tests {
         request
     }
 
+    /// All of the body budget, held until dropped.
+    fn the_whole_budget(state: &AppState) -> SemaphorePermit<'_> {
+        let everything = state.body_budget.available_permits() as u32;
+        state
+            .body_budget
+            .try_acquire_many(everything)
+            .expect("nothing else holds the budget")
+    }
+
+    /// [`REVIEW`] padded to over 1 MiB: past the free part, within the limit.
+    fn large_review() -> Vec<u8> {
+        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture");
+        padded["request"]["object"]["metadata"]["annotations"]["padding"] =
+            "x".repeat(1024 * 1024).into();
+        serde_json::to_vec(&padded).expect("encode")
+    }
+
     /// A body that sends `first` and then never another byte.
     fn stalled_body(first: Bytes) -> Body {
         use futures::StreamExt as _;
@@ -978,19 +995,12 @@ mod tests {
     async fn a_full_budget_turns_away_large_bodies_and_never_small_reviews() {
         let state = state_with_policy(Duration::from_millis(200));
         let everything = state.body_budget.available_permits() as u32;
-        let held = state
-            .body_budget
-            .acquire_many(everything)
-            .await
-            .expect("budget");
+        let held = the_whole_budget(&state);
 
         let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
         assert_eq!(answer_now(&state, small).await, StatusCode::OK);
 
-        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture");
-        padded["request"]["object"]["metadata"]["annotations"]["padding"] =
-            "x".repeat(1024 * 1024).into();
-        let large = serde_json::to_vec(&padded).expect("encode");
+        let large = large_review();
         let request = review_request(Body::from(large.clone()), Some(large.len()));
         assert_eq!(
             answer_now(&state, request).await,
@@ -1021,11 +1031,7 @@ mod tests {
             .free_body_bytes
             .try_acquire_many(FREE_BODY_BYTES_IN_FLIGHT as u32)
             .expect("all of it");
-        let held = state
-            .body_budget
-            .acquire_many(everything as u32)
-            .await
-            .expect("budget");
+        let held = the_whole_budget(&state);
 
         let declared = review_request(Body::from(REVIEW), Some(REVIEW.len()));
         assert_eq!(answer_now(&state, declared).await, StatusCode::OK);
@@ -1054,11 +1060,7 @@ mod tests {
         let body_timeout = Duration::from_secs(1);
         let state = Arc::new(state_with_policy(body_timeout));
         let everything = state.body_budget.available_permits() as u32;
-        let held = state
-            .body_budget
-            .acquire_many(everything)
-            .await
-            .expect("budget");
+        let held = the_whole_budget(&state);
         let past_the_free_part = || {
             let first = Bytes::from(vec![b' '; BODY_FREE_BYTES + 1]);
             review_request(stalled_body(first), Some(1024 * 1024))
@@ -1240,10 +1242,7 @@ mod tests {
         state.enable_pull_secret_sync(PullSecretSync::start(client, state.metrics.clone()));
         let everything = state.body_budget.available_permits();
 
-        let mut padded: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture");
-        padded["request"]["object"]["metadata"]["annotations"]["padding"] =
-            "x".repeat(1024 * 1024).into();
-        let large = serde_json::to_vec(&padded).expect("encode");
+        let large = large_review();
         let request = review_request(Body::from(large.clone()), Some(large.len()));
         let started = Instant::now();
         let answer = {
