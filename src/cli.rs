@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::certs::{self, CertRequest, KeyType};
 use crate::config::{is_dns_label, is_dns_subdomain, load_policy};
 use crate::offline::{RewriteReport, mutate_documents};
-use crate::server::{DEFAULT_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
+use crate::server::{DEFAULT_BODY_LIMIT, MAX_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
 
 /// The sample config `serve --dev-self-signed` runs when given none.
 const SAMPLE_CONFIG: &str = include_str!("../examples/config.yaml");
@@ -89,6 +89,11 @@ fn parse_body_limit(text: &str) -> Result<usize, String> {
     if bytes < MIN_BODY_LIMIT {
         return Err(format!(
             "must be at least {MIN_BODY_LIMIT} bytes (7 MiB): an UPDATE review carries two Pods of up to 3 MiB"
+        ));
+    }
+    if bytes > MAX_BODY_LIMIT {
+        return Err(format!(
+            "must be at most {MAX_BODY_LIMIT} bytes (1 GiB): twice the limit is held in memory under load"
         ));
     }
     Ok(bytes)

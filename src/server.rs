@@ -66,6 +66,10 @@ pub struct ServeOptions {
 /// server reads (an UPDATE review carries two Pods of up to 3 MiB).
 pub const MIN_BODY_LIMIT: usize = 7 * 1024 * 1024;
 pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
+/// The largest body limit allowed: far past any review (etcd's default
+/// object limit is 1.5 MiB), and small enough that the body budget, twice
+/// the limit, is counted in `u32` units without overflow.
+pub const MAX_BODY_LIMIT: usize = 1024 * 1024 * 1024;
 
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,9 +101,10 @@ const BODY_FREE_BYTES: usize = 64 * 1024;
 /// they are not counted: a burst of large ones cannot turn them away.
 const FREE_BODY_BYTES_IN_FLIGHT: usize = 256 * BODY_FREE_BYTES;
 /// Bodies waiting for budget at once, at most; one more gets 503 at once.
-/// Each holds what it read (counted above), its connection's buffers and,
-/// on HTTP/2, up to a stream window of unread data, so the cap is what
-/// bounds those last two in a burst; a 1 MiB body is read and decoded in
+/// Each holds what it read (its free part, counted above, and the chunk
+/// that took it past that), its connection's buffers and, on HTTP/2, up to
+/// a stream window of unread data, so the cap is what bounds all but the
+/// first in a burst; a 1 MiB body is read and decoded in
 /// milliseconds, so 32 in line still get in well within a webhook timeout.
 const MAX_BODIES_WAITING_FOR_BUDGET: usize = 32;
 /// hyper's HTTP/1.1 read buffer, at most: the largest chunk a body gets,
@@ -399,8 +404,8 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         );
     };
     let planned = admission::plan_review(&policy, &bytes);
-    // The plan owns what it needs: the body and its share of the budget go
-    // back now, not after the wait for a pull secret copy (up to 3 s).
+    // The plan owns what it needs: the body and its hold on the memory
+    // bounds go back now, not after the wait for a pull secret copy (up to 3 s).
     drop(hold);
     drop(bytes);
     match planned {
@@ -469,7 +474,8 @@ impl BodyHold<'_> {
 /// what it will hold past what it took for free: its declared length, else
 /// the limit. One piece, because a body that held part of the budget while
 /// waiting for more could deadlock with others doing the same. What a
-/// client only announces reserves nothing until it sends it.
+/// client only announces reserves nothing until it sends more than the
+/// free part, or any byte while the free parts are all taken.
 /// `waiting_for_budget` tells the caller's timeout which of the two it ran
 /// out waiting for.
 async fn read_body<'a>(
@@ -499,10 +505,11 @@ async fn read_body<'a>(
         {
             let expected = declared_length.unwrap_or(state.max_body_bytes).max(total);
             let units = (expected - hold.free_bytes()).div_ceil(BODY_BUDGET_UNIT);
-            // At most the body limit in units: fits, and the budget (a
-            // multiple of the limit) can grant it.
+            // At most the body limit (at most MAX_BODY_LIMIT) in units:
+            // fits, and the budget (a multiple of the limit) can grant it.
             let units = u32::try_from(units).unwrap_or(u32::MAX);
             hold.reserved = Some(reserve(state, units, waiting_for_budget).await?);
+            collected.make_room_for(expected);
         }
         collected.push(chunk);
     }
@@ -565,6 +572,22 @@ impl Collected {
             Collected::One(bytes) => bytes.len(),
             Collected::Many(bytes) => bytes.len(),
         }
+    }
+
+    /// One buffer of room for `total` bytes, so that reaching the reserved
+    /// length never doubles the buffer (as growing it chunk by chunk does)
+    /// and the body holds what it reserved, not up to twice that.
+    fn make_room_for(&mut self, total: usize) {
+        let mut joined = match std::mem::replace(self, Collected::Empty) {
+            Collected::Many(joined) => joined,
+            earlier => {
+                let mut joined = BytesMut::with_capacity(total);
+                joined.extend_from_slice(&earlier.into_bytes());
+                joined
+            }
+        };
+        joined.reserve(total.saturating_sub(joined.len()));
+        *self = Collected::Many(joined);
     }
 
     fn push(&mut self, chunk: Bytes) {
@@ -1114,19 +1137,25 @@ mod tests {
         let body_timeout = Duration::from_secs(2);
         let state = Arc::new(state_with_policy(body_timeout));
         let everything = state.body_budget.available_permits();
+        const FIRST_BYTES: &[u8] = b"{\"apiVersion\"";
         let stalled: Vec<_> = (0..4)
             .map(|_| {
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let body = stalled_body(Bytes::from_static(b"{\"apiVersion\""));
+                    let body = stalled_body(Bytes::from_static(FIRST_BYTES));
                     let request = review_request(body, Some(MIN_BODY_LIMIT));
                     answer_now(&state, request).await
                 })
             })
             .collect();
-        for _ in 0..10 {
-            tokio::task::yield_now().await; // every stalled body read its first bytes
-        }
+        let all_free = FREE_BODY_BYTES_IN_FLIGHT;
+        tokio::time::timeout(body_timeout / 2, async {
+            while state.free_body_bytes.available_permits() > all_free - 4 * FIRST_BYTES.len() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every stalled body read its first bytes, counted as free");
         assert_eq!(state.body_budget.available_permits(), everything);
 
         let started = Instant::now();
@@ -1142,6 +1171,29 @@ mod tests {
             assert_eq!(stalled.await.expect("task"), StatusCode::REQUEST_TIMEOUT);
         }
         assert_eq!(state.body_budget.available_permits(), everything);
+        assert_eq!(state.free_body_bytes.available_permits(), all_free);
+    }
+
+    /// A body that reserved its length is collected in one buffer of that
+    /// length: it holds what it reserved, not the up to twice that of a
+    /// buffer doubled as chunks arrive.
+    #[test]
+    fn a_reserved_body_is_collected_in_one_buffer_of_its_length() {
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let total = 10 * chunk.len() + 1;
+        let mut collected = Collected::Empty;
+        collected.push(chunk.clone());
+        collected.make_room_for(total);
+        for _ in 1..10 {
+            collected.push(chunk.clone());
+        }
+        collected.push(Bytes::from_static(b"}"));
+        let Collected::Many(joined) = &collected else {
+            panic!("more than one chunk is joined");
+        };
+        assert_eq!((joined.len(), joined.capacity()), (total, total));
+        let bytes = collected.into_bytes();
+        assert!(bytes[..total - 1].iter().all(|&b| b == b'x') && bytes[total - 1] == b'}');
     }
 
     /// A body fed by the test, chunk by chunk.
@@ -1194,6 +1246,10 @@ mod tests {
         assert_eq!(
             state.body_budget.available_permits(),
             MIN_BODY_LIMIT * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT
+        );
+        assert_eq!(
+            state.free_body_bytes.available_permits(),
+            FREE_BODY_BYTES_IN_FLIGHT
         );
     }
 

@@ -104,15 +104,18 @@ fn mutate_refuses_a_namespace_that_is_no_namespace_name() {
 }
 
 /// A zero timeout would cut every client off, a reload interval of a few
-/// milliseconds would read the files in a loop: refused as usage errors
-/// (exit 2) naming the flag.
+/// milliseconds would read the files in a loop, a body limit under an
+/// UPDATE review's size would refuse some, one past 1 GiB is no review's:
+/// refused as usage errors (exit 2) naming the flag.
 #[test]
-fn serve_refuses_zero_timeouts_and_a_busy_reload_interval() {
+fn serve_refuses_flag_values_that_cannot_work() {
     for (flag, value, why) in [
         ("--header-read-timeout", "0s", "more than 0"),
         ("--body-read-timeout", "0s", "more than 0"),
         ("--reload-interval", "0s", "at least 100ms"),
         ("--reload-interval", "10ms", "at least 100ms"),
+        ("--max-body-bytes", "1048576", "at least 7340032"),
+        ("--max-body-bytes", "1073741825", "at most 1073741824"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let child = serve(dir.path()).args([flag, value]).spawn().unwrap();
