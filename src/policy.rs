@@ -863,7 +863,7 @@ rules:
   - match: quay.io
     target: harbor.corp.example/quay
 exclude:
-  images: ["quay.io/*/single", "quay.io/deep/**", "quay.io/**/leaf", "quay.io/pre*"]
+  images: ["quay.io/*/single", "quay.io/deep/**", "quay.io/**/leaf", "quay.io/pre*", "quay.io/in**"]
 "#,
         );
         for excluded in [
@@ -873,6 +873,7 @@ exclude:
             "quay.io/leaf",
             "quay.io/a/b/leaf",
             "quay.io/prefix",
+            "quay.io/inside",
         ] {
             assert_eq!(policy.decide(excluded), Decision::Excluded, "{excluded}");
         }
@@ -882,6 +883,8 @@ exclude:
             "quay.io/deeper/a",
             "quay.io/leaf/x",
             "quay.io/prefix/x",
+            // `**` inside a component is `*`: it does not cross the `/`.
+            "quay.io/inside/x",
         ] {
             assert!(
                 matches!(policy.decide(rewritten), Decision::Rewrite { .. }),
