@@ -2,7 +2,7 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
-//! without a server; `server`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
+//! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
+pub mod connection;
 pub mod image;
 pub mod manifest_yaml;
 pub mod metrics;

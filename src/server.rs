@@ -18,7 +18,6 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, SemaphorePermit, watch};
@@ -27,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
 use crate::coalesce;
+use crate::connection::{self, Activity, Counted, Lifetime};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pullsecrets::PullSecretSync;
@@ -766,8 +766,10 @@ async fn run(
             .into_future(),
     );
 
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    // Each connection's task holds a permit until its connection has
+    // closed, so having them all back is the drain being done.
+    let max_connections = options.max_connections.clamp(1, u32::MAX as usize);
+    let connections = Arc::new(Semaphore::new(max_connections));
     let app = router(state.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -824,8 +826,13 @@ async fn run(
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let (http1, http2) = (http1.clone(), http2.clone());
-        let watcher = graceful.watcher();
+        let mut stop = stopped.clone();
+        let stopping = async move {
+            // Err: the server is gone, which is a stop too.
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
         let handshake_timeout = options.header_read_timeout;
+        let finish_grace = options.shutdown_grace;
         let metrics = state.metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -847,23 +854,49 @@ async fn run(
             if !http2_negotiated {
                 tls.get_mut().0.pass_through();
             }
+            let mut lifetime = Lifetime {
+                activity: None,
+                idle: handshake_timeout,
+                finish_grace,
+            };
             let served = if http2_negotiated {
+                let activity = Arc::new(Activity::default());
+                lifetime.activity = Some(&activity);
+                let service = Counted::new(service, activity.clone());
                 // Many answers per turn of the connection: send them together.
                 let (io, driver) = coalesce::split(tls);
                 let connection = http2.serve_connection(TokioIo::new(io), service);
-                driver.run(watcher.watch(connection)).await
+                driver
+                    .run(connection::serve(
+                        connection,
+                        |connection| connection.graceful_shutdown(),
+                        lifetime,
+                        stopping,
+                    ))
+                    .await
             } else {
                 let connection = http1.serve_connection(TokioIo::new(tls), service);
-                watcher.watch(connection).await
+                connection::serve(
+                    connection,
+                    |connection| connection.graceful_shutdown(),
+                    lifetime,
+                    stopping,
+                )
+                .await
             };
-            if let Err(error) = served {
-                debug!(%peer, error = %error, "connection ended with an error");
+            match served {
+                Some(Ok(())) => {}
+                Some(Err(error)) => {
+                    debug!(%peer, error = %error, "connection ended with an error");
+                }
+                None => debug!(%peer, "connection closed: idle, or past the grace to finish"),
             }
         });
     }
     drop(https);
     info!("stopped accepting; draining connections");
-    if tokio::time::timeout(options.shutdown_grace, graceful.shutdown())
+    let drained = connections.acquire_many(max_connections as u32);
+    if tokio::time::timeout(options.shutdown_grace, drained)
         .await
         .is_err()
     {

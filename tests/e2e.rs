@@ -397,6 +397,22 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
         h2_connections >= 1.0,
         "the apiserver reached the webhook without HTTP/2:\n{metrics}"
     );
+
+    // The webhook closes an HTTP/2 connection idle for the header read
+    // timeout (3 s here) with GOAWAY; the apiserver sends its next review
+    // on a new connection, and that review is not lost.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after_idle = app_pod("web-after-idle", &[]);
+    let created = env.create_pod("team-a", &after_idle).await;
+    assert_rewritten(
+        &created,
+        "team-a, after the webhook closed an idle connection",
+    );
+    let metrics = env.webhook.metrics().await;
+    assert!(
+        tls_connections(&metrics, "h2") > h2_connections,
+        "the review after a quiet spell came on the old connection:\n{metrics}"
+    );
 }
 
 /// `image_rewriter_tls_connections_total` for one protocol.

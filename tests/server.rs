@@ -395,9 +395,17 @@ fn root_store(pem: &str) -> rustls::RootCertStore {
 
 async fn tls_connect(
     harness: &Harness,
-    mut config: rustls::ClientConfig,
+    config: rustls::ClientConfig,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls_connect_alpn(harness, config, b"http/1.1").await
+}
+
+async fn tls_connect_alpn(
+    harness: &Harness,
+    mut config: rustls::ClientConfig,
+    protocol: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    config.alpn_protocols = vec![protocol.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(harness.https_addr)
         .await
@@ -1010,6 +1018,29 @@ async fn http1_connection(
     tls_connect(harness, config).await
 }
 
+/// A TLS connection that verifies like the apiserver and has agreed on h2
+/// by ALPN, with no HTTP/2 byte sent yet.
+async fn http2_tls_connection(
+    harness: &Harness,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    let stream = tls_connect_alpn(harness, config, b"h2").await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    stream
+}
+
+/// `GET /healthz` on an HTTP/2 connection, answered 200.
+async fn healthz_over_h2(client: &mut h2::client::SendRequest<bytes::Bytes>) {
+    let request = axum::http::Request::get(format!("https://{SERVICE_HOST}/healthz"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 /// The head of a `/mutate` request with the body framed by `framing`
 /// (a `Content-Length` or `Transfer-Encoding` header).
 fn mutate_head(framing: &str) -> String {
@@ -1226,5 +1257,71 @@ async fn idle_connections_are_probed_by_tcp_keepalive() {
         drop(client);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    harness.stop().await;
+}
+
+/// hyper waits for an HTTP/2 client's preface without a timer: a client
+/// that agrees on h2 and then sends nothing must still lose its slot within
+/// the header read timeout, so that with one slot a real client gets in.
+#[tokio::test]
+async fn a_silent_http2_connection_does_not_hold_a_slot_forever() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = Duration::from_millis(300);
+        options.max_connections = 1;
+    })
+    .await;
+    let mut silent = http2_tls_connection(&harness).await;
+    let started = Instant::now();
+    let mut buffer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buffer)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a silent HTTP/2 connection was kept for {:?}",
+        started.elapsed()
+    );
+    let response = harness.healthz_on_new_connection(false).await;
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    harness.stop().await;
+}
+
+/// An HTTP/2 connection is kept while it has requests, however long, and
+/// closed gracefully (GOAWAY, no error) once it has had none for the header
+/// read timeout, as hyper closes an idle HTTP/1.1 keep-alive connection.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_gracefully_and_a_busy_one_kept() {
+    let idle = Duration::from_millis(400);
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = idle;
+    })
+    .await;
+    let tls = http2_tls_connection(&harness).await;
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+
+    // Busy for five idle periods: a request every tenth of one.
+    let busy_since = Instant::now();
+    let last_answer = loop {
+        healthz_over_h2(&mut client).await;
+        let answered = Instant::now();
+        if busy_since.elapsed() >= idle * 5 {
+            break answered;
+        }
+        tokio::time::sleep(idle / 10).await;
+    };
+    assert!(!connection.is_finished(), "closed while busy");
+
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    let closed_after = last_answer.elapsed();
+    let closed = closed
+        .expect("an idle HTTP/2 connection stayed open")
+        .unwrap();
+    assert!(closed.is_ok(), "closed with an error: {closed:?}");
+    // The server's idle bound starts when the handler is done, a little
+    // before the client has the answer.
+    assert!(
+        closed_after >= idle / 2,
+        "closed {closed_after:?} after its last answer, well before the idle bound {idle:?}"
+    );
     harness.stop().await;
 }

@@ -304,6 +304,10 @@ impl WebhookProcess {
             "0s",
             "--reload-interval",
             "200ms",
+            // Idle HTTP/2 connections are closed after this (GOAWAY): short
+            // here so the apiserver meets that between the tests' reviews.
+            "--header-read-timeout",
+            "3s",
         ])
         .arg("--config")
         .arg(config)

@@ -1,0 +1,320 @@
+//! How long a connection lives once its TLS handshake is done: until its
+//! peer closes it, until shutdown asks it to finish, or, over HTTP/2, until
+//! it has sat idle too long.
+//!
+//! hyper bounds an idle HTTP/1.1 connection itself (the header read timeout
+//! runs while it waits for the next request) but gives HTTP/2 no such
+//! bound: it waits for the client's connection preface without a timer, and
+//! a client that answers pings keeps an idle connection open forever.
+//! Either would let clients that send nothing hold every connection slot.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Request;
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+
+/// The requests of one HTTP/2 connection that are in a handler, and
+/// whether the connection has had any.
+#[derive(Debug, Default)]
+pub struct Activity {
+    in_handler: AtomicUsize,
+    had_request: AtomicBool,
+    /// Nudged whenever `in_handler` leaves or reaches zero.
+    changed: Notify,
+}
+
+impl Activity {
+    fn enter(self: &Arc<Self>) -> InHandler {
+        self.had_request.store(true, Ordering::SeqCst);
+        if self.in_handler.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.changed.notify_one();
+        }
+        InHandler(self.clone())
+    }
+
+    pub fn had_request(&self) -> bool {
+        self.had_request.load(Ordering::SeqCst)
+    }
+
+    /// Completes once no request has been in a handler for `idle` in a row.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            // Taken before the count is read: a nudge from then on is kept
+            // (`notify_one` stores it), so none is missed.
+            let nudged = self.changed.notified();
+            if self.in_handler.load(Ordering::SeqCst) > 0 {
+                nudged.await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(idle) => {
+                    if self.in_handler.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                }
+                () = nudged => {}
+            }
+        }
+    }
+}
+
+/// One request in its handler; counted out when dropped.
+#[derive(Debug)]
+struct InHandler(Arc<Activity>);
+
+impl Drop for InHandler {
+    fn drop(&mut self) {
+        if self.0.in_handler.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.changed.notify_one();
+        }
+    }
+}
+
+/// A hyper service that counts each request in `activity` until its
+/// handler has produced the answer.
+#[derive(Debug, Clone)]
+pub struct Counted<S> {
+    service: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(service: S, activity: Arc<Activity>) -> Self {
+        Self { service, activity }
+    }
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Counted<S>
+where
+    S: hyper::service::Service<Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        CountedFuture {
+            in_handler: self.activity.enter(),
+            future: self.service.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future, with its request counted until it completes or
+    /// is dropped.
+    #[derive(Debug)]
+    pub struct CountedFuture<F> {
+        #[pin]
+        future: F,
+        in_handler: InHandler,
+    }
+}
+
+impl<F: Future> Future for CountedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().future.poll(cx)
+    }
+}
+
+/// When a connection is told to finish.
+#[derive(Debug)]
+pub struct Lifetime<'a> {
+    /// HTTP/2: the connection's requests, so it can be closed when it has
+    /// sat idle for `idle`, or had no request within `idle` of its start.
+    /// `None` (HTTP/1.1, which hyper bounds itself): never for idleness.
+    pub activity: Option<&'a Activity>,
+    pub idle: Duration,
+    /// How long a connection told to finish may take to close.
+    pub finish_grace: Duration,
+}
+
+/// Serves `connection` to its end, or until `stopping` completes or the
+/// connection sits idle past `lifetime`'s bound, then tells it to finish
+/// (`finish`: hyper's graceful shutdown, which answers the requests in
+/// flight and, over HTTP/2, sends GOAWAY so the client moves to a new
+/// connection without losing a request) and gives it `finish_grace` to.
+/// `None` when the connection was dropped unfinished: an HTTP/2 connection
+/// that never had a request (hyper would still be waiting for its preface,
+/// which a graceful shutdown waits for too), or one that overran its grace.
+pub async fn serve<C, R>(
+    connection: C,
+    finish: impl FnOnce(Pin<&mut C>),
+    lifetime: Lifetime<'_>,
+    stopping: impl Future<Output = ()>,
+) -> Option<R>
+where
+    C: Future<Output = R>,
+{
+    let mut connection = pin!(connection);
+    let idle = async {
+        match lifetime.activity {
+            Some(activity) => activity.idle_for(lifetime.idle).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = connection.as_mut() => return Some(served),
+        () = stopping => {}
+        () = idle => {}
+    }
+    if lifetime
+        .activity
+        .is_some_and(|activity| !activity.had_request())
+    {
+        return None;
+    }
+    finish(connection.as_mut());
+    tokio::time::timeout(lifetime.finish_grace, connection)
+        .await
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for hyper's connection: pending until told to finish,
+    /// then done at once.
+    struct Connection {
+        finished: bool,
+    }
+
+    impl Future for Connection {
+        type Output = &'static str;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<&'static str> {
+            if self.finished {
+                Poll::Ready("finished")
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn finish(connection: Pin<&mut Connection>) {
+        connection.get_mut().finished = true;
+    }
+
+    fn lifetime(activity: &Activity) -> Lifetime<'_> {
+        Lifetime {
+            activity: Some(activity),
+            idle: Duration::from_secs(10),
+            finish_grace: Duration::from_secs(15),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_dropped_after_the_idle_bound() {
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        let served = serve(
+            Connection { finished: false },
+            finish,
+            lifetime(&activity),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(served, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_finished_gracefully_after_its_last_request() {
+        let activity = Arc::new(Activity::default());
+        let started = tokio::time::Instant::now();
+        let requests = {
+            let activity = activity.clone();
+            async move {
+                for _ in 0..3 {
+                    let request = activity.enter();
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    drop(request);
+                    tokio::time::sleep(Duration::from_secs(9)).await;
+                }
+            }
+        };
+        let (served, ()) = tokio::join!(
+            serve(
+                Connection { finished: false },
+                finish,
+                lifetime(&activity),
+                std::future::pending(),
+            ),
+            requests
+        );
+        assert_eq!(served, Some("finished"));
+        // Three requests of 4 s, 9 s apart: never idle for 10 s until 10 s
+        // after the last one ended.
+        assert_eq!(started.elapsed(), Duration::from_secs(3 * 4 + 2 * 9 + 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_its_handler_keeps_the_connection_however_long() {
+        let activity = Arc::new(Activity::default());
+        let request = activity.enter();
+        let served = tokio::time::timeout(
+            Duration::from_secs(3600),
+            serve(
+                Connection { finished: false },
+                finish,
+                lifetime(&activity),
+                std::future::pending(),
+            ),
+        )
+        .await;
+        assert!(served.is_err(), "closed with a request in its handler");
+        drop(request);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_finishes_a_connection_that_had_requests_and_drops_one_that_had_none() {
+        let used = Arc::new(Activity::default());
+        drop(used.enter());
+        let served = serve(
+            Connection { finished: false },
+            finish,
+            lifetime(&used),
+            std::future::ready(()),
+        )
+        .await;
+        assert_eq!(served, Some("finished"));
+
+        let unused = Activity::default();
+        let served = serve(
+            Connection { finished: false },
+            finish,
+            lifetime(&unused),
+            std::future::ready(()),
+        )
+        .await;
+        assert_eq!(served, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_is_never_closed_for_idleness_and_a_finish_is_bounded() {
+        let started = tokio::time::Instant::now();
+        let never_done = |_: Pin<&mut Connection>| {};
+        let http1 = Lifetime {
+            activity: None,
+            idle: Duration::from_secs(10),
+            finish_grace: Duration::from_secs(15),
+        };
+        let served = serve(
+            Connection { finished: false },
+            never_done,
+            http1,
+            tokio::time::sleep(Duration::from_secs(100)),
+        )
+        .await;
+        assert_eq!(served, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(115));
+    }
+}
