@@ -86,6 +86,9 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 const H2_STREAM_WINDOW: u32 = BODY_FREE_BYTES as u32;
 const METRICS_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Open `/metrics` connections at most; more wait to be accepted. A few
+/// Prometheus replicas need one each.
+const METRICS_MAX_CONNECTIONS: usize = 64;
 /// Bodies being read and decoded at once may hold this many times the body
 /// limit in bytes (past each body's free first part); the rest wait (up to
 /// the body timeout), then get 503. Bounds what a burst of huge reviews
@@ -757,14 +760,12 @@ async fn run(
         }
     });
 
-    let mut metrics_stop = stopped.clone();
-    let metrics_server = tokio::spawn(
-        axum::serve(metrics, metrics_router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = metrics_stop.changed().await;
-            })
-            .into_future(),
-    );
+    let metrics_server = tokio::spawn(serve_metrics(
+        metrics,
+        metrics_router(state.clone()),
+        options.header_read_timeout,
+        stopped.clone(),
+    ));
 
     // Each connection's task holds a permit until its connection has
     // closed, so having them all back is the drain being done.
@@ -903,15 +904,82 @@ async fn run(
         warn!("grace period over; closing remaining connections");
     }
     let _ = reloads.await;
-    // A metrics scrape stuck mid-request must not hold the exit.
-    let metrics_abort = metrics_server.abort_handle();
-    if tokio::time::timeout(METRICS_SHUTDOWN_GRACE, metrics_server)
-        .await
-        .is_err()
-    {
-        metrics_abort.abort();
-    }
+    let _ = metrics_server.await;
     info!("shut down");
+}
+
+/// `/metrics` over plain HTTP/1.1, with the bounds of the webhook's own
+/// listener: a request head within `header_read_timeout` (which also ends
+/// idle keep-alive connections) and a cap on connections, so scrapers, or
+/// clients that connect and send nothing, cannot pile up connections that
+/// take file descriptors and memory from the webhook. At `stopped`, a
+/// scrape stuck mid-request gets [`METRICS_SHUTDOWN_GRACE`], not more.
+async fn serve_metrics(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(HTTP1_MAX_BUFFER)
+        .keep_alive(true);
+    let http1 = Arc::new(builder.http1_only());
+    let connections = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stopped.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        if let Err(error) = tune_accepted(&stream) {
+            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let http1 = http1.clone();
+        let mut stop = stopped.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let connection = http1.serve_connection(TokioIo::new(stream), service);
+            let lifetime = Lifetime {
+                activity: None,
+                idle: header_read_timeout,
+                finish_grace: METRICS_SHUTDOWN_GRACE,
+            };
+            let stopping = async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            };
+            let served = connection::serve(
+                connection,
+                |connection| connection.graceful_shutdown(),
+                lifetime,
+                stopping,
+            )
+            .await;
+            if let Some(Err(error)) = served {
+                debug!(%peer, %error, "metrics connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let drained = connections.acquire_many(METRICS_MAX_CONNECTIONS as u32);
+    let _ = tokio::time::timeout(METRICS_SHUTDOWN_GRACE, drained).await;
 }
 
 /// Answers leave at once (no Nagle delay), and a peer that vanished without

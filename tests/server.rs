@@ -1325,3 +1325,36 @@ async fn an_idle_http2_connection_is_closed_gracefully_and_a_busy_one_kept() {
     );
     harness.stop().await;
 }
+
+/// The metrics listener has the webhook listener's header timeout: a
+/// client that connects and sends nothing, or sends half a request head, is
+/// cut off, and scrapes still work meanwhile.
+#[tokio::test]
+async fn a_silent_metrics_connection_is_cut_off() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let silent = tokio::net::TcpStream::connect(harness.metrics_addr)
+        .await
+        .unwrap();
+    let mut half_head = tokio::net::TcpStream::connect(harness.metrics_addr)
+        .await
+        .unwrap();
+    half_head
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for mut stream in [silent, half_head] {
+        let mut buffer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buffer)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a silent metrics connection was kept for {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(!harness.metrics().await.samples.is_empty());
+    harness.stop().await;
+}
