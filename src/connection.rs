@@ -11,68 +11,63 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::Request;
 use hyper::body::Incoming;
-use tokio::sync::Notify;
 
-/// The requests of one HTTP/2 connection that are in a handler, and
-/// whether the connection has had any.
+/// The requests of one HTTP/2 connection: how many entered the handler and
+/// how many left it. Two counters and no timer per request: idleness is
+/// checked once per idle period.
 #[derive(Debug, Default)]
 pub struct Activity {
-    in_handler: AtomicUsize,
-    had_request: AtomicBool,
-    /// Nudged whenever `in_handler` leaves or reaches zero.
-    changed: Notify,
+    entered: AtomicU64,
+    left: AtomicU64,
 }
 
 impl Activity {
     fn enter(self: &Arc<Self>) -> InHandler {
-        self.had_request.store(true, Ordering::SeqCst);
-        if self.in_handler.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.changed.notify_one();
-        }
+        self.entered.fetch_add(1, Ordering::SeqCst);
         InHandler(self.clone())
     }
 
     pub fn had_request(&self) -> bool {
-        self.had_request.load(Ordering::SeqCst)
+        self.entered.load(Ordering::SeqCst) > 0
     }
 
-    /// Completes once no request has been in a handler for `idle` in a row.
+    /// `(entered, left)`; `left` read first, so a request counted in
+    /// `left` is always counted in `entered` too.
+    fn counts(&self) -> (u64, u64) {
+        let left = self.left.load(Ordering::SeqCst);
+        (self.entered.load(Ordering::SeqCst), left)
+    }
+
+    /// Completes at the first check, one every `idle`, that finds no
+    /// request in the handler and none entered or left since the check
+    /// before: the connection has then been idle for `idle` at least, and
+    /// for less than twice that.
     pub async fn idle_for(&self, idle: Duration) {
+        let mut before = self.counts();
         loop {
-            // Taken before the count is read: a nudge from then on is kept
-            // (`notify_one` stores it), so none is missed.
-            let nudged = self.changed.notified();
-            if self.in_handler.load(Ordering::SeqCst) > 0 {
-                nudged.await;
-                continue;
+            tokio::time::sleep(idle).await;
+            let now = self.counts();
+            if now == before && now.0 == now.1 {
+                return;
             }
-            tokio::select! {
-                () = tokio::time::sleep(idle) => {
-                    if self.in_handler.load(Ordering::SeqCst) == 0 {
-                        return;
-                    }
-                }
-                () = nudged => {}
-            }
+            before = now;
         }
     }
 }
 
-/// One request in its handler; counted out when dropped.
+/// One request in its handler; counted as left when dropped.
 #[derive(Debug)]
 struct InHandler(Arc<Activity>);
 
 impl Drop for InHandler {
     fn drop(&mut self) {
-        if self.0.in_handler.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.changed.notify_one();
-        }
+        self.0.left.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -128,8 +123,9 @@ impl<F: Future> Future for CountedFuture<F> {
 /// When a connection is told to finish.
 #[derive(Debug)]
 pub struct Lifetime<'a> {
-    /// HTTP/2: the connection's requests, so it can be closed when it has
-    /// sat idle for `idle`, or had no request within `idle` of its start.
+    /// HTTP/2: the connection's requests, so it can be closed once it has
+    /// sat idle for `idle` (see [`Activity::idle_for`]), or had no request
+    /// within `idle` of its start.
     /// `None` (HTTP/1.1, which hyper bounds itself): never for idleness.
     pub activity: Option<&'a Activity>,
     pub idle: Duration,
@@ -251,9 +247,9 @@ mod tests {
             requests
         );
         assert_eq!(served, Some("finished"));
-        // Three requests of 4 s, 9 s apart: never idle for 10 s until 10 s
-        // after the last one ended.
-        assert_eq!(started.elapsed(), Duration::from_secs(3 * 4 + 2 * 9 + 10));
+        // Requests in the handler over 0-4 s, 13-17 s and 26-30 s; checks
+        // at 10, 20, 30 and 40 s, the last the first to find nothing new.
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
     }
 
     #[tokio::test(start_paused = true)]

@@ -398,10 +398,10 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
         "the apiserver reached the webhook without HTTP/2:\n{metrics}"
     );
 
-    // The webhook closes an HTTP/2 connection idle for the header read
-    // timeout (3 s here) with GOAWAY; the apiserver sends its next review
-    // on a new connection, and that review is not lost.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The webhook closes an HTTP/2 connection idle for one to two header
+    // read timeouts (3 s here) with GOAWAY; the apiserver sends its next
+    // review on a new connection, and that review is not lost.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let after_idle = app_pod("web-after-idle", &[]);
     let created = env.create_pod("team-a", &after_idle).await;
     assert_rewritten(
