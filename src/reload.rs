@@ -140,11 +140,17 @@ impl Watcher {
         }) else {
             return;
         };
+        let loaded = loaded.and_then(|key| {
+            let expires = key.end_entity_cert().ok().and_then(tls::not_after);
+            match tls::expired_replacement(expires, self.expiry.not_after(), unix_now()) {
+                Some(reason) => Err(format!("{}: {reason}", sources.tls_cert.display())),
+                None => Ok((key, expires)),
+            }
+        });
         let metrics = &self.state.metrics;
         let loaded_ok = loaded.is_ok();
         match loaded {
-            Ok(key) => {
-                let expires = key.end_entity_cert().ok().and_then(tls::not_after);
+            Ok((key, expires)) => {
                 metrics.certificate_expiration.set(expires);
                 self.expiry.loaded(expires);
                 info!(

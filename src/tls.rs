@@ -171,6 +171,31 @@ pub fn expiry_warning(not_after: i64, now: i64) -> Option<String> {
     }
 }
 
+/// Why a certificate valid until `candidate` must not replace the one in
+/// force, valid until `in_force`, at `now` (all Unix times): it has expired
+/// and the one in force has not. The apiserver refuses an expired
+/// certificate, so swapping it in would fail every review (an old Secret
+/// re-applied, say); keeping the valid one loses nothing.
+pub fn expired_replacement(
+    candidate: Option<i64>,
+    in_force: Option<i64>,
+    now: i64,
+) -> Option<String> {
+    let (candidate, in_force) = (candidate?, in_force?);
+    if candidate > now || in_force <= now {
+        return None;
+    }
+    let ago = humantime::format_duration(std::time::Duration::from_secs(
+        (now - candidate).unsigned_abs(),
+    ));
+    let left = humantime::format_duration(std::time::Duration::from_secs(
+        (in_force - now).unsigned_abs(),
+    ));
+    Some(format!(
+        "the new certificate expired {ago} ago, and the one in force is valid for {left} more"
+    ))
+}
+
 /// How often the warning about a certificate near its end is repeated.
 pub const EXPIRY_WARNING_REPEAT_SECONDS: i64 = 60 * 60;
 
@@ -188,6 +213,11 @@ impl ExpiryReminder {
     pub fn loaded(&mut self, not_after: Option<i64>) {
         self.not_after = not_after;
         self.last_warned = None;
+    }
+
+    /// The notAfter of the certificate in force, if one is and it parsed.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
     }
 
     /// The warning to log at `now` (a Unix time), if one is due.
@@ -249,6 +279,21 @@ mod tests {
         // 2030-01-02T03:04:05Z, computed apart from any X.509 code.
         assert_eq!(not_after(certificate.der()), Some(1_893_553_445));
         assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
+    }
+
+    #[test]
+    fn an_expired_certificate_replaces_only_one_expired_too() {
+        let now = 1_800_000_000;
+        let (past, future) = (now - 86_400, now + 3_600);
+        let refused = expired_replacement(Some(past), Some(future), now).unwrap();
+        assert!(refused.contains("expired 1day ago"), "{refused}");
+        assert!(refused.contains("valid for 1h more"), "{refused}");
+        // Expired at this very second counts as expired.
+        assert!(expired_replacement(Some(now), Some(future), now).is_some());
+        assert_eq!(expired_replacement(Some(future), Some(future), now), None);
+        assert_eq!(expired_replacement(Some(past), Some(now), now), None);
+        assert_eq!(expired_replacement(Some(past), None, now), None);
+        assert_eq!(expired_replacement(None, Some(future), now), None);
     }
 
     #[test]

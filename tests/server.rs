@@ -795,6 +795,43 @@ async fn the_serving_certificates_expiration_is_exported_and_follows_rotation() 
     harness.stop().await;
 }
 
+/// An expired certificate (an old Secret re-applied) does not replace one
+/// still valid: the apiserver would refuse it and every review would fail.
+#[tokio::test]
+async fn an_expired_certificate_does_not_replace_a_valid_one() {
+    let harness = Harness::start(CONFIG).await;
+    let in_force = peer_certificate(&harness.healthz_on_new_connection(true).await);
+    let (expired_cert, expired_key) = harness.pki.serving_pair_with(|params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    harness
+        .swap_certificate(&expired_cert, &expired_key, "failure", 1.0)
+        .await;
+    let served = peer_certificate(&harness.healthz_on_new_connection(true).await);
+    assert_eq!(served, in_force, "the expired certificate was swapped in");
+    assert_eq!(
+        harness
+            .metric(
+                "image_rewriter_certificate_last_reload_successful",
+                ("", "")
+            )
+            .await,
+        0.0
+    );
+    // rcgen's default notAfter (the pair in force), not the expired one's.
+    assert_eq!(
+        harness
+            .metric(
+                "image_rewriter_certificate_expiration_timestamp_seconds",
+                ("", "")
+            )
+            .await,
+        67_090_118_400.0
+    );
+    harness.stop().await;
+}
+
 #[tokio::test]
 async fn not_ready_until_a_config_loads() {
     let harness = Harness::start("rules: [ {match: docker.io, target: Bad/Target} ]\n").await;
