@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -103,6 +103,13 @@ const BODY_FREE_BYTES: usize = 64 * 1024;
 /// Bodies that declare at most the free part never wait for the budget, so
 /// they are not counted: a burst of large ones cannot turn them away.
 const FREE_BODY_BYTES_IN_FLIGHT: usize = 256 * BODY_FREE_BYTES;
+/// Bodies that declare at most [`BODY_FREE_BYTES`] being read at once, at
+/// most; one more gets 503 at once. The apiserver's bodies are read in
+/// microseconds, so its reviews never come near this; clients that declare
+/// a small body, send most of it and stall (32 streams a connection) could
+/// otherwise hold 64 KiB each, up to 2 GiB at 1024 connections. This keeps
+/// them to 64 MiB, whatever the number of connections.
+const MAX_SMALL_BODIES_IN_FLIGHT: usize = 1024;
 /// Bodies waiting for budget at once, at most; one more gets 503 at once.
 /// Each holds what it read (its free part, counted above, and the chunk
 /// that took it past that), its connection's buffers and, on HTTP/2, up to
@@ -132,6 +139,8 @@ pub struct AppState {
     free_body_bytes: Semaphore,
     /// A permit per body waiting for `body_budget`.
     waiting_for_budget: Semaphore,
+    /// Bodies that declare at most the free part, being read.
+    small_bodies_in_flight: AtomicUsize,
 }
 
 impl AppState {
@@ -147,6 +156,7 @@ impl AppState {
             body_budget: Semaphore::new(max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT),
             free_body_bytes: Semaphore::new(FREE_BODY_BYTES_IN_FLIGHT),
             waiting_for_budget: Semaphore::new(MAX_BODIES_WAITING_FOR_BUDGET),
+            small_bodies_in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -390,6 +400,13 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             );
         }
         Ok(Err(BodyError::Overloaded)) => return overloaded(metrics),
+        Ok(Err(BodyError::TooManySmallBodies)) => {
+            metrics.count_request("overloaded");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many AdmissionReviews being received at once; retry\n".into(),
+            );
+        }
         Err(_) if waiting_for_budget.load(Ordering::Relaxed) => return overloaded(metrics),
         Err(_) => {
             metrics.count_request("bad_request");
@@ -452,6 +469,8 @@ enum BodyError {
     /// No room in the budget, and [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies
     /// already waiting for it.
     Overloaded,
+    /// [`MAX_SMALL_BODIES_IN_FLIGHT`] small bodies already being read.
+    TooManySmallBodies,
 }
 
 /// What a body being read holds of the server's memory bounds: its bytes
@@ -461,6 +480,29 @@ enum BodyError {
 struct BodyHold<'a> {
     free: Option<SemaphorePermit<'a>>,
     reserved: Option<SemaphorePermit<'a>>,
+    small: Option<SmallBody<'a>>,
+}
+
+/// A body that declared at most the free part, counted in
+/// `small_bodies_in_flight` until dropped. A counter, not a semaphore: no
+/// body ever waits for a place, and this is on every review's path.
+struct SmallBody<'a>(&'a AtomicUsize);
+
+impl<'a> SmallBody<'a> {
+    fn count(state: &'a AppState) -> Option<Self> {
+        let in_flight = &state.small_bodies_in_flight;
+        if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_SMALL_BODIES_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self(in_flight))
+    }
+}
+
+impl Drop for SmallBody<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BodyHold<'_> {
@@ -493,6 +535,9 @@ async fn read_body<'a>(
     let counts_free_bytes = declared_length.is_none_or(|length| length > BODY_FREE_BYTES);
     let mut collected = Collected::Empty;
     let mut hold = BodyHold::default();
+    if !counts_free_bytes {
+        hold.small = Some(SmallBody::count(state).ok_or(BodyError::TooManySmallBodies)?);
+    }
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Unreadable)?;
         let Ok(chunk) = frame.into_data() else {
@@ -1174,6 +1219,51 @@ mod tests {
             FREE_BODY_BYTES_IN_FLIGHT
         );
         assert_eq!(state.body_budget.available_permits(), everything);
+    }
+
+    /// Small bodies that stall hold their place until the body timeout, and
+    /// with all places taken the next small review gets 503 at once, while
+    /// one that declares no length (counted against the free allowance
+    /// instead) is still answered; the places come back.
+    #[tokio::test]
+    async fn stalled_small_bodies_are_bounded_in_number() {
+        let state = state_with_policy(Duration::from_millis(300));
+        let stalled = review_request(
+            stalled_body(Bytes::from_static(&REVIEW.as_bytes()[..100])),
+            Some(REVIEW.len()),
+        );
+        let (answered, ()) = tokio::join!(answer_now(&state, stalled), async {
+            let counted = async {
+                while state.small_bodies_in_flight.load(Ordering::Relaxed) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), counted)
+                .await
+                .expect("the stalled small body was never counted");
+            // The stalled body's place, and all the others, taken.
+            state
+                .small_bodies_in_flight
+                .store(MAX_SMALL_BODIES_IN_FLIGHT, Ordering::Relaxed);
+            let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+            assert_eq!(
+                answer_now(&state, small).await,
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+            let undeclared = review_request(Body::from(REVIEW), None);
+            assert_eq!(answer_now(&state, undeclared).await, StatusCode::OK);
+            state.small_bodies_in_flight.store(1, Ordering::Relaxed);
+        });
+        assert_eq!(answered, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(state.small_bodies_in_flight.load(Ordering::Relaxed), 0);
+        let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        assert_eq!(answer_now(&state, small).await, StatusCode::OK);
+        assert_eq!(state.small_bodies_in_flight.load(Ordering::Relaxed), 0);
+        let scrape = state.metrics.encode();
+        assert!(
+            scrape.contains("image_rewriter_admission_requests_total{result=\"overloaded\"} 1"),
+            "{scrape}"
+        );
     }
 
     /// Bodies past their free part while the budget is full wait for it,
