@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -103,13 +103,15 @@ const BODY_FREE_BYTES: usize = 64 * 1024;
 /// Bodies that declare at most the free part never wait for the budget, so
 /// they are not counted: a burst of large ones cannot turn them away.
 const FREE_BODY_BYTES_IN_FLIGHT: usize = 256 * BODY_FREE_BYTES;
-/// Bodies that declare at most [`BODY_FREE_BYTES`] being read at once, at
-/// most; one more gets 503 at once. The apiserver's bodies are read in
-/// microseconds, so its reviews never come near this; clients that declare
-/// a small body, send most of it and stall (32 streams a connection) could
-/// otherwise hold 64 KiB each, up to 2 GiB at 1024 connections. This keeps
-/// them to 64 MiB, whatever the number of connections.
-const MAX_SMALL_BODIES_IN_FLIGHT: usize = 1024;
+/// The bytes received of bodies that declare at most [`BODY_FREE_BYTES`],
+/// all together: 1024 such bodies' worth, 64 MiB. Past it a small body gets
+/// 503 at once. The apiserver's bodies are read in microseconds, so its
+/// reviews never come near this; clients that declare a small body, send
+/// most of it and stall (32 streams a connection) could otherwise hold
+/// 64 KiB each, up to 2 GiB at 1024 connections. Bytes, not bodies: a
+/// stalled body that sent nothing holds nothing, so many cheap empty
+/// streams cannot turn reviews away.
+const SMALL_BODY_BYTES_IN_FLIGHT: usize = 1024 * BODY_FREE_BYTES;
 /// Bodies waiting for budget at once, at most; one more gets 503 at once.
 /// Each holds what it read (its free part, counted above, and the chunk
 /// that took it past that), its connection's buffers and, on HTTP/2, up to
@@ -139,8 +141,8 @@ pub struct AppState {
     free_body_bytes: Semaphore,
     /// A permit per body waiting for `body_budget`.
     waiting_for_budget: Semaphore,
-    /// Bodies that declare at most the free part, being read.
-    small_bodies_in_flight: AtomicUsize,
+    /// In bytes: what bodies that declare at most the free part received.
+    small_body_bytes: Semaphore,
 }
 
 impl AppState {
@@ -156,7 +158,7 @@ impl AppState {
             body_budget: Semaphore::new(max_body_bytes * BODY_BUDGET_FACTOR / BODY_BUDGET_UNIT),
             free_body_bytes: Semaphore::new(FREE_BODY_BYTES_IN_FLIGHT),
             waiting_for_budget: Semaphore::new(MAX_BODIES_WAITING_FOR_BUDGET),
-            small_bodies_in_flight: AtomicUsize::new(0),
+            small_body_bytes: Semaphore::new(SMALL_BODY_BYTES_IN_FLIGHT),
         }
     }
 
@@ -469,7 +471,7 @@ enum BodyError {
     /// No room in the budget, and [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies
     /// already waiting for it.
     Overloaded,
-    /// [`MAX_SMALL_BODIES_IN_FLIGHT`] small bodies already being read.
+    /// [`SMALL_BODY_BYTES_IN_FLIGHT`] taken by small bodies being read.
     TooManySmallBodies,
 }
 
@@ -480,29 +482,7 @@ enum BodyError {
 struct BodyHold<'a> {
     free: Option<SemaphorePermit<'a>>,
     reserved: Option<SemaphorePermit<'a>>,
-    small: Option<SmallBody<'a>>,
-}
-
-/// A body that declared at most the free part, counted in
-/// `small_bodies_in_flight` until dropped. A counter, not a semaphore: no
-/// body ever waits for a place, and this is on every review's path.
-struct SmallBody<'a>(&'a AtomicUsize);
-
-impl<'a> SmallBody<'a> {
-    fn count(state: &'a AppState) -> Option<Self> {
-        let in_flight = &state.small_bodies_in_flight;
-        if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_SMALL_BODIES_IN_FLIGHT {
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(Self(in_flight))
-    }
-}
-
-impl Drop for SmallBody<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    small: Option<SemaphorePermit<'a>>,
 }
 
 impl BodyHold<'_> {
@@ -535,9 +515,6 @@ async fn read_body<'a>(
     let counts_free_bytes = declared_length.is_none_or(|length| length > BODY_FREE_BYTES);
     let mut collected = Collected::Empty;
     let mut hold = BodyHold::default();
-    if !counts_free_bytes {
-        hold.small = Some(SmallBody::count(state).ok_or(BodyError::TooManySmallBodies)?);
-    }
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Unreadable)?;
         let Ok(chunk) = frame.into_data() else {
@@ -559,6 +536,9 @@ async fn read_body<'a>(
             hold.reserved = Some(reserve(state, units, waiting_for_budget).await?);
             collected.make_room_for(expected);
         }
+        if !counts_free_bytes {
+            take_small_body_bytes(state, &mut hold, chunk.len())?;
+        }
         collected.push(chunk);
     }
     Ok((collected.into_bytes(), hold))
@@ -578,6 +558,24 @@ fn take_free_bytes<'a>(state: &'a AppState, hold: &mut BodyHold<'a>, bytes: usiz
         None => hold.free = Some(taken),
     }
     true
+}
+
+/// Adds `bytes` (at most [`BODY_FREE_BYTES`]) to what `hold` has of the
+/// small bodies' bytes, or turns the body away when they do not fit.
+fn take_small_body_bytes<'a>(
+    state: &'a AppState,
+    hold: &mut BodyHold<'a>,
+    bytes: usize,
+) -> Result<(), BodyError> {
+    let taken = state
+        .small_body_bytes
+        .try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX))
+        .map_err(|_| BodyError::TooManySmallBodies)?;
+    match &mut hold.small {
+        Some(small) => small.merge(taken),
+        None => hold.small = Some(taken),
+    }
+    Ok(())
 }
 
 /// `units` of the body budget, waiting for them (up to the caller's
@@ -1221,44 +1219,54 @@ mod tests {
         assert_eq!(state.body_budget.available_permits(), everything);
     }
 
-    /// Small bodies that stall hold their place until the body timeout, and
-    /// with all places taken the next small review gets 503 at once, while
-    /// one that declares no length (counted against the free allowance
-    /// instead) is still answered; the places come back.
+    /// Small bodies that stall hold what they sent until the body timeout
+    /// (one that sent nothing holds nothing); with all those bytes taken the
+    /// next small review gets 503 at once, while one that declares no length
+    /// (counted against the free allowance instead) is still answered; the
+    /// bytes come back.
     #[tokio::test]
-    async fn stalled_small_bodies_are_bounded_in_number() {
+    async fn stalled_small_bodies_hold_what_they_sent_and_no_more_than_the_bound() {
         let state = state_with_policy(Duration::from_millis(300));
-        let stalled = review_request(
+        let all = SMALL_BODY_BYTES_IN_FLIGHT;
+        let available = || state.small_body_bytes.available_permits();
+        let sent_nothing = review_request(stalled_body(Bytes::new()), Some(REVIEW.len()));
+        let sent_some = review_request(
             stalled_body(Bytes::from_static(&REVIEW.as_bytes()[..100])),
             Some(REVIEW.len()),
         );
-        let (answered, ()) = tokio::join!(answer_now(&state, stalled), async {
-            let counted = async {
-                while state.small_bodies_in_flight.load(Ordering::Relaxed) == 0 {
-                    tokio::task::yield_now().await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(5), counted)
-                .await
-                .expect("the stalled small body was never counted");
-            // The stalled body's place, and all the others, taken.
-            state
-                .small_bodies_in_flight
-                .store(MAX_SMALL_BODIES_IN_FLIGHT, Ordering::Relaxed);
-            let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
-            assert_eq!(
-                answer_now(&state, small).await,
-                StatusCode::SERVICE_UNAVAILABLE
-            );
-            let undeclared = review_request(Body::from(REVIEW), None);
-            assert_eq!(answer_now(&state, undeclared).await, StatusCode::OK);
-            state.small_bodies_in_flight.store(1, Ordering::Relaxed);
-        });
-        assert_eq!(answered, StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(state.small_bodies_in_flight.load(Ordering::Relaxed), 0);
+        let (nothing, some, ()) = tokio::join!(
+            answer_now(&state, sent_nothing),
+            answer_now(&state, sent_some),
+            async {
+                let counted = async {
+                    while available() == all {
+                        tokio::task::yield_now().await;
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(5), counted)
+                    .await
+                    .expect("the stalled small body was never counted");
+                assert_eq!(available(), all - 100, "counted: the bytes sent");
+                let rest = state
+                    .small_body_bytes
+                    .try_acquire_many(available() as u32)
+                    .expect("the rest");
+                let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+                assert_eq!(
+                    answer_now(&state, small).await,
+                    StatusCode::SERVICE_UNAVAILABLE
+                );
+                let undeclared = review_request(Body::from(REVIEW), None);
+                assert_eq!(answer_now(&state, undeclared).await, StatusCode::OK);
+                drop(rest);
+            }
+        );
+        assert_eq!(nothing, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(some, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(available(), all);
         let small = review_request(Body::from(REVIEW), Some(REVIEW.len()));
         assert_eq!(answer_now(&state, small).await, StatusCode::OK);
-        assert_eq!(state.small_bodies_in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(available(), all);
         let scrape = state.metrics.encode();
         assert!(
             scrape.contains("image_rewriter_admission_requests_total{result=\"overloaded\"} 1"),
