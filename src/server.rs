@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, SemaphorePermit, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
@@ -844,29 +844,7 @@ async fn run(
     let http1 = Arc::new(builder.clone().http1_only());
     let http2 = Arc::new(builder.http2_only());
 
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stopped.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = https.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off, don't spin.
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        if let Err(error) = tune_accepted(&stream) {
-            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
-        }
+    while let Some((stream, peer, permit)) = accept(&https, &connections, &mut stopped).await {
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let (http1, http2) = (http1.clone(), http2.clone());
@@ -972,28 +950,7 @@ async fn serve_metrics(
         .keep_alive(true);
     let http1 = Arc::new(builder.http1_only());
     let connections = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stopped.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        if let Err(error) = tune_accepted(&stream) {
-            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
-        }
+    while let Some((stream, peer, permit)) = accept(&listener, &connections, &mut stopped).await {
         let service = TowerToHyperService::new(router.clone());
         let http1 = http1.clone();
         let mut stop = stopped.clone();
@@ -1023,6 +980,38 @@ async fn serve_metrics(
     drop(listener);
     let drained = connections.acquire_many(METRICS_MAX_CONNECTIONS as u32);
     let _ = tokio::time::timeout(METRICS_SHUTDOWN_GRACE, drained).await;
+}
+
+/// The next connection on `listener`, tuned, with the slot of
+/// `connections` it holds until it closes (waiting for a free slot before
+/// accepting); `None` once `stopped` changes.
+async fn accept(
+    listener: &TcpListener,
+    connections: &Arc<Semaphore>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        permit = connections.clone().acquire_owned() => permit.ok()?,
+        _ = stopped.changed() => return None,
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return None,
+        };
+        if let Err(error) = tune_accepted(&stream) {
+            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
+        }
+        return Some((stream, peer, permit));
+    }
 }
 
 /// Answers leave at once (no Nagle delay), and a peer that vanished without
