@@ -526,7 +526,8 @@ async fn read_body<'a>(
         }
         if hold.reserved.is_none()
             && (total > BODY_FREE_BYTES
-                || (counts_free_bytes && !take_free_bytes(state, &mut hold, chunk.len())))
+                || (counts_free_bytes
+                    && !take_bytes(&state.free_body_bytes, &mut hold.free, chunk.len())))
         {
             let expected = declared_length.unwrap_or(state.max_body_bytes).max(total);
             let units = (expected - hold.free_bytes()).div_ceil(BODY_BUDGET_UNIT);
@@ -536,46 +537,30 @@ async fn read_body<'a>(
             hold.reserved = Some(reserve(state, units, waiting_for_budget).await?);
             collected.make_room_for(expected);
         }
-        if !counts_free_bytes {
-            take_small_body_bytes(state, &mut hold, chunk.len())?;
+        if !counts_free_bytes && !take_bytes(&state.small_body_bytes, &mut hold.small, chunk.len())
+        {
+            return Err(BodyError::TooManySmallBodies);
         }
         collected.push(chunk);
     }
     Ok((collected.into_bytes(), hold))
 }
 
-/// Adds `bytes` (at most [`BODY_FREE_BYTES`]) to what `hold` has of the
-/// free parts; `false`, taking nothing, when they do not fit.
-fn take_free_bytes<'a>(state: &'a AppState, hold: &mut BodyHold<'a>, bytes: usize) -> bool {
-    let Ok(taken) = state
-        .free_body_bytes
-        .try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX))
-    else {
+/// Adds `bytes` (at most [`BODY_FREE_BYTES`]) of `pool` to `held`;
+/// `false`, taking nothing, when they do not fit.
+fn take_bytes<'a>(
+    pool: &'a Semaphore,
+    held: &mut Option<SemaphorePermit<'a>>,
+    bytes: usize,
+) -> bool {
+    let Ok(taken) = pool.try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX)) else {
         return false;
     };
-    match &mut hold.free {
-        Some(free) => free.merge(taken),
-        None => hold.free = Some(taken),
+    match held {
+        Some(held) => held.merge(taken),
+        None => *held = Some(taken),
     }
     true
-}
-
-/// Adds `bytes` (at most [`BODY_FREE_BYTES`]) to what `hold` has of the
-/// small bodies' bytes, or turns the body away when they do not fit.
-fn take_small_body_bytes<'a>(
-    state: &'a AppState,
-    hold: &mut BodyHold<'a>,
-    bytes: usize,
-) -> Result<(), BodyError> {
-    let taken = state
-        .small_body_bytes
-        .try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX))
-        .map_err(|_| BodyError::TooManySmallBodies)?;
-    match &mut hold.small {
-        Some(small) => small.merge(taken),
-        None => hold.small = Some(taken),
-    }
-    Ok(())
 }
 
 /// `units` of the body budget, waiting for them (up to the caller's
