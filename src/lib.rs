@@ -1,7 +1,7 @@
 //! image-rewriter: a Kubernetes mutating admission webhook that moves
 //! container images to a private registry.
 //!
-//! The policy (`image`, `policy`, `pod`, `patch`, `admission`) is pure and tested
+//! The policy (`image`, `policy`, `pod`, `patch`, `admission`, `deadline`) is pure and tested
 //! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod connection;
+pub mod deadline;
 pub mod image;
 pub mod manifest_yaml;
 pub mod metrics;

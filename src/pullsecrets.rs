@@ -5,14 +5,15 @@
 //! The request path never waits on the API when the copy is known to exist:
 //! a watch cache (one field-selected watch per secret name, so it holds only
 //! those Secrets) answers. A missing copy is created by one background worker;
-//! the admission waits for it at most `pullSecretSync.waitForCopy`.
+//! the admission waits for it at most `pullSecretSync.waitForCopy`, and not
+//! past the apiserver's `?timeout=` (less a reserve; `deadline`).
 //! Secret contents are never logged.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
@@ -185,12 +186,15 @@ impl PullSecretSync {
 
     /// Makes sure `names` exist in `namespace` for a pod being admitted:
     /// no API call when the cache has them, otherwise a copy requested and
-    /// awaited at most `waitForCopy`. Returns warnings for the response.
+    /// awaited at most `waitForCopy`, and not past `stop_waiting_by` (where
+    /// the apiserver would no longer read the answer). Returns warnings for
+    /// the response.
     pub async fn ensure_for_pod(
         &self,
         policy: &Policy,
         namespace: &str,
         names: &[String],
+        stop_waiting_by: Option<Instant>,
     ) -> Vec<String> {
         let settings = policy.pull_secret_sync();
         let Some(source_namespace) = settings.source_namespace.as_deref() else {
@@ -231,8 +235,13 @@ impl PullSecretSync {
         if pending.is_empty() {
             return warnings;
         }
-        let waited = tokio::time::timeout(
-            settings.wait_for_copy,
+        let configured = tokio::time::Instant::now() + settings.wait_for_copy;
+        let wait_until = match stop_waiting_by {
+            Some(deadline) => configured.min(tokio::time::Instant::from_std(deadline)),
+            None => configured,
+        };
+        let waited = tokio::time::timeout_at(
+            wait_until,
             futures::future::join_all(pending.iter_mut().map(|(_, outcome)| outcome)),
         )
         .await;

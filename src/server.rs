@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{self, ReviewSummary};
 use crate::coalesce;
 use crate::connection::{self, Activity, Counted, Lifetime};
+use crate::deadline;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pullsecrets::PullSecretSync;
@@ -366,6 +367,11 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "Content-Type must be application/json\n".into(),
         );
     }
+    let stop_waiting_by = request
+        .uri()
+        .query()
+        .and_then(deadline::timeout_param)
+        .map(|timeout| deadline::stop_waiting_by(started, timeout));
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -434,7 +440,8 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         Ok(mut planned) => {
             let warnings = match (state.pull_secrets.get(), planned.pull_secrets_needed()) {
                 (Some(sync), Some((namespace, names))) => {
-                    sync.ensure_for_pod(&policy, namespace, names).await
+                    sync.ensure_for_pod(&policy, namespace, names, stop_waiting_by)
+                        .await
                 }
                 _ => Vec::new(),
             };
@@ -1496,6 +1503,46 @@ mod tests {
         assert!(
             started.elapsed() >= Duration::from_secs(3),
             "waited for the copy"
+        );
+    }
+
+    /// The apiserver's `?timeout=` ends the wait for a copy before it ends
+    /// the apiserver's own wait: with 2 s left there, a review whose copy
+    /// never comes (`waitForCopy: 3s`) is answered after 0.5 s
+    /// ([`deadline::ANSWER_RESERVE`] kept back), not after 3 s.
+    #[tokio::test]
+    async fn the_wait_for_a_copy_ends_before_the_apiservers_timeout() {
+        let (api_url, mut api_requests) = silent_api().await;
+        let api_config = kube::Config::new(api_url.parse().expect("url"));
+        let client = kube::Client::try_from(api_config).expect("client");
+        let state = Arc::new(AppState::new(MIN_BODY_LIMIT, Duration::from_secs(5)));
+        let config = crate::config::ConfigFile::from_yaml(
+            "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    \
+             pullSecret: harbor-pull\npullSecretSync:\n  sourceNamespace: image-rewriter\n  \
+             waitForCopy: 3s\n",
+        )
+        .expect("config");
+        state.set_policy(config.into_policy(None).expect("policy"));
+        state.enable_pull_secret_sync(PullSecretSync::start(client, state.metrics.clone()));
+
+        let mut request = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        *request.uri_mut() = "/mutate?timeout=2s".parse().expect("uri");
+        let started = Instant::now();
+        let status = answer(&state, request, started).await.status();
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK);
+        let source_secret = "/api/v1/namespaces/image-rewriter/secrets/harbor-pull ";
+        let mut asked = Vec::new();
+        while let Ok(line) = api_requests.try_recv() {
+            asked.push(line);
+        }
+        assert!(
+            asked.iter().any(|line| line.contains(source_secret)),
+            "the copy was under way: {asked:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+            "answered after {took:?}, not 2 s less the reserve"
         );
     }
 

@@ -380,7 +380,7 @@ async fn the_first_pod_gets_a_copy_and_the_second_costs_no_api_call() {
     let (sync, metrics) = started_sync(&fake, client, &policy).await;
 
     let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
         .await;
     assert!(warnings.is_empty(), "{warnings:?}");
     let copy = fake
@@ -400,7 +400,7 @@ async fn the_first_pod_gets_a_copy_and_the_second_costs_no_api_call() {
     let calls = fake.calls.load(Ordering::SeqCst);
     for _ in 0..5 {
         let warnings = sync
-            .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+            .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
             .await;
         assert!(warnings.is_empty());
     }
@@ -416,7 +416,7 @@ async fn the_first_pod_gets_a_copy_and_the_second_costs_no_api_call() {
     );
     // The source namespace itself needs nothing.
     assert!(
-        sync.ensure_for_pod(&policy, SOURCE_NS, &[SECRET.into()])
+        sync.ensure_for_pod(&policy, SOURCE_NS, &[SECRET.into()], None)
             .await
             .is_empty()
     );
@@ -435,14 +435,14 @@ async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
 
     for namespace in ["team-a", "team-c", "team-d"] {
         assert!(
-            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()])
+            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
                 .await
                 .is_empty()
         );
     }
     // team-b has its own Secret of that name: used as it is, never touched.
     assert!(
-        sync.ensure_for_pod(&policy, "team-b", &[SECRET.into()])
+        sync.ensure_for_pod(&policy, "team-b", &[SECRET.into()], None)
             .await
             .is_empty()
     );
@@ -468,7 +468,7 @@ async fn a_dropped_watch_reconnects_and_loses_nothing() {
     let policy = policy("2s");
     let (sync, metrics) = started_sync(&fake, client, &policy).await;
     assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
             .await
             .is_empty()
     );
@@ -499,7 +499,7 @@ async fn a_dropped_watch_reconnects_and_loses_nothing() {
     .await;
     let calls = fake.calls.load(Ordering::SeqCst);
     assert!(
-        sync.ensure_for_pod(&policy, "team-z", &[SECRET.into()])
+        sync.ensure_for_pod(&policy, "team-z", &[SECRET.into()], None)
             .await
             .is_empty()
     );
@@ -522,7 +522,7 @@ async fn api_errors_become_warnings_within_the_budget() {
     fake.set_fault(Fault::ServerError);
     let started = Instant::now();
     let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
         .await;
     assert!(
         started.elapsed() < Duration::from_millis(2500),
@@ -543,7 +543,7 @@ async fn api_errors_become_warnings_within_the_budget() {
     // Once the API recovers, the next pod gets its copy.
     fake.set_fault(Fault::None);
     assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
             .await
             .is_empty()
     );
@@ -561,7 +561,7 @@ async fn a_hanging_api_never_delays_admission_beyond_its_budget() {
     for namespace in ["team-a", "team-b", "team-c"] {
         let started = Instant::now();
         let warnings = sync
-            .ensure_for_pod(&policy, namespace, &[SECRET.into()])
+            .ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
             .await;
         let took = started.elapsed();
         // The 300 ms budget and a slack for a busy machine; the hanging
@@ -589,7 +589,7 @@ async fn with_sync_disabled_a_missing_secret_is_a_warning() {
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
     let calls = fake.calls.load(Ordering::SeqCst);
     let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
         .await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("disabled"), "{warnings:?}");
@@ -625,7 +625,7 @@ async fn a_reload_that_moves_the_source_brings_every_copy_to_the_new_source() {
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
     for namespace in ["team-a", "team-c", "team-b"] {
         assert!(
-            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()])
+            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
                 .await
                 .is_empty()
         );
@@ -661,7 +661,7 @@ async fn a_moved_source_with_the_same_content_is_named_by_every_copy() {
     let policy = policy("2s");
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
     assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()])
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
             .await
             .is_empty()
     );
