@@ -123,14 +123,20 @@ impl<F: Future> Future for CountedFuture<F> {
 /// When a connection is told to finish.
 #[derive(Debug)]
 pub struct Lifetime<'a> {
-    /// HTTP/2: the connection's requests, so it can be closed once it has
-    /// sat idle for `idle` (see [`Activity::idle_for`]), or had no request
-    /// within `idle` of its start.
-    /// `None` (HTTP/1.1, which hyper bounds itself): never for idleness.
-    pub activity: Option<&'a Activity>,
-    pub idle: Duration,
+    /// HTTP/2: closed once idle. `None` (HTTP/1.1, which hyper bounds
+    /// itself): never for idleness.
+    pub idle_close: Option<IdleClose<'a>>,
     /// How long a connection told to finish may take to close.
     pub finish_grace: Duration,
+}
+
+/// Closes a connection once it has sat idle for `after` (see
+/// [`Activity::idle_for`]), or had no request within `after` of its start.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleClose<'a> {
+    /// The connection's requests.
+    pub activity: &'a Activity,
+    pub after: Duration,
 }
 
 /// Serves `connection` to its end, or until `stopping` completes or the
@@ -152,8 +158,8 @@ where
 {
     let mut connection = pin!(connection);
     let idle = async {
-        match lifetime.activity {
-            Some(activity) => activity.idle_for(lifetime.idle).await,
+        match lifetime.idle_close {
+            Some(IdleClose { activity, after }) => activity.idle_for(after).await,
             None => std::future::pending().await,
         }
     };
@@ -163,8 +169,8 @@ where
         () = idle => {}
     }
     if lifetime
-        .activity
-        .is_some_and(|activity| !activity.had_request())
+        .idle_close
+        .is_some_and(|idle_close| !idle_close.activity.had_request())
     {
         return None;
     }
@@ -199,25 +205,27 @@ mod tests {
         connection.get_mut().finished = true;
     }
 
-    fn lifetime(activity: &Activity) -> Lifetime<'_> {
-        Lifetime {
-            activity: Some(activity),
-            idle: Duration::from_secs(10),
+    /// Serves a stand-in connection as an HTTP/2 one: closed after 10 s
+    /// idle, 15 s to finish.
+    async fn serve_http2(
+        activity: &Activity,
+        stopping: impl Future<Output = ()>,
+    ) -> Option<&'static str> {
+        let lifetime = Lifetime {
+            idle_close: Some(IdleClose {
+                activity,
+                after: Duration::from_secs(10),
+            }),
             finish_grace: Duration::from_secs(15),
-        }
+        };
+        serve(Connection { finished: false }, finish, lifetime, stopping).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_request_is_dropped_after_the_idle_bound() {
         let activity = Activity::default();
         let started = tokio::time::Instant::now();
-        let served = serve(
-            Connection { finished: false },
-            finish,
-            lifetime(&activity),
-            std::future::pending(),
-        )
-        .await;
+        let served = serve_http2(&activity, std::future::pending()).await;
         assert_eq!(served, None);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
@@ -237,15 +245,7 @@ mod tests {
                 }
             }
         };
-        let (served, ()) = tokio::join!(
-            serve(
-                Connection { finished: false },
-                finish,
-                lifetime(&activity),
-                std::future::pending(),
-            ),
-            requests
-        );
+        let (served, ()) = tokio::join!(serve_http2(&activity, std::future::pending()), requests);
         assert_eq!(served, Some("finished"));
         // Requests in the handler over 0-4 s, 13-17 s and 26-30 s; checks
         // at 10, 20, 30 and 40 s, the last the first to find nothing new.
@@ -258,12 +258,7 @@ mod tests {
         let request = activity.enter();
         let served = tokio::time::timeout(
             Duration::from_secs(3600),
-            serve(
-                Connection { finished: false },
-                finish,
-                lifetime(&activity),
-                std::future::pending(),
-            ),
+            serve_http2(&activity, std::future::pending()),
         )
         .await;
         assert!(served.is_err(), "closed with a request in its handler");
@@ -274,23 +269,11 @@ mod tests {
     async fn stopping_finishes_a_connection_that_had_requests_and_drops_one_that_had_none() {
         let used = Arc::new(Activity::default());
         drop(used.enter());
-        let served = serve(
-            Connection { finished: false },
-            finish,
-            lifetime(&used),
-            std::future::ready(()),
-        )
-        .await;
+        let served = serve_http2(&used, std::future::ready(())).await;
         assert_eq!(served, Some("finished"));
 
         let unused = Activity::default();
-        let served = serve(
-            Connection { finished: false },
-            finish,
-            lifetime(&unused),
-            std::future::ready(()),
-        )
-        .await;
+        let served = serve_http2(&unused, std::future::ready(())).await;
         assert_eq!(served, None);
     }
 
@@ -299,8 +282,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let never_done = |_: Pin<&mut Connection>| {};
         let http1 = Lifetime {
-            activity: None,
-            idle: Duration::from_secs(10),
+            idle_close: None,
             finish_grace: Duration::from_secs(15),
         };
         let served = serve(

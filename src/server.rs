@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
 use crate::coalesce;
-use crate::connection::{self, Activity, Counted, Lifetime};
+use crate::connection::{self, Activity, Counted, IdleClose, Lifetime};
 use crate::deadline;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -869,13 +869,15 @@ async fn run(
                 tls.get_mut().0.pass_through();
             }
             let mut lifetime = Lifetime {
-                activity: None,
-                idle: handshake_timeout,
+                idle_close: None,
                 finish_grace,
             };
             let served = if http2_negotiated {
                 let activity = Arc::new(Activity::default());
-                lifetime.activity = Some(&activity);
+                lifetime.idle_close = Some(IdleClose {
+                    activity: &activity,
+                    after: handshake_timeout,
+                });
                 let service = Counted::new(service, activity.clone());
                 // Many answers per turn of the connection: send them together.
                 let (io, driver) = coalesce::split(tls);
@@ -950,8 +952,7 @@ async fn serve_metrics(
             let _permit = permit;
             let connection = http1.serve_connection(TokioIo::new(stream), service);
             let lifetime = Lifetime {
-                activity: None,
-                idle: header_read_timeout,
+                idle_close: None,
                 finish_grace: METRICS_SHUTDOWN_GRACE,
             };
             let stopping = async move {
