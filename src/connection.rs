@@ -123,30 +123,50 @@ impl<F: Future> Future for CountedFuture<F> {
 /// When a connection is told to finish.
 #[derive(Debug)]
 pub struct Lifetime<'a> {
-    /// HTTP/2: closed once idle. `None` (HTTP/1.1, which hyper bounds
-    /// itself): never for idleness.
-    pub idle_close: Option<IdleClose<'a>>,
+    /// The connection's requests, counted by [`Counted`]; `None` for a
+    /// connection whose requests are not counted (`/metrics`), which is then
+    /// neither closed for idleness nor waited for at a stop.
+    pub requests: Option<Requests<'a>>,
     /// How long a connection told to finish may take to close.
     pub finish_grace: Duration,
 }
 
-/// Closes a connection once it has sat idle for `after` (see
-/// [`Activity::idle_for`]), or had no request within `after` of its start.
+/// What a connection's counted requests decide.
 #[derive(Debug, Clone, Copy)]
-pub struct IdleClose<'a> {
-    /// The connection's requests.
+pub struct Requests<'a> {
     pub activity: &'a Activity,
-    pub after: Duration,
+    /// HTTP/2: closed once it has sat idle this long (see
+    /// [`Activity::idle_for`]), or dropped if it had no request within this
+    /// long of its start. `None` (HTTP/1.1, which hyper bounds itself): never
+    /// for idleness.
+    pub idle_close: Option<Duration>,
+    /// At a stop, how long a connection that has had no request yet (the
+    /// client opened it just before, its first request may be on the way)
+    /// gets to send one. hyper's graceful shutdown would close it unread.
+    pub first_request_within: Duration,
+}
+
+impl Activity {
+    /// Completes once a request has entered the handler. Polled (every
+    /// 10 ms) rather than notified, so that counting a request stays two
+    /// atomic additions: only a stop waits here.
+    async fn first_request(&self) {
+        while !self.had_request() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Serves `connection` to its end, or until `stopping` completes or the
-/// connection sits idle past `lifetime`'s bound, then tells it to finish
-/// (`finish`: hyper's graceful shutdown, which answers the requests in
-/// flight and, over HTTP/2, sends GOAWAY so the client moves to a new
-/// connection without losing a request) and gives it `finish_grace` to.
-/// `None` when the connection was dropped unfinished: an HTTP/2 connection
-/// that never had a request (hyper would still be waiting for its preface,
-/// which a graceful shutdown waits for too), or one that overran its grace.
+/// connection sits idle past its bound, then tells it to finish (`finish`:
+/// hyper's graceful shutdown, which answers the requests in flight and, over
+/// HTTP/2, sends GOAWAY so the client moves to a new connection without
+/// losing a request) and gives it `finish_grace` to. A connection told to
+/// stop before its first request first waits for that request, at most
+/// `first_request_within`. `None` when the connection was dropped
+/// unfinished: one that had no request within its bound (an HTTP/2 client
+/// silent since its handshake, or one that sent nothing at a stop), or one
+/// that overran its grace.
 pub async fn serve<C, R>(
     connection: C,
     finish: impl FnOnce(Pin<&mut C>),
@@ -158,21 +178,34 @@ where
 {
     let mut connection = pin!(connection);
     let idle = async {
-        match lifetime.idle_close {
-            Some(IdleClose { activity, after }) => activity.idle_for(after).await,
-            None => std::future::pending().await,
+        match lifetime.requests {
+            Some(Requests {
+                activity,
+                idle_close: Some(after),
+                ..
+            }) => activity.idle_for(after).await,
+            _ => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let stopped = tokio::select! {
         served = connection.as_mut() => return Some(served),
-        () = stopping => {}
-        () = idle => {}
-    }
-    if lifetime
-        .idle_close
-        .is_some_and(|idle_close| !idle_close.activity.had_request())
+        () = stopping => true,
+        () = idle => false,
+    };
+    if let Some(requests) = lifetime.requests
+        && !requests.activity.had_request()
     {
-        return None;
+        if !stopped {
+            return None;
+        }
+        let first_request = tokio::time::timeout(
+            requests.first_request_within,
+            requests.activity.first_request(),
+        );
+        tokio::select! {
+            served = connection.as_mut() => return Some(served),
+            waited = first_request => waited.ok()?,
+        }
     }
     finish(connection.as_mut());
     tokio::time::timeout(lifetime.finish_grace, connection)
@@ -212,9 +245,10 @@ mod tests {
         stopping: impl Future<Output = ()>,
     ) -> Option<&'static str> {
         let lifetime = Lifetime {
-            idle_close: Some(IdleClose {
+            requests: Some(Requests {
                 activity,
-                after: Duration::from_secs(10),
+                idle_close: Some(Duration::from_secs(10)),
+                first_request_within: Duration::from_secs(5),
             }),
             finish_grace: Duration::from_secs(15),
         };
@@ -266,23 +300,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn stopping_finishes_a_connection_that_had_requests_and_drops_one_that_had_none() {
+    async fn stopping_finishes_a_connection_that_had_requests_at_once() {
         let used = Arc::new(Activity::default());
         drop(used.enter());
+        let started = tokio::time::Instant::now();
         let served = serve_http2(&used, std::future::ready(())).await;
         assert_eq!(served, Some("finished"));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 
-        let unused = Activity::default();
-        let served = serve_http2(&unused, std::future::ready(())).await;
+    /// A connection opened just before the stop, its first request on the
+    /// way: finished once that request is in, dropped if none comes within
+    /// `first_request_within`.
+    #[tokio::test(start_paused = true)]
+    async fn stopping_waits_for_the_first_request_of_a_new_connection_within_a_bound() {
+        let started = tokio::time::Instant::now();
+        let silent = Activity::default();
+        let served = serve_http2(&silent, std::future::ready(())).await;
         assert_eq!(served, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        let started = tokio::time::Instant::now();
+        let new = Arc::new(Activity::default());
+        let first_request = {
+            let new = new.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                new.enter()
+            }
+        };
+        let (served, in_handler) =
+            tokio::join!(serve_http2(&new, std::future::ready(())), first_request);
+        assert_eq!(served, Some("finished"));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_millis(2100),
+            "finished {waited:?} after the stop, not once the request came at 2 s"
+        );
+        drop(in_handler);
     }
 
     #[tokio::test(start_paused = true)]
     async fn http1_is_never_closed_for_idleness_and_a_finish_is_bounded() {
         let started = tokio::time::Instant::now();
         let never_done = |_: Pin<&mut Connection>| {};
+        let activity = Arc::new(Activity::default());
+        drop(activity.enter());
         let http1 = Lifetime {
-            idle_close: None,
+            requests: Some(Requests {
+                activity: &activity,
+                idle_close: None,
+                first_request_within: Duration::from_secs(5),
+            }),
             finish_grace: Duration::from_secs(15),
         };
         let served = serve(
@@ -294,5 +363,23 @@ mod tests {
         .await;
         assert_eq!(served, None);
         assert_eq!(started.elapsed(), Duration::from_secs(115));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uncounted_connections_are_finished_at_once_at_a_stop() {
+        let metrics = Lifetime {
+            requests: None,
+            finish_grace: Duration::from_secs(15),
+        };
+        let started = tokio::time::Instant::now();
+        let served = serve(
+            Connection { finished: false },
+            finish,
+            metrics,
+            std::future::ready(()),
+        )
+        .await;
+        assert_eq!(served, Some("finished"));
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, ReviewSummary};
 use crate::coalesce;
-use crate::connection::{self, Activity, Counted, IdleClose, Lifetime};
+use crate::connection::{self, Activity, Counted, Lifetime, Requests};
 use crate::deadline;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -868,17 +868,23 @@ async fn run(
             if !http2_negotiated {
                 tls.get_mut().0.pass_through();
             }
-            let mut lifetime = Lifetime {
+            // Counted over both protocols: a connection that has had no
+            // request when the server stops gets to send its first.
+            let activity = Arc::new(Activity::default());
+            let service = Counted::new(service, activity.clone());
+            let requests = Requests {
+                activity: &activity,
                 idle_close: None,
-                finish_grace,
+                first_request_within: handshake_timeout,
             };
             let served = if http2_negotiated {
-                let activity = Arc::new(Activity::default());
-                lifetime.idle_close = Some(IdleClose {
-                    activity: &activity,
-                    after: handshake_timeout,
-                });
-                let service = Counted::new(service, activity.clone());
+                let lifetime = Lifetime {
+                    requests: Some(Requests {
+                        idle_close: Some(handshake_timeout),
+                        ..requests
+                    }),
+                    finish_grace,
+                };
                 // Many answers per turn of the connection: send them together.
                 let (io, driver) = coalesce::split(tls);
                 let connection = http2.serve_connection(TokioIo::new(io), service);
@@ -891,6 +897,10 @@ async fn run(
                     ))
                     .await
             } else {
+                let lifetime = Lifetime {
+                    requests: Some(requests),
+                    finish_grace,
+                };
                 let connection = http1.serve_connection(TokioIo::new(tls), service);
                 connection::serve(
                     connection,
@@ -952,7 +962,7 @@ async fn serve_metrics(
             let _permit = permit;
             let connection = http1.serve_connection(TokioIo::new(stream), service);
             let lifetime = Lifetime {
-                idle_close: None,
+                requests: None,
                 finish_grace: METRICS_SHUTDOWN_GRACE,
             };
             let stopping = async move {

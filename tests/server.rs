@@ -1044,6 +1044,65 @@ async fn shutdown_drains_a_slow_in_flight_request() {
     harness.stop().await;
 }
 
+/// A connection accepted before shutdown but still in its TLS handshake is
+/// waited for, and once the handshake is done its first request is answered
+/// (hyper's graceful shutdown alone would close it unread), over HTTP/1.1
+/// and HTTP/2; the connection is closed after that.
+#[tokio::test]
+async fn a_connection_mid_handshake_at_shutdown_has_its_first_request_answered() {
+    let harness = Harness::start(CONFIG).await;
+    let connect = || tokio::net::TcpStream::connect(harness.https_addr);
+    let (http1_tcp, http2_tcp) = (connect().await.unwrap(), connect().await.unwrap());
+    // Accepted; the server now waits for their ClientHellos.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    harness.server.as_ref().unwrap().shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect().await.is_err(), "the listener is closed");
+
+    let handshake = |tcp, protocol: &[u8]| {
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(root_store(&harness.pki.root_pem))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![protocol.to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(SERVICE_HOST).unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp)
+    };
+    // Each request comes a moment after its handshake, as on a busy client.
+    let moment = Duration::from_millis(100);
+    let mut stream = handshake(http1_tcp, b"http/1.1")
+        .await
+        .expect("the handshake completes during the drain");
+    tokio::time::sleep(moment).await;
+    let body = serde_json::to_vec(&sample_review()).unwrap();
+    let head = mutate_head(&format!("Content-Length: {}", body.len()));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the connection is closed after its answer")
+        .ok();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    assert!(text.contains("\"patchType\":\"JSONPatch\""), "got {text:?}");
+
+    let tls = handshake(http2_tcp, b"h2")
+        .await
+        .expect("the handshake completes during the drain");
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    tokio::time::sleep(moment).await;
+    healthz_over_h2(&mut client).await;
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection is closed after its answer")
+        .unwrap()
+        .expect("closed gracefully");
+    harness.stop().await;
+}
+
 /// A TLS connection that verifies like the apiserver and speaks HTTP/1.1,
 /// for requests written by hand.
 async fn http1_connection(
