@@ -7,6 +7,10 @@
 //! bound: it waits for the client's connection preface without a timer, and
 //! a client that answers pings keeps an idle connection open forever.
 //! Either would let clients that send nothing hold every connection slot.
+//!
+//! At shutdown, a connection that has had no request yet (opened just
+//! before) is given a bounded moment to send its first: hyper's graceful
+//! shutdown would close it unread, and the client's review with it.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -18,7 +22,7 @@ use std::time::Duration;
 use hyper::Request;
 use hyper::body::Incoming;
 
-/// The requests of one HTTP/2 connection: how many entered the handler and
+/// The requests of one connection: how many entered the handler and
 /// how many left it. Two counters and no timer per request: idleness is
 /// checked once per idle period.
 #[derive(Debug, Default)]
@@ -363,6 +367,29 @@ mod tests {
         .await;
         assert_eq!(served, None);
         assert_eq!(started.elapsed(), Duration::from_secs(115));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_without_a_request_at_a_stop_gets_the_same_wait_for_its_first() {
+        let activity = Activity::default();
+        let http1 = Lifetime {
+            requests: Some(Requests {
+                activity: &activity,
+                idle_close: None,
+                first_request_within: Duration::from_secs(5),
+            }),
+            finish_grace: Duration::from_secs(15),
+        };
+        let started = tokio::time::Instant::now();
+        let served = serve(
+            Connection { finished: false },
+            finish,
+            http1,
+            std::future::ready(()),
+        )
+        .await;
+        assert_eq!(served, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]

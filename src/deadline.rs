@@ -33,6 +33,7 @@ pub fn stop_waiting_by(arrived: Instant, timeout: Duration) -> Instant {
 /// `µs`, `ms`, `s`, `m`, `h`), such as `1m30s` or `1.5s`; `0` alone is zero.
 /// Negative durations, which no timeout can be, are `None`.
 pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    const GO_MAX_NANOS: u128 = i64::MAX as u128;
     let mut rest = text.strip_prefix('+').unwrap_or(text);
     if rest == "0" {
         return Some(Duration::ZERO);
@@ -71,7 +72,12 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         let mut place = unit_nanos;
         for digit in fraction.bytes() {
             place /= 10;
-            nanos += u128::from(digit - b'0') * place;
+            nanos = nanos.checked_add(u128::from(digit - b'0') * place)?;
+        }
+        // Go's limit (an int64 of nanoseconds); it also keeps the sum far
+        // from overflowing.
+        if nanos > GO_MAX_NANOS {
+            return None;
         }
         rest = after;
     }
@@ -99,6 +105,10 @@ mod tests {
             ("7ns", Duration::from_nanos(7)),
             ("1.0000000009s", Duration::from_secs(1)),
             ("+4s", Duration::from_secs(4)),
+            (
+                "9223372036854775807ns",
+                Duration::from_nanos(i64::MAX as u64),
+            ),
             ("0", Duration::ZERO),
             ("0s", Duration::ZERO),
         ];
@@ -118,8 +128,12 @@ mod tests {
             "5sec",
             "5S",
             "1d",
-            // More than Go's int64 nanoseconds.
+            // More than Go's int64 nanoseconds, in one part or in several.
             "9999999999h",
+            "9223372036854775808ns",
+            "9223372036854775807ns1ns",
+            "340282366920938463463374607431.999999999s",
+            "340282366920938463463374607431768211455ns.5s",
         ] {
             assert_eq!(parse_go_duration(text), None, "{text:?}");
         }

@@ -806,7 +806,6 @@ async fn run(
     // closed, so having them all back is the drain being done.
     let max_connections = options.max_connections.clamp(1, u32::MAX as usize);
     let connections = Arc::new(Semaphore::new(max_connections));
-    let app = router(state.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -836,18 +835,72 @@ async fn run(
     let http1 = Arc::new(builder.clone().http1_only());
     let http2 = Arc::new(builder.http2_only());
 
+    let tasks = ConnectionTasks {
+        acceptor,
+        app: router(state.clone()),
+        http1,
+        http2,
+        stopped: stopped.clone(),
+        handshake_timeout: options.header_read_timeout,
+        // Within the drain's own bound, so a late first request can still
+        // be answered before the process exits.
+        first_request_within: options.header_read_timeout.min(options.shutdown_grace / 2),
+        finish_grace: options.shutdown_grace,
+        metrics: state.metrics.clone(),
+    };
     while let Some((stream, peer, permit)) = accept(&https, &connections, &mut stopped).await {
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let (http1, http2) = (http1.clone(), http2.clone());
-        let mut stop = stopped.clone();
+        tasks.spawn(stream, peer, permit);
+    }
+    // Connections the kernel completed before the stop wait in the listen
+    // backlog, and closing the listener would reset them: take them in too,
+    // so that their first request is answered like any new connection's.
+    for (stream, peer, permit) in accept_backlog(&https, &connections) {
+        tasks.spawn(stream, peer, permit);
+    }
+    drop(https);
+    info!("stopped accepting; draining connections");
+    let drained = connections.acquire_many(max_connections as u32);
+    if tokio::time::timeout(options.shutdown_grace, drained)
+        .await
+        .is_err()
+    {
+        warn!("grace period over; closing remaining connections");
+    }
+    let _ = reloads.await;
+    let _ = metrics_server.await;
+    info!("shut down");
+}
+
+/// What each webhook connection's task needs: TLS, the routes, the two
+/// protocols' settings, and the bounds of its life.
+struct ConnectionTasks {
+    acceptor: TlsAcceptor,
+    app: Router,
+    http1: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<auto::Builder<TokioExecutor>>,
+    stopped: watch::Receiver<bool>,
+    handshake_timeout: Duration,
+    first_request_within: Duration,
+    finish_grace: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionTasks {
+    /// Serves one accepted connection in its own task, which holds
+    /// `permit` (its connection slot) until the connection has closed.
+    fn spawn(&self, stream: tokio::net::TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let acceptor = self.acceptor.clone();
+        let service = TowerToHyperService::new(self.app.clone());
+        let (http1, http2) = (self.http1.clone(), self.http2.clone());
+        let mut stop = self.stopped.clone();
         let stopping = async move {
             // Err: the server is gone, which is a stop too.
             let _ = stop.wait_for(|stopped| *stopped).await;
         };
-        let handshake_timeout = options.header_read_timeout;
-        let finish_grace = options.shutdown_grace;
-        let metrics = state.metrics.clone();
+        let handshake_timeout = self.handshake_timeout;
+        let first_request_within = self.first_request_within;
+        let finish_grace = self.finish_grace;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let stream = ReadAhead::new(stream);
@@ -875,7 +928,7 @@ async fn run(
             let requests = Requests {
                 activity: &activity,
                 idle_close: None,
-                first_request_within: handshake_timeout,
+                first_request_within,
             };
             let served = if http2_negotiated {
                 let lifetime = Lifetime {
@@ -919,18 +972,40 @@ async fn run(
             }
         });
     }
-    drop(https);
-    info!("stopped accepting; draining connections");
-    let drained = connections.acquire_many(max_connections as u32);
-    if tokio::time::timeout(options.shutdown_grace, drained)
-        .await
-        .is_err()
-    {
-        warn!("grace period over; closing remaining connections");
+}
+
+/// The connections waiting in `listener`'s backlog, accepted without
+/// waiting, while connection slots last.
+fn accept_backlog(
+    listener: &TcpListener,
+    connections: &Arc<Semaphore>,
+) -> Vec<(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let mut accepted = Vec::new();
+    // The accept call itself, not tokio's readiness, which the reactor may
+    // not have updated yet for the last connections.
+    let socket = socket2::SockRef::from(listener);
+    while let Ok(permit) = connections.clone().try_acquire_owned() {
+        let Ok((stream, peer)) = socket.accept() else {
+            break;
+        };
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        let stream = std::net::TcpStream::from(stream);
+        let registered = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        match registered {
+            Ok(stream) => {
+                if let Err(error) = tune_accepted(&stream) {
+                    debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
+                }
+                accepted.push((stream, peer, permit));
+            }
+            Err(error) => debug!(%peer, %error, "could not take a connection from the backlog"),
+        }
     }
-    let _ = reloads.await;
-    let _ = metrics_server.await;
-    info!("shut down");
+    accepted
 }
 
 /// `/metrics` over plain HTTP/1.1, with the bounds of the webhook's own
@@ -1543,14 +1618,15 @@ mod tests {
         let took = started.elapsed();
         assert_eq!(status, StatusCode::OK);
         let source_secret = "/api/v1/namespaces/image-rewriter/secrets/harbor-pull ";
-        let mut asked = Vec::new();
-        while let Ok(line) = api_requests.try_recv() {
-            asked.push(line);
-        }
-        assert!(
-            asked.iter().any(|line| line.contains(source_secret)),
-            "the copy was under way: {asked:?}"
-        );
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(line) = api_requests.recv().await {
+                if line.contains(source_secret) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the copy was under way: it asked the API server for the source secret");
         assert!(
             took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
             "answered after {took:?}, not 2 s less the reserve"
@@ -1638,6 +1714,42 @@ mod tests {
             answer_now(&state, sent).await,
             StatusCode::PAYLOAD_TOO_LARGE
         );
+    }
+
+    /// At a stop, connections the kernel completed but the server had not
+    /// accepted yet are taken from the backlog, as many as there are slots;
+    /// the rest stay where they were.
+    #[tokio::test]
+    async fn the_backlog_is_taken_in_while_slots_last() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let slots = Arc::new(Semaphore::new(2));
+        let taken = accept_backlog(&listener, &slots);
+        assert_eq!(taken.len(), 2);
+        assert_eq!(slots.available_permits(), 0);
+        let client_ports: Vec<u16> = clients
+            .iter()
+            .map(|client| client.local_addr().expect("addr").port())
+            .collect();
+        for (stream, peer, _) in &taken {
+            assert!(client_ports.contains(&peer.port()));
+            assert!(
+                stream.nodelay().expect("TCP_NODELAY"),
+                "tuned like any accepted one"
+            );
+        }
+        drop(taken);
+        let (_, peer) = listener.accept().await.expect("the third is still waiting");
+        assert!(client_ports.contains(&peer.port()));
+        assert!(accept_backlog(&listener, &slots).is_empty());
     }
 
     #[tokio::test]

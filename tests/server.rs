@@ -1044,16 +1044,17 @@ async fn shutdown_drains_a_slow_in_flight_request() {
     harness.stop().await;
 }
 
-/// A connection accepted before shutdown but still in its TLS handshake is
-/// waited for, and once the handshake is done its first request is answered
-/// (hyper's graceful shutdown alone would close it unread), over HTTP/1.1
-/// and HTTP/2; the connection is closed after that.
+/// A connection accepted before shutdown but still in its TLS handshake (or
+/// still in the listen backlog) is waited for, and once the handshake is
+/// done its first request is answered (hyper's graceful shutdown alone would
+/// close it unread), over HTTP/1.1 and HTTP/2; the connection is closed
+/// after that.
 #[tokio::test]
 async fn a_connection_mid_handshake_at_shutdown_has_its_first_request_answered() {
     let harness = Harness::start(CONFIG).await;
     let connect = || tokio::net::TcpStream::connect(harness.https_addr);
     let (http1_tcp, http2_tcp) = (connect().await.unwrap(), connect().await.unwrap());
-    // Accepted; the server now waits for their ClientHellos.
+    // Most likely accepted by now, waiting for their ClientHellos.
     tokio::time::sleep(Duration::from_millis(200)).await;
     harness.server.as_ref().unwrap().shutdown();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1067,11 +1068,14 @@ async fn a_connection_mid_handshake_at_shutdown_has_its_first_request_answered()
         let name = rustls::pki_types::ServerName::try_from(SERVICE_HOST).unwrap();
         tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp)
     };
+    let (http1_tls, http2_tls) = tokio::join!(
+        handshake(http1_tcp, b"http/1.1"),
+        handshake(http2_tcp, b"h2")
+    );
+    let mut stream = http1_tls.expect("the handshake completes during the drain");
+    let tls = http2_tls.expect("the handshake completes during the drain");
     // Each request comes a moment after its handshake, as on a busy client.
     let moment = Duration::from_millis(100);
-    let mut stream = handshake(http1_tcp, b"http/1.1")
-        .await
-        .expect("the handshake completes during the drain");
     tokio::time::sleep(moment).await;
     let body = serde_json::to_vec(&sample_review()).unwrap();
     let head = mutate_head(&format!("Content-Length: {}", body.len()));
@@ -1087,9 +1091,6 @@ async fn a_connection_mid_handshake_at_shutdown_has_its_first_request_answered()
     assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
     assert!(text.contains("\"patchType\":\"JSONPatch\""), "got {text:?}");
 
-    let tls = handshake(http2_tcp, b"h2")
-        .await
-        .expect("the handshake completes during the drain");
     let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
     let connection = tokio::spawn(connection);
     tokio::time::sleep(moment).await;
