@@ -86,6 +86,8 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::any;
+
     use super::*;
 
     #[test]
@@ -136,6 +138,41 @@ mod tests {
             "340282366920938463463374607431768211455ns.5s",
         ] {
             assert_eq!(parse_go_duration(text), None, "{text:?}");
+        }
+    }
+
+    /// Go's `Duration.String()` of a whole number of seconds, which is what
+    /// the apiserver sends.
+    fn go_seconds_text(seconds: u64) -> String {
+        match seconds {
+            0..60 => format!("{seconds}s"),
+            60..3600 => format!("{}m{}s", seconds / 60, seconds % 60),
+            _ => format!("{}h{}m{}s", seconds / 3600, seconds / 60 % 60, seconds % 60),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn what_the_apiserver_sends_reads_back(seconds in 0u64..10_000_000) {
+            let text = go_seconds_text(seconds);
+            proptest::prop_assert_eq!(
+                timeout_param(&format!("timeout={text}")),
+                Some(Duration::from_secs(seconds)),
+                "{}", text
+            );
+        }
+
+        /// The query string is the client's to write: nothing in it panics.
+        #[test]
+        fn any_query_is_read_without_panic(query in "(timeout=)?[-+.0-9a-zµμ%&=]{0,40}") {
+            let _ = timeout_param(&query);
+            let _ = parse_go_duration(query.trim_start_matches("timeout="));
+        }
+
+        #[test]
+        fn any_text_is_read_without_panic(text in any::<String>()) {
+            let _ = parse_go_duration(&text);
+            let _ = timeout_param(&text);
         }
     }
 
