@@ -242,20 +242,26 @@ mod tests {
         connection.get_mut().finished = true;
     }
 
+    /// A counted connection's bounds: 5 s for a first request at a stop,
+    /// 15 s to finish, and closed after `idle_close` idle.
+    fn lifetime(activity: &Activity, idle_close: Option<Duration>) -> Lifetime<'_> {
+        Lifetime {
+            requests: Some(Requests {
+                activity,
+                idle_close,
+                first_request_within: Duration::from_secs(5),
+            }),
+            finish_grace: Duration::from_secs(15),
+        }
+    }
+
     /// Serves a stand-in connection as an HTTP/2 one: closed after 10 s
-    /// idle, 15 s to finish.
+    /// idle.
     async fn serve_http2(
         activity: &Activity,
         stopping: impl Future<Output = ()>,
     ) -> Option<&'static str> {
-        let lifetime = Lifetime {
-            requests: Some(Requests {
-                activity,
-                idle_close: Some(Duration::from_secs(10)),
-                first_request_within: Duration::from_secs(5),
-            }),
-            finish_grace: Duration::from_secs(15),
-        };
+        let lifetime = lifetime(activity, Some(Duration::from_secs(10)));
         serve(Connection { finished: false }, finish, lifetime, stopping).await
     }
 
@@ -350,14 +356,7 @@ mod tests {
         let never_done = |_: Pin<&mut Connection>| {};
         let activity = Arc::new(Activity::default());
         drop(activity.enter());
-        let http1 = Lifetime {
-            requests: Some(Requests {
-                activity: &activity,
-                idle_close: None,
-                first_request_within: Duration::from_secs(5),
-            }),
-            finish_grace: Duration::from_secs(15),
-        };
+        let http1 = lifetime(&activity, None);
         let served = serve(
             Connection { finished: false },
             never_done,
@@ -372,14 +371,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn http1_without_a_request_at_a_stop_gets_the_same_wait_for_its_first() {
         let activity = Activity::default();
-        let http1 = Lifetime {
-            requests: Some(Requests {
-                activity: &activity,
-                idle_close: None,
-                first_request_within: Duration::from_secs(5),
-            }),
-            finish_grace: Duration::from_secs(15),
-        };
+        let http1 = lifetime(&activity, None);
         let started = tokio::time::Instant::now();
         let served = serve(
             Connection { finished: false },

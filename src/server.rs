@@ -1544,13 +1544,12 @@ mod tests {
         (url, request_lines)
     }
 
-    /// A large review whose pod needs a pull secret copy gives its body
-    /// budget back once decoded: while the copy is awaited (the API server
-    /// here never answers, so for the whole waitForCopy) the budget is full
-    /// again, and the review is still answered when the wait ends.
-    #[tokio::test]
-    async fn the_budget_is_back_while_a_pull_secret_copy_is_awaited() {
-        let (api_url, mut api_requests) = silent_api().await;
+    /// A server state whose pods need the pull secret `harbor-pull`
+    /// (`waitForCopy: 3s`), synced through an API server that never answers
+    /// (see [`silent_api`]).
+    async fn syncing_with_a_silent_api()
+    -> (Arc<AppState>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (api_url, api_requests) = silent_api().await;
         let api_config = kube::Config::new(api_url.parse().expect("url"));
         let client = kube::Client::try_from(api_config).expect("client");
         let state = Arc::new(AppState::new(MIN_BODY_LIMIT, Duration::from_secs(5)));
@@ -1562,16 +1561,14 @@ mod tests {
         .expect("config");
         state.set_policy(config.into_policy(None).expect("policy"));
         state.enable_pull_secret_sync(PullSecretSync::start(client, state.metrics.clone()));
-        let everything = state.body_budget.available_permits();
+        (state, api_requests)
+    }
 
-        let large = large_review();
-        let request = review_request(Body::from(large.clone()), Some(large.len()));
-        let started = Instant::now();
-        let answer = {
-            let state = state.clone();
-            tokio::spawn(async move { answer_now(&state, request).await })
-        };
-        // The copy's first call: the review has been decoded and waits.
+    /// Waits (at most 5 s) until the copy's first call, which reads the
+    /// source secret, reaches the silent API server.
+    async fn the_copy_asks_for_its_source(
+        api_requests: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
         let source_secret = "/api/v1/namespaces/image-rewriter/secrets/harbor-pull ";
         tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(line) = api_requests.recv().await {
@@ -1582,6 +1579,26 @@ mod tests {
         })
         .await
         .expect("the copy asks the API server for the source secret");
+    }
+
+    /// A large review whose pod needs a pull secret copy gives its body
+    /// budget back once decoded: while the copy is awaited (the API server
+    /// here never answers, so for the whole waitForCopy) the budget is full
+    /// again, and the review is still answered when the wait ends.
+    #[tokio::test]
+    async fn the_budget_is_back_while_a_pull_secret_copy_is_awaited() {
+        let (state, mut api_requests) = syncing_with_a_silent_api().await;
+        let everything = state.body_budget.available_permits();
+
+        let large = large_review();
+        let request = review_request(Body::from(large.clone()), Some(large.len()));
+        let started = Instant::now();
+        let answer = {
+            let state = state.clone();
+            tokio::spawn(async move { answer_now(&state, request).await })
+        };
+        // The copy's first call: the review has been decoded and waits.
+        the_copy_asks_for_its_source(&mut api_requests).await;
         assert!(!answer.is_finished(), "the review waits for the copy");
         assert_eq!(state.body_budget.available_permits(), everything);
 
@@ -1598,18 +1615,7 @@ mod tests {
     /// ([`deadline::ANSWER_RESERVE`] kept back), not after 3 s.
     #[tokio::test]
     async fn the_wait_for_a_copy_ends_before_the_apiservers_timeout() {
-        let (api_url, mut api_requests) = silent_api().await;
-        let api_config = kube::Config::new(api_url.parse().expect("url"));
-        let client = kube::Client::try_from(api_config).expect("client");
-        let state = Arc::new(AppState::new(MIN_BODY_LIMIT, Duration::from_secs(5)));
-        let config = crate::config::ConfigFile::from_yaml(
-            "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    \
-             pullSecret: harbor-pull\npullSecretSync:\n  sourceNamespace: image-rewriter\n  \
-             waitForCopy: 3s\n",
-        )
-        .expect("config");
-        state.set_policy(config.into_policy(None).expect("policy"));
-        state.enable_pull_secret_sync(PullSecretSync::start(client, state.metrics.clone()));
+        let (state, mut api_requests) = syncing_with_a_silent_api().await;
 
         let mut request = review_request(Body::from(REVIEW), Some(REVIEW.len()));
         *request.uri_mut() = "/mutate?timeout=2s".parse().expect("uri");
@@ -1617,16 +1623,8 @@ mod tests {
         let status = answer(&state, request, started).await.status();
         let took = started.elapsed();
         assert_eq!(status, StatusCode::OK);
-        let source_secret = "/api/v1/namespaces/image-rewriter/secrets/harbor-pull ";
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(line) = api_requests.recv().await {
-                if line.contains(source_secret) {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("the copy was under way: it asked the API server for the source secret");
+        // The wait was for a copy under way.
+        the_copy_asks_for_its_source(&mut api_requests).await;
         assert!(
             took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
             "answered after {took:?}, not 2 s less the reserve"
