@@ -367,11 +367,9 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             "Content-Type must be application/json\n".into(),
         );
     }
-    let stop_waiting_by = request
-        .uri()
-        .query()
-        .and_then(deadline::timeout_param)
-        .map(|timeout| deadline::stop_waiting_by(started, timeout));
+    let apiserver_timeout = request.uri().query().and_then(deadline::timeout_param);
+    let stop_waiting_by =
+        apiserver_timeout.map(|timeout| deadline::stop_waiting_by(started, timeout));
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -449,7 +447,7 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
                 planned.add_warning(warning);
             }
             let reviewed = planned.into_response();
-            record(state, &reviewed.summary, started);
+            record(state, &reviewed.summary, started, apiserver_timeout);
             (
                 [(header::CONTENT_TYPE, "application/json")],
                 Body::from(reviewed.body),
@@ -654,8 +652,14 @@ impl Collected {
 }
 
 /// Metrics and the one log line per review: identities and counts only,
-/// never the pod spec (env values can be secrets).
-fn record(state: &AppState, summary: &ReviewSummary, started: Instant) {
+/// never the pod spec (env values can be secrets). `apiserver_timeout` is
+/// the `?timeout=` the apiserver sent, if it parsed.
+fn record(
+    state: &AppState,
+    summary: &ReviewSummary,
+    started: Instant,
+    apiserver_timeout: Option<Duration>,
+) {
     let metrics = &state.metrics;
     let result = match (summary.examined, summary.patched) {
         (false, _) => "skipped",
@@ -693,6 +697,7 @@ fn record(state: &AppState, summary: &ReviewSummary, started: Instant) {
                 unparsable = summary.unparsable,
                 warnings = summary.warnings,
                 elapsed_us = started.elapsed().as_micros() as u64,
+                apiserver_timeout_ms = apiserver_timeout.map(|timeout| timeout.as_millis() as u64),
                 "admission reviewed"
             )
         };

@@ -626,6 +626,31 @@ async fn ephemeral_containers_update_rewrites_only_the_new_container() {
         warnings.iter().any(|w| w.contains(PULL_SECRET)),
         "a warning must name the missing pull secret {PULL_SECRET}: {warnings:?}"
     );
+    // The review warned, so it is logged at `info`, with the `?timeout=` the
+    // apiserver sent: the shipped `timeoutSeconds: 5`, as the webhook read it
+    // (it bounds the wait for pull secret copies).
+    let logged_timeout = || {
+        env.webhook.log_text().lines().find_map(|line| {
+            let event: Value = serde_json::from_str(line).ok()?;
+            (event["message"] == "admission reviewed"
+                && event["operation"] == "UPDATE"
+                && event["name"] == "legacy")
+                .then(|| event["apiserver_timeout_ms"].clone())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let timeout = loop {
+        if let Some(timeout) = logged_timeout() {
+            break timeout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the ephemeral container review:\n{}",
+            env.webhook.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(timeout, 5_000, "the apiserver's ?timeout=, in milliseconds");
 
     // A pod that has the pull secret: rewritten, and no such warning.
     let created = env.create_pod("team-a", &app_pod("web", &[])).await;

@@ -313,6 +313,8 @@ async fn reviews_that_warn_are_logged_at_info_and_clean_ones_are_not() {
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["unparsable"], 1);
     assert_eq!(line["namespace"], "shop");
+    // The `?timeout=10s` of the URL, as read for the wait on pull secrets.
+    assert_eq!(line["apiserver_timeout_ms"], 10_000);
     // Lines arrive in order: the clean review's would be there by now.
     assert_eq!(reviewed(clean), None);
 }
