@@ -405,15 +405,13 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
                 format!("cannot read body: {error}\n"),
             );
         }
-        Ok(Err(BodyError::Overloaded)) => return overloaded(metrics),
+        Ok(Err(BodyError::Overloaded)) => return overloaded(metrics, TOO_MANY_LARGE_BODIES),
         Ok(Err(BodyError::TooManySmallBodies)) => {
-            metrics.count_request("overloaded");
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many AdmissionReviews being received at once; retry\n".into(),
-            );
+            return overloaded(metrics, TOO_MANY_SMALL_BODIES);
         }
-        Err(_) if waiting_for_budget.load(Ordering::Relaxed) => return overloaded(metrics),
+        Err(_) if waiting_for_budget.load(Ordering::Relaxed) => {
+            return overloaded(metrics, TOO_MANY_LARGE_BODIES);
+        }
         Err(_) => {
             metrics.count_request("bad_request");
             return plain(
@@ -462,12 +460,13 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
     }
 }
 
-fn overloaded(metrics: &Metrics) -> Response {
+const TOO_MANY_LARGE_BODIES: &str = "too many large AdmissionReviews in flight; retry\n";
+const TOO_MANY_SMALL_BODIES: &str = "too many AdmissionReviews being received at once; retry\n";
+
+/// 503, counted as `overloaded`: a memory bound of the body reads is full.
+fn overloaded(metrics: &Metrics, reason: &str) -> Response {
     metrics.count_request("overloaded");
-    plain(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "too many large AdmissionReviews in flight; retry\n".into(),
-    )
+    plain(StatusCode::SERVICE_UNAVAILABLE, reason.to_owned())
 }
 
 enum BodyError {
@@ -1002,9 +1001,7 @@ fn accept_backlog(
             .and_then(|()| tokio::net::TcpStream::from_std(stream));
         match registered {
             Ok(stream) => {
-                if let Err(error) = tune_accepted(&stream) {
-                    debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
-                }
+                tune(&stream, peer);
                 accepted.push((stream, peer, permit));
             }
             Err(error) => debug!(%peer, %error, "could not take a connection from the backlog"),
@@ -1090,10 +1087,16 @@ async fn accept(
             },
             _ = stopped.changed() => return None,
         };
-        if let Err(error) = tune_accepted(&stream) {
-            debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
-        }
+        tune(&stream, peer);
         return Some((stream, peer, permit));
+    }
+}
+
+/// [`tune_accepted`], whose failure costs only the tuning: logged, and
+/// the connection served.
+fn tune(stream: &tokio::net::TcpStream, peer: SocketAddr) {
+    if let Err(error) = tune_accepted(stream) {
+        debug!(%peer, %error, "could not set TCP_NODELAY, keepalive or TCP_USER_TIMEOUT");
     }
 }
 
