@@ -94,11 +94,22 @@ impl ConfigError {
     }
 }
 
+/// Whether a config file holds nothing but blank lines, comments and
+/// document markers. Such a file loads as no rules (a fresh ConfigMap), but
+/// it does not replace a config in force: a write in progress (truncate,
+/// then write) looks exactly like it.
+pub fn is_blank(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
+    })
+}
+
 impl ConfigFile {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         // An empty file is an empty document, which serde refuses: read it as
         // "no rules" so a fresh ConfigMap is valid and rewrites nothing.
-        if text.trim().is_empty() {
+        if is_blank(text) {
             return Ok(Self::default());
         }
         serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
@@ -273,6 +284,16 @@ mod tests {
         assert!(message.contains("rules"), "{message}");
         let message = error_of("exclude:\n  images: registry.k8s.io/**\n");
         assert!(message.contains("exclude.images"), "{message}");
+    }
+
+    #[test]
+    fn blank_means_no_content_at_all() {
+        for blank in ["", "\n  \n", "# rules to come\n", "---\n# none yet\n...\n"] {
+            assert!(is_blank(blank), "{blank:?}");
+        }
+        for content in ["rules: []\n", "# header\nrules:\n", "{}", "~"] {
+            assert!(!is_blank(content), "{content:?}");
+        }
     }
 
     #[test]

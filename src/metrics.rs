@@ -93,6 +93,8 @@ pub struct Metrics {
     /// 1 when the config file as it is now loaded, 0 when it was refused (the
     /// last good config is in force) or none has loaded yet.
     pub config_last_reload_successful: Gauge,
+    /// Rules in the config in force (0 rewrites nothing); no config yet, 0.
+    pub config_rules: Gauge,
     /// The same for the certificate and key files.
     pub certificate_last_reload_successful: Gauge,
     /// The notAfter of the serving certificate in force, as a Unix time; no
@@ -170,6 +172,12 @@ impl Metrics {
             "1 if the config file as it is now was loaded, 0 if it was refused and the last good config is in force",
             config_last_reload_successful.clone(),
         );
+        let config_rules = Gauge::default();
+        registry.register(
+            "config_rules",
+            "Rules in the config in force (0: no image is rewritten)",
+            config_rules.clone(),
+        );
         let certificate_last_reload_successful = Gauge::default();
         registry.register(
             "certificate_last_reload_successful",
@@ -212,6 +220,7 @@ impl Metrics {
             config_reloads,
             certificate_reloads,
             config_last_reload_successful,
+            config_rules,
             certificate_last_reload_successful,
             certificate_expiration,
             tls_connections,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use tracing::{error, info, warn};
 
-use crate::config::{ConfigError, ConfigFile};
+use crate::config::{self, ConfigError, ConfigFile};
 use crate::metrics::Metrics;
 use crate::server::{AppState, ServeOptions};
 use crate::tls::{self, CertificateSlot, PemPair};
@@ -37,6 +37,10 @@ impl Sources {
         }
     }
 }
+
+/// Why a config file emptied while a config is in force is refused.
+const BLANK_RELOAD: &str = "the file is empty (blank lines and comments only): a write in progress, or \
+     a ConfigMap key emptied by mistake; write `rules: []` to remove every rule";
 
 /// What a file (or pair of files) held when last read, or why it could not
 /// be read; `None` before the first poll.
@@ -99,32 +103,47 @@ impl Watcher {
     fn poll_config(&mut self) {
         let path = &self.sources.config;
         let namespace = self.sources.namespace.as_deref();
+        let in_force = self.state.has_policy();
         let read = std::fs::read(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()));
         let Some(loaded) = load_if_changed(&mut self.config_seen, read, |bytes| {
-            std::str::from_utf8(bytes)
-                .map_err(|e| ConfigError::Syntax(format!("not UTF-8: {e}")))
-                .and_then(ConfigFile::from_yaml)
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| ConfigError::Syntax(format!("not UTF-8: {e}")).to_string())?;
+            if in_force && config::is_blank(text) {
+                return Err(BLANK_RELOAD.to_owned());
+            }
+            ConfigFile::from_yaml(text)
                 .and_then(|file| file.into_policy(namespace))
                 .map_err(|e| e.to_string())
         }) else {
             return;
         };
         let loaded_ok = loaded.is_ok();
+        let metrics = &self.state.metrics;
         match loaded {
             Ok(policy) => {
-                info!(path = %path.display(), rules = policy.rules().len(), "config loaded");
+                let rules = policy.rules().len();
+                if rules == 0 {
+                    warn!(path = %path.display(), "config loaded with no rules: no image is rewritten");
+                } else {
+                    info!(path = %path.display(), rules, "config loaded");
+                }
+                metrics.config_rules.set(rules as i64);
                 self.state.set_policy(policy);
             }
-            Err(reason) => error!(
+            Err(reason) if in_force => error!(
                 path = %path.display(),
                 %reason,
                 "config refused; the last good config stays in force"
             ),
+            Err(reason) => error!(
+                path = %path.display(),
+                %reason,
+                "config refused; no config has loaded yet, so /mutate answers 503 until one does"
+            ),
         }
         // The count last: whoever sees it go up finds the config in force
         // and the gauge already set.
-        let metrics = &self.state.metrics;
         metrics
             .config_last_reload_successful
             .set(i64::from(loaded_ok));
@@ -161,9 +180,13 @@ impl Watcher {
                 self.slot.replace(key);
                 self.state.mark_certificate_loaded();
             }
-            Err(reason) => error!(
+            Err(reason) if self.state.has_certificate() => error!(
                 %reason,
                 "certificate refused; the last good certificate stays in force"
+            ),
+            Err(reason) => error!(
+                %reason,
+                "certificate refused; none has loaded yet, so TLS handshakes fail until one does"
             ),
         }
         // The count last: whoever sees it go up finds the pair in force and

@@ -178,8 +178,18 @@ impl AppState {
         let _ = self.pull_secrets.set(sync);
     }
 
+    /// Whether a config has loaded since the start.
+    pub fn has_policy(&self) -> bool {
+        self.policy.load().is_some()
+    }
+
     pub fn mark_certificate_loaded(&self) {
         self.certificate_loaded.store(true, Ordering::Release);
+    }
+
+    /// Whether a certificate has loaded since the start.
+    pub fn has_certificate(&self) -> bool {
+        self.certificate_loaded.load(Ordering::Acquire)
     }
 
     pub fn begin_shutdown(&self) {
@@ -188,9 +198,7 @@ impl AppState {
 
     /// Ready once a config and a certificate are loaded, until shutdown.
     pub fn is_ready(&self) -> bool {
-        self.policy.load().is_some()
-            && self.certificate_loaded.load(Ordering::Acquire)
-            && !self.shutting_down.load(Ordering::Acquire)
+        self.has_policy() && self.has_certificate() && !self.shutting_down.load(Ordering::Acquire)
     }
 }
 

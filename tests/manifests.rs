@@ -337,6 +337,7 @@ fn check_prometheus_rule(r: &Rendered, job: &str) {
     }
     for metric in [
         "image_rewriter_config_last_reload_successful",
+        "image_rewriter_config_rules",
         "image_rewriter_certificate_last_reload_successful",
         "image_rewriter_certificate_expiration_timestamp_seconds",
     ] {

@@ -931,6 +931,38 @@ async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
         200,
         "a refused reload must not make the server unready"
     );
+
+    // An emptied file (a truncating write caught half-way) is refused too;
+    // `rules: []` says "no rules" on purpose and is taken.
+    reload("# nothing here yet\n\n".to_owned(), "failure", 2.0).await;
+    assert_eq!(
+        first_image().await,
+        "mirror.corp.example/hub/library/nginx:1.27"
+    );
+    let rules_in_force = || harness.metric("image_rewriter_config_rules", ("", ""));
+    assert_eq!(rules_in_force().await, 2.0);
+    reload("rules: []\n".to_owned(), "success", 3.0).await;
+    assert_eq!(first_image().await, "nginx:1.27");
+    assert_eq!(rules_in_force().await, 0.0);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_config_file_at_startup_rewrites_nothing_and_is_ready() {
+    let harness = Harness::start("").await;
+    let client = harness.client(true);
+    let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 200, "a fresh, empty ConfigMap is a config");
+    let review = sample_review();
+    let response = harness.post_review(&client, &review).await;
+    let body = response.bytes().await.unwrap();
+    assert_eq!(check_response(&review, &body), None, "no rules, no patch");
+    assert_eq!(
+        harness
+            .metric("image_rewriter_config_rules", ("", ""))
+            .await,
+        0.0
+    );
     harness.stop().await;
 }
 
