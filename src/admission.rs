@@ -7,8 +7,8 @@
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
-use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{ApiResource, DynamicResourceScope, ObjectMeta};
 
 use crate::patch::{PodPlan, PodView, RewrittenImage, Scope, plan_pod_patch};
 use crate::pod::PodObject;
@@ -134,7 +134,7 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
         // Not a Pod (another kind reached /mutate): answer it untouched. If
         // it claims to be a Pod, the Pod decoding error is the reason.
         Err(pod_error) => {
-            let review: AdmissionReview<DynamicObject> =
+            let review: AdmissionReview<UnreadObject> =
                 decode(body).map_err(ReviewError::NotAReview)?;
             let request = checked_request(review)?;
             if is_pod(&request.kind.group, &request.kind.kind) {
@@ -176,6 +176,53 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
         summary: summarize(request, plan.as_ref(), generate_name),
         plan,
     })
+}
+
+/// The object of a request that is not a Pod's: checked to be JSON and
+/// otherwise not read, since whatever it holds it is allowed untouched
+/// (a stricter type, such as `DynamicObject`, would refuse some with 400:
+/// nesting past its depth limit, or a `metadata` field of another type).
+#[derive(Debug, Default)]
+struct UnreadObject {
+    metadata: ObjectMeta,
+}
+
+impl<'de> serde::Deserialize<'de> for UnreadObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer)?;
+        Ok(Self::default())
+    }
+}
+
+/// The resource is named at run time, as `DynamicObject`'s is; nothing here
+/// asks for it (the request's `kind` says what the object is).
+impl kube::Resource for UnreadObject {
+    type DynamicType = ApiResource;
+    type Scope = DynamicResourceScope;
+
+    fn kind(resource: &ApiResource) -> std::borrow::Cow<'_, str> {
+        resource.kind.as_str().into()
+    }
+
+    fn group(resource: &ApiResource) -> std::borrow::Cow<'_, str> {
+        resource.group.as_str().into()
+    }
+
+    fn version(resource: &ApiResource) -> std::borrow::Cow<'_, str> {
+        resource.version.as_str().into()
+    }
+
+    fn plural(resource: &ApiResource) -> std::borrow::Cow<'_, str> {
+        resource.plural.as_str().into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// `serde_json::from_slice`, with the same result, but faster: one UTF-8

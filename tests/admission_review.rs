@@ -159,6 +159,35 @@ fn requests_answered_without_a_patch() {
     }
 }
 
+/// Any other kind is allowed untouched, whatever its object holds: it is
+/// not read, so neither fields of unexpected types nor nesting past the
+/// decoder's depth limit turn it into a 400.
+#[test]
+fn an_object_of_another_kind_is_allowed_whatever_it_holds() {
+    // Deeper than serde_json's limit of 128 when read into a `Value`.
+    let nested = (0..500).fold(json!([]), |inner, _| json!([inner]));
+    let mut review_body = fixture("deployment-create.json");
+    let object = &mut review_body["request"]["object"];
+    object["metadata"]["creationTimestamp"] = json!(5);
+    object["spec"]["containers"] = json!(5);
+    object["spec"]["deep"] = nested;
+    let (patched, response, patch) = answer(&review_body);
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(patch.is_none(), "{patch:?}");
+    assert_eq!(patched, review_body["request"]["object"]);
+
+    // A Pod is read, and one that does not decode is refused with the reason.
+    let mut review_body = fixture("pod-create.json");
+    review_body["request"]["object"]["spec"]["containers"] = json!(5);
+    let body = serde_json::to_vec(&review_body).unwrap();
+    match plan_review(&example_policy(), &body) {
+        Err(ReviewError::InvalidPod(error)) => {
+            assert!(error.to_string().contains("invalid type"), "{error}")
+        }
+        other => panic!("expected the Pod refused, got {other:?}"),
+    }
+}
+
 /// Mutating admission runs before validation: a Pod sent without
 /// containers (Go encodes it as `"containers": null`) is allowed untouched,
 /// so the apiserver's validation, not a webhook error, tells the user.
