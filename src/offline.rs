@@ -27,7 +27,13 @@ impl RewriteReport {
             Decision::Rewrite { image, .. } => image.clone(),
             _ => input.to_owned(),
         };
-        let rule = decision.rule();
+        // The rule that matched, also when its rewrite was refused (its pull
+        // secret is then not needed: the image stays where it was).
+        let rule = match &decision {
+            Decision::InvalidResult { rule, .. } => Some(*rule),
+            _ => decision.rule(),
+        };
+        let pull_secret = decision.rule().and_then(|rule| rule.pull_secret.clone());
         let reason = match &decision {
             Decision::Unparsable(error) => format!("{}: {error}", decision.reason()),
             Decision::InvalidResult { reason, .. } => format!("{}: {reason}", decision.reason()),
@@ -37,7 +43,7 @@ impl RewriteReport {
             input: input.to_owned(),
             output,
             rule: rule.map(|r| r.match_prefix.clone()),
-            pull_secret: rule.and_then(|r| r.pull_secret.clone()),
+            pull_secret,
             reason,
         }
     }

@@ -172,6 +172,8 @@ fn rewrite_json_lines() {
     let dir = Dir::new();
     let config = dir.config();
     let pinned = format!("ghcr.io/org/app:1.0@{DIGEST}");
+    // 251 characters of path, 256 under the target's "quay/": too long.
+    let too_long_under_target = format!("quay.io/{}", "a".repeat(251));
     let output = run(&[
         "rewrite",
         "--config",
@@ -182,13 +184,14 @@ fn rewrite_json_lines() {
         &pinned,
         "harbor.corp.example/quay/org/app:1",
         "registry.k8s.io/pause:3.9",
+        &too_long_under_target,
     ]);
     assert_success(&output);
     let lines: Vec<Value> = stdout(&output)
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
         .collect();
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 5);
     for line in &lines {
         let keys: Vec<&String> = line.as_object().unwrap().keys().collect();
         for key in ["input", "output", "rule", "pullSecret", "reason"] {
@@ -218,6 +221,13 @@ fn rewrite_json_lines() {
     assert_eq!(lines[2]["reason"], "already-under-target");
     assert!(lines[3]["rule"].is_null());
     assert_eq!(lines[3]["reason"], "excluded");
+    // The rule that matched is named, though its rewrite was refused; the
+    // image stays where it was and needs no pull secret.
+    assert_eq!(lines[4]["output"], too_long_under_target.as_str());
+    assert_eq!(lines[4]["rule"], "quay.io");
+    assert!(lines[4]["pullSecret"].is_null(), "{}", lines[4]);
+    let reason = lines[4]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("invalid-result: "), "{reason}");
 }
 
 #[test]
