@@ -73,10 +73,30 @@ fn normalize_prefix(text: &str) -> Result<String, String> {
         Some((host, path)) => (host, Some(path)),
         None => (text, None),
     };
-    if !image::is_valid_domain(host) || !image::looks_like_domain(host) {
+    if let Some((scheme, _)) = text.split_once("://") {
+        return Err(format!(
+            "{text:?} is a URL: an image reference has no scheme; write it without {scheme:?}://"
+        ));
+    }
+    if !image::looks_like_domain(host) {
         return Err(format!(
             "{text:?} must start with a registry host (a name with a '.' or a ':port', or \
              localhost); {host:?} would be read as a Docker Hub namespace"
+        ));
+    }
+    if !image::is_valid_domain(host) {
+        return Err(format!(
+            "{host:?} is not a valid registry host: DNS labels of letters, digits and '-' \
+             joined by '.', or an IPv6 address in brackets, then an optional ':port'"
+        ));
+    }
+    // The reference grammar takes any run of digits as a port; no registry
+    // listens on one outside 1-65535, so every pull of such a rule would fail.
+    if let Some(port) = port_of(host)
+        && !port.parse::<u16>().is_ok_and(|port| port > 0)
+    {
+        return Err(format!(
+            "{host:?} has port {port}, which is not a TCP port (1-65535)"
         ));
     }
     if let Some(path) = path
@@ -90,6 +110,15 @@ fn normalize_prefix(text: &str) -> Result<String, String> {
         ));
     }
     Ok(with_canonical_host(text))
+}
+
+/// The port of a valid registry host, as written.
+fn port_of(host: &str) -> Option<&str> {
+    let after_address = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(_, rest)| rest),
+        None => host,
+    };
+    after_address.split_once(':').map(|(_, port)| port)
 }
 
 /// What the policy decides for one image, and why.
@@ -541,10 +570,19 @@ fn shape_no_name_has(pattern: &str) -> Option<String> {
         ));
     }
     if image::canonical_domain(host) == image::DOCKER_HUB && !path.contains('/') && path != "**" {
+        let advice = if path == "library" {
+            "\"docker.io/library/*\" for every official image".to_owned()
+        } else if path.contains('*') {
+            format!("\"docker.io/library/{path}\"")
+        } else {
+            format!(
+                "\"docker.io/library/{path}\" for the official image, or \"docker.io/{path}/*\" \
+                 for the images of the {path:?} namespace"
+            )
+        };
         return Some(format!(
             "{pattern:?} would never match: on Docker Hub a normalized name has a namespace \
-             before the repository (`nginx` is `docker.io/library/nginx`); write \
-             \"docker.io/library/{path}\""
+             before the repository (`nginx` is `docker.io/library/nginx`); write {advice}"
         ));
     }
     None
@@ -666,6 +704,43 @@ exclude:
             Decision::AlreadyUnderTarget { rule } => (image.to_owned(), rule.pull_secret.clone()),
             _ => (image.to_owned(), None),
         }
+    }
+
+    #[test]
+    fn a_host_that_is_not_one_is_refused_with_the_reason() {
+        let refusal_of = |target: &str| {
+            refusal(&format!(
+                "rules:\n  - match: docker.io\n    target: {target:?}\n"
+            ))
+        };
+        for (target, reason) in [
+            ("harbor/x", "would be read as a Docker Hub namespace"),
+            ("https://harbor.example/x", "is a URL"),
+            ("bad..host/x", "\"bad..host\" is not a valid registry host"),
+            ("harbor_x.example/x", "is not a valid registry host"),
+            ("h.example:84433/x", "port 84433, which is not a TCP port"),
+            ("h.example:0/x", "port 0, which is not a TCP port"),
+            ("[fd00::1]:70000/x", "port 70000, which is not a TCP port"),
+        ] {
+            let refused = refusal_of(target);
+            assert!(
+                refused.starts_with("rules[0].target: ") && refused.contains(reason),
+                "{target}: {refused}"
+            );
+        }
+        for target in [
+            "h.example:65535/x",
+            "[fd00::1]:5000/x",
+            "[fd00::1]/x",
+            "localhost:1",
+        ] {
+            load(&format!(
+                "rules:\n  - match: docker.io\n    target: {target:?}\n"
+            ))
+            .unwrap_or_else(|error| panic!("{target}: {error}"));
+        }
+        let refused = refusal("rules:\n  - match: quay.io:99999\n    target: h.example/q\n");
+        assert!(refused.starts_with("rules[0].match: "), "{refused}");
     }
 
     #[test]
@@ -796,7 +871,14 @@ exclude:
                 "without tag or digest: write \"docker.io/library/nginx\"",
             ),
             ("/x", "starts with its registry host"),
-            ("docker.io/nginx", "\"docker.io/library/nginx\""),
+            (
+                "docker.io/nginx",
+                "write \"docker.io/library/nginx\" for the official image, or \"docker.io/nginx/*\"",
+            ),
+            (
+                "docker.io/library",
+                "write \"docker.io/library/*\" for every official image",
+            ),
             ("index.docker.io/*", "\"docker.io/library/*\""),
             ("nginx:latest", "\"docker.io/library/nginx\""),
             ("registry.example:5000:1/**", "is not a registry host"),
