@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use arc_swap::ArcSwapOption;
 use axum::Router;
 use axum::body::Body;
@@ -747,8 +748,17 @@ impl Server {
 
         let tls_config = tls::server_config(provider, slot)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-        let https = TcpListener::bind(options.listen).await?;
-        let metrics = TcpListener::bind(options.metrics_listen).await?;
+        let https = TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("cannot listen on --listen {}", options.listen))?;
+        let metrics = TcpListener::bind(options.metrics_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on --metrics-listen {}",
+                    options.metrics_listen
+                )
+            })?;
         let https_addr = https.local_addr()?;
         let metrics_addr = metrics.local_addr()?;
         info!(%https_addr, %metrics_addr, "listening");

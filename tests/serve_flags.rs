@@ -39,6 +39,10 @@ fn serve(dir: &Path) -> Command {
 }
 
 fn serve_leaving_the_api_to_the_environment(dir: &Path) -> Command {
+    serve_on(dir, "127.0.0.1:0", "127.0.0.1:0")
+}
+
+fn serve_on(dir: &Path, listen: &str, metrics_listen: &str) -> Command {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
     let config = dir.join("config.yaml");
     std::fs::write(&config, "rules: []\n").unwrap();
@@ -51,9 +55,31 @@ fn serve_leaving_the_api_to_the_environment(dir: &Path) -> Command {
         .arg(fixtures.join("ec.crt"))
         .arg("--tls-key")
         .arg(fixtures.join("ec-pkcs8.key"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"]);
+        .args(["--listen", listen])
+        .args(["--metrics-listen", metrics_listen]);
     command
+}
+
+#[test]
+fn serve_names_the_listener_whose_address_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    for (listen, metrics_listen, flag) in [
+        (taken.as_str(), "127.0.0.1:0", "--listen"),
+        ("127.0.0.1:0", taken.as_str(), "--metrics-listen"),
+    ] {
+        let mut serve = serve_on(dir.path(), listen, metrics_listen);
+        let child = serve.arg("--no-api").spawn().unwrap();
+        let output =
+            output_within(child, Duration::from_secs(10)).expect("serving on a taken address");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot listen on {flag} {taken}: ")),
+            "stderr: {stderr}"
+        );
+    }
 }
 
 fn assert_refused_naming_the_flag(output: Option<Output>, value: &str) {
