@@ -487,6 +487,14 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((config, dir.join("tls.crt"), dir.join("tls.key")))
 }
 
+/// Whether a subject alternative name is one a TLS client can match: an IP
+/// address, or a DNS name (RFC 1123, lower case as Kubernetes writes them;
+/// a wildcard only as the whole first label).
+fn is_san(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || is_dns_subdomain(name.strip_prefix("*.").unwrap_or(name))
+}
+
 fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     // No fallback here: the Secret and the certificate's names need one.
     let namespace = namespace_name(&args.namespace)?;
@@ -503,6 +511,12 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
             "--secret-name {:?} is not a valid Secret name (lower-case letters, digits, '-' \
              and '.', at most 253 characters)",
             args.secret_name
+        );
+    }
+    if let Some(bad) = args.extra_sans.iter().find(|san| !is_san(san)) {
+        anyhow::bail!(
+            "--extra-san {bad:?} is neither an IP address nor a DNS name (lower-case letters, \
+             digits, '-' and '.', at most 253 characters; '*.' may lead)"
         );
     }
     let mut names = certs::service_dns_names(&args.service, namespace);

@@ -121,6 +121,25 @@ fn a_namespace_that_is_no_namespace_name_is_refused() {
 }
 
 #[test]
+fn extra_names_no_client_could_match_are_refused() {
+    for value in [
+        "a,,b",
+        "foo bar",
+        "UPPER.example",
+        "*",
+        "a.*.example",
+        "-x.example",
+    ] {
+        assert_refused(&[&format!("--extra-san={value}")], &["--extra-san"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["localhost", "10.0.0.5", "fd00::1", "*.webhooks.example"] {
+        let output = certs(&dir.path().join(value), &["--extra-san", value]);
+        assert!(output.status.success(), "{value}: {}", describe(&output));
+    }
+}
+
+#[test]
 fn service_and_secret_names_kubernetes_would_not_take_are_refused() {
     for (flag, value) in [
         ("--service", ""),
