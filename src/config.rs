@@ -107,6 +107,9 @@ pub fn is_blank(text: &str) -> bool {
 
 impl ConfigFile {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        // Editors on Windows start a file with a byte order mark, which the
+        // YAML parser misreads in some files (an unindented list).
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // An empty file is an empty document, which serde refuses: read it as
         // "no rules" so a fresh ConfigMap is valid and rewrites nothing.
         if is_blank(text) {
@@ -294,6 +297,16 @@ mod tests {
         for content in ["rules: []\n", "# header\nrules:\n", "{}", "~"] {
             assert!(!is_blank(content), "{content:?}");
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_config() {
+        let yaml = "rules:\n- match: docker.io\n  target: h.example/x\n";
+        let with_mark = format!("\u{feff}{yaml}");
+        assert_eq!(
+            ConfigFile::from_yaml(&with_mark).unwrap(),
+            ConfigFile::from_yaml(yaml).unwrap()
+        );
     }
 
     #[test]

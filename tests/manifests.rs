@@ -156,6 +156,33 @@ fn fail_closed_component_switches_to_fail() {
     );
 }
 
+/// The optional ipv6 component moves both listeners to `[::]`, ports kept,
+/// and everything else checks as in the shipped overlays.
+#[test]
+fn ipv6_component_listens_on_every_address_family() {
+    let Some(rendered) = check_overlay_with_components(
+        "test-cluster-wide-ipv6",
+        &["../../components/cluster-wide", "../../components/ipv6"],
+        &Expect {
+            scope: Scope::ClusterWide,
+            certs: CertSource::Generated,
+            failure_policy: "Ignore",
+        },
+    ) else {
+        return;
+    };
+    let deployment: Deployment = rendered.one(DEPLOYMENT);
+    let pod = Pod::of(&rendered, &deployment);
+    for (flag, port) in [("--listen", 8443), ("--metrics-listen", 9090)] {
+        let address: std::net::SocketAddr = pod.args.get(flag).unwrap().parse().unwrap();
+        assert_eq!(
+            address,
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+            "{flag}"
+        );
+    }
+}
+
 /// The optional prometheus-operator component, on top of a whole overlay:
 /// its PodMonitor scrapes the webhook pods' metrics port, and every alert is
 /// valid PromQL over metrics that exist, the server's own (as its registry
