@@ -152,11 +152,13 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
         .cloned()
         .unwrap_or_else(|| "image-rewriter".to_owned());
     params.distinguished_name = distinguished_name(&common_name);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    // ECDSA and Ed25519 keys sign the handshake and encipher nothing
+    // (keyEncipherment is for RSA key transport, RFC 5480 section 3).
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Names the CA key that signed it, so chain builders need not guess
+    // (RFC 5280 section 4.2.1.1), as after a CA renewal.
+    params.use_authority_key_identifier_extension = true;
     params.not_before = not_before;
     params.not_after = days_from_now(request.validity_days)?;
     let cert = params.signed_by(&key, &issuer)?;
@@ -297,6 +299,47 @@ mod tests {
             let refusal = request(days, ca_days).check_validity().err();
             let message = refusal.map(|e| e.to_string()).unwrap_or_default();
             assert!(message.starts_with(flag), "{days} {ca_days}: {message:?}");
+        }
+    }
+
+    #[test]
+    fn the_serving_certificate_signs_and_names_its_issuers_key() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        use x509_parser::extensions::ParsedExtension;
+
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519] {
+            let bundle = generate(&CertRequest {
+                key_type,
+                ..request(365, 3650)
+            })
+            .unwrap();
+            let ca_der = CertificateDer::from_pem_slice(bundle.ca_cert.as_bytes()).unwrap();
+            let leaf_der = CertificateDer::from_pem_slice(bundle.cert.as_bytes()).unwrap();
+            let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+            let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+
+            let usage = leaf.key_usage().unwrap().expect("a key usage").value;
+            assert!(usage.digital_signature(), "{key_type:?}");
+            assert!(!usage.key_encipherment(), "{key_type:?}: {usage}");
+
+            let ca_key_id = ca
+                .extensions()
+                .iter()
+                .find_map(|extension| match extension.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                    _ => None,
+                })
+                .expect("the CA has a subject key identifier");
+            let named_key_id = leaf
+                .extensions()
+                .iter()
+                .find_map(|extension| match extension.parsed_extension() {
+                    ParsedExtension::AuthorityKeyIdentifier(id) => id.key_identifier.clone(),
+                    _ => None,
+                })
+                .expect("the leaf names its issuer's key");
+            assert_eq!(named_key_id.0, ca_key_id, "{key_type:?}");
         }
     }
 
