@@ -12,6 +12,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,10 @@ const PULL_SECRET_TYPES: [&str; 2] = ["kubernetes.io/dockerconfigjson", "kuberne
 /// Each API call of the worker gives up after this.
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const QUEUE_CAPACITY: usize = 1024;
+/// How often every copy is compared with its source anyway. Events alone
+/// miss a rotation whose sync met an API error, and a copy edited by hand
+/// while its source is unchanged is seen at once but not retried.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the cache knows of one Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,15 +61,19 @@ struct NameCache {
 
 #[derive(Debug)]
 enum Work {
+    /// Make the copy of `name` in `namespace` exist; its waiters are in
+    /// [`Inner::waiting`].
     Ensure {
         namespace: String,
         name: String,
-        reply: oneshot::Sender<Outcome>,
     },
     Reconcile {
         name: String,
     },
 }
+
+/// A requested copy: (namespace, secret name).
+type CopyKey = (String, String);
 
 /// One running watch. Its task writes the cache only while it is still the
 /// registered watch of its name: an aborted task may be mid-event.
@@ -87,6 +96,11 @@ struct Inner {
     metrics: Arc<Metrics>,
     cache: RwLock<HashMap<String, NameCache>>,
     source_namespace: RwLock<Option<String>>,
+    /// `pullSecretSync.enabled`: when false, nothing is written.
+    enabled: std::sync::atomic::AtomicBool,
+    /// The admissions waiting for each queued copy: the pods of a rollout
+    /// in one namespace share one job, and one API call when it fails.
+    waiting: Mutex<HashMap<CopyKey, Vec<oneshot::Sender<Outcome>>>>,
     watches: Mutex<HashMap<String, Watch>>,
     next_watch_id: std::sync::atomic::AtomicU64,
     work: mpsc::Sender<Work>,
@@ -111,19 +125,32 @@ impl PullSecretSync {
         }
     }
 
-    /// Starts the worker; watches start with [`Self::configure`].
+    /// Starts the worker, with a resync every [`RESYNC_INTERVAL`]; watches
+    /// start with [`Self::configure`].
     pub fn start(client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        Self::start_with_resync(client, metrics, RESYNC_INTERVAL)
+    }
+
+    /// [`Self::start`] with another resync interval.
+    pub fn start_with_resync(
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+        resync_every: Duration,
+    ) -> Self {
         let (work, queue) = mpsc::channel(QUEUE_CAPACITY);
         let inner = Arc::new(Inner {
             client,
             metrics,
             cache: RwLock::default(),
             source_namespace: RwLock::default(),
+            enabled: std::sync::atomic::AtomicBool::new(true),
+            waiting: Mutex::default(),
             watches: Mutex::default(),
             next_watch_id: std::sync::atomic::AtomicU64::new(0),
             work,
         });
         tokio::spawn(worker(inner.clone(), queue));
+        tokio::spawn(resync(inner.clone(), resync_every));
         Self { inner }
     }
 
@@ -133,6 +160,9 @@ impl PullSecretSync {
     /// The watches need not move: they cover every namespace.
     pub fn configure(&self, policy: &Policy) {
         let inner = &self.inner;
+        inner
+            .enabled
+            .store(policy.pull_secret_sync().enabled, Ordering::Relaxed);
         let new_source = &policy.pull_secret_sync().source_namespace;
         let source_moved = match inner.source_namespace.write() {
             Ok(mut source) => {
@@ -213,21 +243,16 @@ impl PullSecretSync {
                      pullSecretSync is disabled: pulls that need it will fail"
                 )),
                 Lookup::Absent | Lookup::Unknown if settings.enabled => {
-                    let (reply, outcome) = oneshot::channel();
-                    let work = Work::Ensure {
-                        namespace: namespace.to_owned(),
-                        name: name.clone(),
-                        reply,
-                    };
-                    if self.inner.work.try_send(work).is_err() {
-                        self.inner.metrics.pull_secret_sync_errors.inc();
-                        warnings.push(format!(
-                            "imagePullSecret {name:?} is missing in namespace {namespace:?} and the \
-                             copy queue is full; pulls that need it may fail"
-                        ));
-                        continue;
+                    match self.inner.request_copy(namespace, name) {
+                        Some(outcome) => pending.push((name, outcome)),
+                        None => {
+                            self.inner.metrics.pull_secret_sync_errors.inc();
+                            warnings.push(format!(
+                                "imagePullSecret {name:?} is missing in namespace {namespace:?} \
+                                 and the copy queue is full; pulls that need it may fail"
+                            ));
+                        }
                     }
-                    pending.push((name, outcome));
                 }
                 Lookup::Absent | Lookup::Unknown => {}
             }
@@ -269,6 +294,57 @@ enum Lookup {
 }
 
 impl Inner {
+    /// Queues a copy of `name` into `namespace`, or joins the one queued
+    /// already; `None` when the queue is full.
+    fn request_copy(&self, namespace: &str, name: &str) -> Option<oneshot::Receiver<Outcome>> {
+        let (reply, outcome) = oneshot::channel();
+        let mut waiting = self.waiting.lock().ok()?;
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(waiters) = waiting.get_mut(&key) {
+            waiters.push(reply);
+            return Some(outcome);
+        }
+        let work = Work::Ensure {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        };
+        self.work.try_send(work).ok()?;
+        waiting.insert(key, vec![reply]);
+        Some(outcome)
+    }
+
+    /// Answers everyone waiting for the copy of `name` in `namespace`.
+    fn copy_done(&self, namespace: &str, name: &str, outcome: &Outcome) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let waiters = self
+            .waiting
+            .lock()
+            .ok()
+            .and_then(|mut waiting| waiting.remove(&key))
+            .unwrap_or_default();
+        for reply in waiters {
+            let _ = reply.send(outcome.clone());
+        }
+    }
+
+    fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether a managed copy's content differs from the source's in the
+    /// cache (a copy edited by hand, or one the last sync could not update).
+    fn differs_from_source(&self, name: &str, copy: &Cached) -> bool {
+        let Some(source_namespace) = self.source_namespace() else {
+            return false;
+        };
+        self.cache.read().is_ok_and(|cache| {
+            cache
+                .get(name)
+                .and_then(|entry| entry.namespaces.get(&source_namespace))
+                .is_some_and(|source| source.fingerprint != copy.fingerprint)
+        })
+    }
+
     fn lookup(&self, name: &str, namespace: &str) -> Lookup {
         let Ok(cache) = self.cache.read() else {
             return Lookup::Unknown;
@@ -417,10 +493,12 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                 if !is_source && !entry.managed {
                     warn!(secret = %name, %namespace, "a Secret image-rewriter did not create has this name; it is left alone");
                 }
+                let drifted =
+                    !is_source && entry.managed && inner.differs_from_source(&name, &entry);
                 inner.update_if_current(&name, id, |cache| {
                     cache.namespaces.insert(namespace.clone(), entry);
                 });
-                if is_source {
+                if is_source || drifted {
                     let _ = inner
                         .work
                         .send(Work::Reconcile { name: name.clone() })
@@ -451,15 +529,34 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
 async fn worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<Work>) {
     while let Some(work) = queue.recv().await {
         match work {
-            Work::Ensure {
-                namespace,
-                name,
-                reply,
-            } => {
+            Work::Ensure { namespace, name } => {
                 let outcome = ensure_copy(&inner, &namespace, &name).await;
-                let _ = reply.send(outcome);
+                inner.copy_done(&namespace, &name, &outcome);
             }
             Work::Reconcile { name } => reconcile(&inner, &name).await,
+        }
+    }
+}
+
+/// Queues a reconcile of every watched name that has listed, each period.
+async fn resync(inner: Arc<Inner>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let names: Vec<String> = inner
+            .cache
+            .read()
+            .map(|cache| {
+                cache
+                    .iter()
+                    .filter(|(_, entry)| entry.synced)
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in names {
+            let _ = inner.work.send(Work::Reconcile { name }).await;
         }
     }
 }
@@ -579,6 +676,9 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
 /// naming it. A copy that names no source is judged by its content alone,
 /// so one labelled by hand is not rewritten just to gain the annotation.
 async fn reconcile(inner: &Inner, name: &str) {
+    if !inner.is_enabled() {
+        return;
+    }
     let (source_namespace, source) = match source_secret(inner, name).await {
         Ok(found) => found,
         Err(reason) => {
@@ -633,9 +733,20 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             inner.count("user_owned");
             return;
         }
+        let origin = source_reference(source_namespace, &name);
+        let as_is = cached(&current);
+        // Another replica (each runs this sync) may have written it already.
+        if as_is.fingerprint == fingerprint(source) && as_is.source.as_ref() == Some(&origin) {
+            inner.remember(&name, namespace, as_is);
+            return;
+        }
         let mut updated = copy_of(source, source_namespace, namespace);
         updated.metadata.resource_version = current.metadata.resource_version.clone();
+        // Labels and annotations others added (a backup tool's, say) stay.
         updated.metadata.labels = current.metadata.labels.clone();
+        let mut annotations = current.metadata.annotations.clone().unwrap_or_default();
+        annotations.insert(SOURCE_ANNOTATION.to_owned(), origin);
+        updated.metadata.annotations = Some(annotations);
         match api_call(api.replace(&name, &PostParams::default(), &updated)).await {
             Ok(written) => {
                 info!(secret = %name, %namespace, "pull secret copy updated from its source");

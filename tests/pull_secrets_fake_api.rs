@@ -22,7 +22,9 @@ use axum::routing::get;
 use image_rewriter::config::ConfigFile;
 use image_rewriter::metrics::Metrics;
 use image_rewriter::policy::Policy;
-use image_rewriter::pullsecrets::{MANAGED_BY_LABEL, PullSecretSync, SOURCE_ANNOTATION};
+use image_rewriter::pullsecrets::{
+    MANAGED_BY_LABEL, PullSecretSync, RESYNC_INTERVAL, SOURCE_ANNOTATION,
+};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -353,8 +355,17 @@ async fn started_sync(
     client: kube::Client,
     policy: &Policy,
 ) -> (PullSecretSync, Arc<Metrics>) {
+    started_sync_with_resync(fake, client, policy, RESYNC_INTERVAL).await
+}
+
+async fn started_sync_with_resync(
+    fake: &Fake,
+    client: kube::Client,
+    policy: &Policy,
+    resync_every: Duration,
+) -> (PullSecretSync, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
-    let sync = PullSecretSync::start(client, metrics.clone());
+    let sync = PullSecretSync::start_with_resync(client, metrics.clone(), resync_every);
     sync.configure(policy);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sync.is_synced() || fake.watches_started.load(Ordering::SeqCst) == 0 {
@@ -459,6 +470,124 @@ async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
         fake.get("team-b", SECRET).unwrap()["data"],
         users_own["data"]
     );
+}
+
+/// A rotation whose sync met API errors is not lost: the periodic resync
+/// brings the copies to the source once the API answers again (events alone
+/// would wait for the next change of the source).
+#[tokio::test]
+async fn a_rotation_that_met_api_errors_reaches_the_copies_at_the_next_resync() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+            .await
+            .is_empty()
+    );
+
+    fake.set_fault(Fault::ServerError);
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    eventually("the sync of the rotation failed", || {
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_sync_errors_total 1")
+    })
+    .await;
+    fake.set_fault(Fault::None);
+    eventually("the copy carries the rotated password", || {
+        fake.get("team-a", SECRET)
+            .is_some_and(|copy| copy["data"] == rotated["data"])
+    })
+    .await;
+}
+
+/// A managed copy edited by hand is put back as soon as its change is seen;
+/// labels and annotations others added to it stay.
+#[tokio::test]
+async fn a_copy_edited_by_hand_is_put_back_and_keeps_others_annotations() {
+    let (fake, client) = start_fake().await;
+    let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+            .await
+            .is_empty()
+    );
+
+    let mut edited = fake.get("team-a", SECRET).unwrap();
+    edited["data"] = source_secret("tampered")["data"].clone();
+    edited["metadata"]["annotations"]["backup.velero.io/exclude"] = json!("true");
+    fake.put("team-a", edited, "MODIFIED");
+    eventually("the copy holds the source's data again", || {
+        is_copy_of(&fake, "team-a", &source)
+    })
+    .await;
+    let copy = fake.get("team-a", SECRET).unwrap();
+    assert_eq!(
+        copy["metadata"]["annotations"]["backup.velero.io/exclude"],
+        "true"
+    );
+    assert_eq!(
+        copy["metadata"]["labels"][MANAGED_BY_LABEL],
+        "image-rewriter"
+    );
+}
+
+/// The pods of a rollout that need the same copy at once share one job: with
+/// the API failing, the source is read once, and every pod is warned.
+#[tokio::test]
+async fn the_pods_of_a_rollout_share_one_copy_request() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    fake.set_fault(Fault::ServerError);
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let names = [SECRET.to_owned()];
+    let admissions = (0..20).map(|_| sync.ensure_for_pod(&policy, "team-a", &names, None));
+    let warnings = futures::future::join_all(admissions).await;
+    for warned in &warnings {
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("could not be copied"), "{warned:?}");
+    }
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst) - calls,
+        1,
+        "one read of the source for the twenty pods"
+    );
+}
+
+/// With `enabled: false` nothing is written: not even the copies made while
+/// it was on follow a rotation (another tool may own them now).
+#[tokio::test]
+async fn with_sync_disabled_existing_copies_are_not_written() {
+    let (fake, client) = start_fake().await;
+    let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(100)).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+            .await
+            .is_empty()
+    );
+    let disabled = ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         pullSecretSync:\n  enabled: false\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap();
+    sync.configure(&disabled);
+    fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    // Ten resync periods, and the source event itself.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(is_copy_of(&fake, "team-a", &source), "the copy was written");
 }
 
 #[tokio::test]
