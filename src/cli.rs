@@ -488,11 +488,11 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 }
 
 /// Whether a subject alternative name is one a TLS client can match: an IP
-/// address, or a DNS name (RFC 1123, lower case as Kubernetes writes them;
-/// a wildcard only as the whole first label).
+/// address, or a DNS name (RFC 1123, in any case, as clients compare names
+/// without it; a wildcard only as the whole first label).
 fn is_san(name: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_ok()
-        || is_dns_subdomain(name.strip_prefix("*.").unwrap_or(name))
+        || is_dns_subdomain(&name.strip_prefix("*.").unwrap_or(name).to_ascii_lowercase())
 }
 
 fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
@@ -513,14 +513,16 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
             args.secret_name
         );
     }
-    if let Some(bad) = args.extra_sans.iter().find(|san| !is_san(san)) {
+    // Empty entries name nothing: an empty IMAGE_REWRITER_EXTRA_SANS, `a,,b`.
+    let extra_sans = args.extra_sans.iter().filter(|san| !san.is_empty());
+    if let Some(bad) = extra_sans.clone().find(|san| !is_san(san)) {
         anyhow::bail!(
-            "--extra-san {bad:?} is neither an IP address nor a DNS name (lower-case letters, \
-             digits, '-' and '.', at most 253 characters; '*.' may lead)"
+            "--extra-san {bad:?} is neither an IP address nor a DNS name (letters, digits, '-' \
+             and '.', at most 253 characters; '*.' may lead)"
         );
     }
     let mut names = certs::service_dns_names(&args.service, namespace);
-    names.extend(args.extra_sans.iter().cloned());
+    names.extend(extra_sans.cloned());
     let bundle = certs::generate(&CertRequest {
         subject_alt_names: names,
         key_type: args.key_type,

@@ -94,22 +94,27 @@ impl ConfigError {
     }
 }
 
-/// Whether a config file holds nothing but blank lines, comments and
-/// document markers. Such a file loads as no rules (a fresh ConfigMap), but
-/// it does not replace a config in force: a write in progress (truncate,
-/// then write) looks exactly like it.
+/// Whether a config file holds no value at all, as the YAML parser reads
+/// it (nothing but blanks, comments and document markers, or a bare `~`).
+/// Such a file loads as no rules (a fresh ConfigMap), but it does not
+/// replace a config in force: a file being rewritten in place that has been
+/// truncated and not yet written looks just like it.
 pub fn is_blank(text: &str) -> bool {
-    text.lines().all(|line| {
-        let line = line.trim();
-        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
-    })
+    matches!(
+        serde_yaml_ng::from_str(without_byte_order_mark(text)),
+        Ok(serde_yaml_ng::Value::Null)
+    )
+}
+
+/// Editors on Windows start a file with a byte order mark, which the YAML
+/// parser misreads in some files (an unindented list).
+fn without_byte_order_mark(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 impl ConfigFile {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        // Editors on Windows start a file with a byte order mark, which the
-        // YAML parser misreads in some files (an unindented list).
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let text = without_byte_order_mark(text);
         // An empty file is an empty document, which serde refuses: read it as
         // "no rules" so a fresh ConfigMap is valid and rewrites nothing.
         if is_blank(text) {
@@ -291,10 +296,27 @@ mod tests {
 
     #[test]
     fn blank_means_no_content_at_all() {
-        for blank in ["", "\n  \n", "# rules to come\n", "---\n# none yet\n...\n"] {
+        for blank in [
+            "",
+            "\n  \n",
+            "# rules to come\n",
+            "---\n# none yet\n...\n",
+            "--- # none yet\n",
+            "%YAML 1.2\n---\n",
+            "\u{feff}",
+            "\u{feff}# rules to come\n",
+            "~\n",
+        ] {
             assert!(is_blank(blank), "{blank:?}");
         }
-        for content in ["rules: []\n", "# header\nrules:\n", "{}", "~"] {
+        for content in [
+            "rules: []\n",
+            "# header\nrules:\n",
+            "{}",
+            // Line ends the parser knows and `str::lines` does not.
+            "# mirror rules\rrules:\r- match: docker.io\r  target: h.example/x\r",
+            "# mirror rules\u{85}rules: []",
+        ] {
             assert!(!is_blank(content), "{content:?}");
         }
     }

@@ -27,12 +27,7 @@ impl RewriteReport {
             Decision::Rewrite { image, .. } => image.clone(),
             _ => input.to_owned(),
         };
-        // The rule that matched, also when its rewrite was refused (its pull
-        // secret is then not needed: the image stays where it was).
-        let rule = match &decision {
-            Decision::InvalidResult { rule, .. } => Some(*rule),
-            _ => decision.rule(),
-        };
+        let rule = decision.matched_rule();
         let pull_secret = decision.rule().and_then(|rule| rule.pull_secret.clone());
         let reason = match &decision {
             Decision::Unparsable(error) => format!("{}: {error}", decision.reason()),

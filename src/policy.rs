@@ -73,7 +73,9 @@ fn normalize_prefix(text: &str) -> Result<String, String> {
         Some((host, path)) => (host, Some(path)),
         None => (text, None),
     };
-    if let Some((scheme, _)) = text.split_once("://") {
+    if let Some((scheme, _)) = text.split_once("://")
+        && !scheme.contains('/')
+    {
         return Err(format!(
             "{text:?} is a URL: an image reference has no scheme; write it without {scheme:?}://"
         ));
@@ -144,6 +146,15 @@ impl<'p> Decision<'p> {
         match self {
             Self::Rewrite { rule, .. } | Self::AlreadyUnderTarget { rule } => Some(rule),
             _ => None,
+        }
+    }
+
+    /// The rule that matched the image, also when its rewrite was refused
+    /// (whose pull secret the pod then does not need).
+    pub fn matched_rule(&self) -> Option<&'p Rule> {
+        match self {
+            Self::InvalidResult { rule, .. } => Some(rule),
+            _ => self.rule(),
         }
     }
 
@@ -716,6 +727,7 @@ exclude:
         for (target, reason) in [
             ("harbor/x", "would be read as a Docker Hub namespace"),
             ("https://harbor.example/x", "is a URL"),
+            ("h.example/a://b", "has an invalid path component \"a:\""),
             ("bad..host/x", "\"bad..host\" is not a valid registry host"),
             ("harbor_x.example/x", "is not a valid registry host"),
             ("h.example:84433/x", "port 84433, which is not a TCP port"),

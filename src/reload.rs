@@ -39,8 +39,8 @@ impl Sources {
 }
 
 /// Why a config file emptied while a config is in force is refused.
-const BLANK_RELOAD: &str = "the file is empty (blank lines and comments only): a write in progress, or \
-     a ConfigMap key emptied by mistake; write `rules: []` to remove every rule";
+const BLANK_RELOAD: &str = "the file holds no value (blank lines and comments only): a ConfigMap key \
+     emptied by mistake, or a file being rewritten; write `rules: []` to remove every rule";
 
 /// What a file (or pair of files) held when last read, or why it could not
 /// be read; `None` before the first poll.

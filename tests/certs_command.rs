@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Output;
 
+use rustls::pki_types::pem::PemObject as _;
+
 mod common;
 
 /// `certs --out DIR` plus `args`.
@@ -123,20 +125,61 @@ fn a_namespace_that_is_no_namespace_name_is_refused() {
 #[test]
 fn extra_names_no_client_could_match_are_refused() {
     for value in [
-        "a,,b",
         "foo bar",
-        "UPPER.example",
+        "a_b.example",
         "*",
         "a.*.example",
         "-x.example",
+        "x.",
     ] {
         assert_refused(&[&format!("--extra-san={value}")], &["--extra-san"]);
     }
     let dir = tempfile::tempdir().unwrap();
-    for value in ["localhost", "10.0.0.5", "fd00::1", "*.webhooks.example"] {
+    for value in [
+        "localhost",
+        "10.0.0.5",
+        "fd00::1",
+        "*.webhooks.example",
+        "Webhook.Example.com",
+    ] {
         let output = certs(&dir.path().join(value), &["--extra-san", value]);
         assert!(output.status.success(), "{value}: {}", describe(&output));
     }
+    // Empty entries name nothing (a variable set empty by a template).
+    let out = dir.path().join("empty");
+    let output = common::binary()
+        .args(["certs", "--out"])
+        .arg(&out)
+        .env("IMAGE_REWRITER_EXTRA_SANS", "")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    let output = certs(
+        &dir.path().join("commas"),
+        &["--extra-san", "a.example,,b.example"],
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let cert = std::fs::read_to_string(dir.path().join("commas/tls.crt")).unwrap();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let names: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        names.contains(&"DNSName(a.example)".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"DNSName(b.example)".to_owned()),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"DNSName()".to_owned()), "{names:?}");
 }
 
 #[test]
