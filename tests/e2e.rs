@@ -791,6 +791,134 @@ fn admission_requests(metrics: &str) -> f64 {
         .sum()
 }
 
+/// The webhook's account may write only what the webhook writes. RBAC cannot
+/// restrict `create` by name, so the shipped ValidatingAdmissionPolicy
+/// refuses the rest: a token Secret under a pull secret's name (which
+/// kube-controller-manager would fill with a long-lived token the account
+/// could then read), a Secret without the copy's label, an update of a
+/// user's own pull secret, writes in the system namespaces and in its own.
+/// A copy as the webhook makes it is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_account_may_write_only_pull_secret_copies() {
+    let env = Env::start(Overlay::ClusterWide).await;
+    let admin = env.admin();
+    let as_webhook = env.cp.webhook_identity_client();
+    for namespace in ["team-probe", "team-x", "team-own"] {
+        env.namespace(namespace, &[]).await;
+    }
+    let data = serde_json::Map::from_iter([(
+        ".dockerconfigjson".to_string(),
+        json!(env::docker_config_json("someone", "password")),
+    )]);
+    let own = env::create_pull_secret(&admin, "team-own", &data, None).await;
+    let copy_labels = json!({ MANAGED_BY: "image-rewriter" });
+    let secret = |namespace: &str, type_: &str, labels: Value| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": PULL_SECRET,
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": { "kubernetes.io/service-account.name": "default" },
+            },
+            "type": type_,
+            "data": if type_ == "kubernetes.io/service-account-token" { json!({}) } else { json!(data) },
+        }))
+        .expect("Secret")
+    };
+    let create = |namespace: &'static str, secret: Secret| {
+        let api = Api::<Secret>::namespaced(as_webhook.clone(), namespace);
+        async move { api.create(&PostParams::default(), &secret).await }
+    };
+    let refused_by_the_policy = |result: kube::Result<Secret>, why: &str| match result {
+        Err(kube::Error::Api(status)) if status.is_forbidden() => assert!(
+            status.message.contains("image-rewriter-secret-writes") && status.message.contains(why),
+            "refused, but not by the policy for {why:?}: {}",
+            status.message
+        ),
+        other => panic!("expected the policy to refuse ({why}), got {other:?}"),
+    };
+
+    // The policy takes effect once the apiserver has compiled it: probe with
+    // throwaway names elsewhere until it refuses.
+    let probes = AtomicUsize::new(0);
+    eventually("the policy is in force", Duration::from_secs(20), || {
+        let mut probe = secret(
+            "team-probe",
+            "kubernetes.io/service-account-token",
+            json!({}),
+        );
+        probe.metadata.name = Some(format!("probe-{}", probes.fetch_add(1, Ordering::SeqCst)));
+        let result = create("team-probe", probe);
+        async move {
+            match result.await {
+                Err(kube::Error::Api(status)) if status.is_forbidden() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let token = secret(
+        "team-x",
+        "kubernetes.io/service-account-token",
+        copy_labels.clone(),
+    );
+    refused_by_the_policy(create("team-x", token).await, "writes only pull secrets");
+    refused_by_the_policy(
+        create(
+            "team-x",
+            secret("team-x", "kubernetes.io/dockerconfigjson", json!({})),
+        )
+        .await,
+        "labelled app.kubernetes.io/managed-by=image-rewriter",
+    );
+    for namespace in ["kube-system", WEBHOOK_NAMESPACE] {
+        let mut elsewhere = secret(
+            namespace,
+            "kubernetes.io/dockerconfigjson",
+            copy_labels.clone(),
+        );
+        elsewhere.metadata.name = Some("not-a-source".into());
+        refused_by_the_policy(
+            create(namespace, elsewhere).await,
+            "in the system namespaces or in its own",
+        );
+    }
+    let mut taken_over = Api::<Secret>::namespaced(as_webhook.clone(), "team-own")
+        .get(PULL_SECRET)
+        .await
+        .expect("RBAC lets the webhook read a pull secret of that name");
+    taken_over.metadata.labels = Some(BTreeMap::from([(
+        MANAGED_BY.into(),
+        "image-rewriter".into(),
+    )]));
+    taken_over.data = secret("team-own", "kubernetes.io/dockerconfigjson", json!({})).data;
+    refused_by_the_policy(
+        Api::<Secret>::namespaced(as_webhook.clone(), "team-own")
+            .replace(PULL_SECRET, &PostParams::default(), &taken_over)
+            .await,
+        "updates only the copies it made",
+    );
+    let untouched = Api::<Secret>::namespaced(admin.clone(), "team-own")
+        .get(PULL_SECRET)
+        .await
+        .expect("the user's Secret");
+    assert_eq!(untouched.data, own.data);
+
+    // What the webhook itself writes passes: a labelled copy, then its update.
+    let copy = create(
+        "team-x",
+        secret("team-x", "kubernetes.io/dockerconfigjson", copy_labels),
+    )
+    .await
+    .expect("a copy as the webhook makes it is allowed");
+    let mut rotated = copy.clone();
+    rotated.data = own.data.clone();
+    Api::<Secret>::namespaced(as_webhook.clone(), "team-x")
+        .replace(PULL_SECRET, &PostParams::default(), &rotated)
+        .await
+        .expect("an update of its own copy is allowed");
+}
+
 /// 6. Pull secret copies under the shipped RBAC: the first pod in a new
 /// namespace finds its copy; rotating the source updates every copy; a
 /// user's own Secret of that name is never overwritten.

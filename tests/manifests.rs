@@ -627,16 +627,76 @@ fn check_rbac(r: &Rendered, config_map: &ConfigMap, deployment: &Deployment) {
         subjects[0].namespace.as_deref(),
         deployment.metadata.namespace.as_deref()
     );
+    check_secret_writes_policy(r, &subjects[0]);
+}
+
+/// The ValidatingAdmissionPolicy that narrows the account's Secret writes
+/// is bound, denies, fails closed, and names the very account RBAC binds.
+/// (What it allows and refuses is tested against a real apiserver, in
+/// tests/e2e.rs.)
+fn check_secret_writes_policy(r: &Rendered, account: &k8s_openapi::api::rbac::v1::Subject) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let o = &r.overlay;
+    let policies: Vec<ValidatingAdmissionPolicy> = r.all();
+    assert_eq!(policies.len(), 1, "{o}: one ValidatingAdmissionPolicy");
+    let policy = &policies[0];
+    let spec = policy.spec.as_ref().expect("policy spec");
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{o}");
+    let rules = spec
+        .match_constraints
+        .as_ref()
+        .and_then(|c| c.resource_rules.clone())
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 1, "{o}");
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["secrets".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned(), "UPDATE".to_owned()][..])
+    );
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        account.namespace.as_deref().unwrap_or_default(),
+        account.name
+    );
+    let conditions = spec.match_conditions.clone().unwrap_or_default();
+    assert_eq!(conditions.len(), 1, "{o}");
+    assert_eq!(
+        conditions[0].expression,
+        format!("request.userInfo.username == {user:?}"),
+        "{o}: the policy must match the account RBAC binds"
+    );
+    assert!(!spec.validations.clone().unwrap_or_default().is_empty());
+
+    let bindings: Vec<ValidatingAdmissionPolicyBinding> = r.all();
+    assert_eq!(
+        bindings.len(),
+        1,
+        "{o}: one ValidatingAdmissionPolicyBinding"
+    );
+    let binding = bindings[0].spec.as_ref().expect("binding spec");
+    assert_eq!(binding.policy_name, policy.metadata.name, "{o}");
+    assert_eq!(
+        binding.validation_actions.as_deref(),
+        Some(&["Deny".to_owned()][..]),
+        "{o}"
+    );
 }
 
 /// The webhook's own objects live in its namespace: a namespaced object
 /// without one would land in whatever namespace kubectl's context says.
 fn check_namespaces(r: &Rendered) {
-    const CLUSTER_SCOPED: [&str; 4] = [
+    const CLUSTER_SCOPED: [&str; 6] = [
         "Namespace",
         "MutatingWebhookConfiguration",
         "ClusterRole",
         "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ];
     for obj in &r.objects {
         let kind = obj["kind"].as_str().unwrap_or_default();
