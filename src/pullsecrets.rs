@@ -650,17 +650,27 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
         }
         Err(error) if is_status(&error, 409) => {
             // Someone (a user, or another replica) was first.
-            let existing = api_call(api.get_opt(name)).await.ok().flatten();
-            let managed = existing.as_ref().is_some_and(is_managed);
-            if let Some(existing) = &existing {
-                inner.remember(name, namespace, cached(existing));
-            }
-            if managed {
-                inner.count("exists");
-                Outcome::Exists
-            } else {
-                inner.count("user_owned");
-                Outcome::UserOwned
+            match api_call(api.get_opt(name)).await {
+                Ok(Some(existing)) => {
+                    inner.remember(name, namespace, cached(&existing));
+                    if is_managed(&existing) {
+                        inner.count("exists");
+                        Outcome::Exists
+                    } else {
+                        inner.count("user_owned");
+                        Outcome::UserOwned
+                    }
+                }
+                Ok(None) => {
+                    inner.count("failed");
+                    Outcome::Failed("it was created by someone else and deleted again".into())
+                }
+                Err(error) => {
+                    warn!(secret = %name, %namespace, %error, "cannot read the pull secret that exists already");
+                    inner.metrics.pull_secret_sync_errors.inc();
+                    inner.count("failed");
+                    Outcome::Failed(format!("it exists already, and reading it failed: {error}"))
+                }
             }
         }
         Err(error) => {
@@ -763,4 +773,6 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             }
         }
     }
+    warn!(secret = %name, %namespace, "pull secret copy changed under each of two updates; the next resync tries again");
+    inner.metrics.pull_secret_sync_errors.inc();
 }
