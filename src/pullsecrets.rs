@@ -101,6 +101,10 @@ struct Inner {
     /// The admissions waiting for each queued copy: the pods of a rollout
     /// in one namespace share one job, and one API call when it fails.
     waiting: Mutex<HashMap<CopyKey, Vec<oneshot::Sender<Outcome>>>>,
+    /// Names with a reconcile queued and not started: one is enough, so a
+    /// burst of events (or another writer fighting over a copy) cannot fill
+    /// the queue the copies for admissions go through.
+    reconcile_queued: Mutex<BTreeSet<String>>,
     watches: Mutex<HashMap<String, Watch>>,
     next_watch_id: std::sync::atomic::AtomicU64,
     work: mpsc::Sender<Work>,
@@ -145,6 +149,7 @@ impl PullSecretSync {
             source_namespace: RwLock::default(),
             enabled: std::sync::atomic::AtomicBool::new(true),
             waiting: Mutex::default(),
+            reconcile_queued: Mutex::default(),
             watches: Mutex::default(),
             next_watch_id: std::sync::atomic::AtomicU64::new(0),
             work,
@@ -182,7 +187,7 @@ impl PullSecretSync {
                 .filter(|name| watches.contains_key(*name))
                 .cloned()
                 .collect();
-            inner.reconcile_in_background(watched);
+            reconcile_in_background(inner.clone(), watched);
         }
         watches.retain(|name, watch| {
             let keep = names.contains(name);
@@ -196,6 +201,10 @@ impl PullSecretSync {
         });
         for name in names {
             watches.entry(name.clone()).or_insert_with(|| {
+                // Its cache entry lives exactly as long as its watch.
+                if let Ok(mut cache) = inner.cache.write() {
+                    cache.entry(name.clone()).or_default();
+                }
                 let id = inner
                     .next_watch_id
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -331,12 +340,19 @@ impl Inner {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Whether a managed copy's content differs from the source's in the
-    /// cache (a copy edited by hand, or one the last sync could not update).
+    /// Whether a managed copy of this replica's source differs from it in
+    /// the cache: edited by hand, or left behind by a failed sync. A copy
+    /// that names another source is another writer's (a replica still on
+    /// the previous config, during a reload that moved the source): the
+    /// resync settles it, not a race of writes on every event.
     fn differs_from_source(&self, name: &str, copy: &Cached) -> bool {
         let Some(source_namespace) = self.source_namespace() else {
             return false;
         };
+        let origin = source_reference(&source_namespace, name);
+        if copy.source.as_ref().is_some_and(|named| *named != origin) {
+            return false;
+        }
         self.cache.read().is_ok_and(|cache| {
             cache
                 .get(name)
@@ -356,17 +372,22 @@ impl Inner {
         }
     }
 
-    /// Queues a reconcile of each of `names` without blocking the caller.
-    fn reconcile_in_background(&self, names: Vec<String>) {
-        if names.is_empty() {
-            return;
-        }
-        let work = self.work.clone();
-        tokio::spawn(async move {
-            for name in names {
-                let _ = work.send(Work::Reconcile { name }).await;
+    /// Queues a reconcile of `name` unless one is queued already.
+    async fn request_reconcile(&self, name: &str) {
+        let newly_queued = self
+            .reconcile_queued
+            .lock()
+            .is_ok_and(|mut queued| queued.insert(name.to_owned()));
+        if newly_queued {
+            let work = Work::Reconcile {
+                name: name.to_owned(),
+            };
+            if self.work.send(work).await.is_err()
+                && let Ok(mut queued) = self.reconcile_queued.lock()
+            {
+                queued.remove(name);
             }
-        });
+        }
     }
 
     fn source_namespace(&self) -> Option<String> {
@@ -388,13 +409,13 @@ impl Inner {
         }
     }
 
+    /// Records a Secret just written or read, if its name is still watched
+    /// (a reload may have dropped it while the call was under way).
     fn remember(&self, name: &str, namespace: &str, cached: Cached) {
-        if let Ok(mut cache) = self.cache.write() {
-            cache
-                .entry(name.to_owned())
-                .or_default()
-                .namespaces
-                .insert(namespace.to_owned(), cached);
+        if let Ok(mut cache) = self.cache.write()
+            && let Some(entry) = cache.get_mut(name)
+        {
+            entry.namespaces.insert(namespace.to_owned(), cached);
             self.update_cache_size(&cache);
         }
     }
@@ -479,10 +500,7 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                     entry.namespaces = namespaces;
                     entry.synced = true;
                 });
-                let _ = inner
-                    .work
-                    .send(Work::Reconcile { name: name.clone() })
-                    .await;
+                inner.request_reconcile(&name).await;
             }
             Ok(Event::Apply(secret)) => {
                 let Some(namespace) = secret.metadata.namespace.clone() else {
@@ -499,10 +517,7 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                     cache.namespaces.insert(namespace.clone(), entry);
                 });
                 if is_source || drifted {
-                    let _ = inner
-                        .work
-                        .send(Work::Reconcile { name: name.clone() })
-                        .await;
+                    inner.request_reconcile(&name).await;
                 }
             }
             Ok(Event::Delete(secret)) => {
@@ -533,9 +548,28 @@ async fn worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<Work>) {
                 let outcome = ensure_copy(&inner, &namespace, &name).await;
                 inner.copy_done(&namespace, &name, &outcome);
             }
-            Work::Reconcile { name } => reconcile(&inner, &name).await,
+            Work::Reconcile { name } => {
+                // Unmarked before it runs: a change seen from here on needs
+                // a reconcile of its own.
+                if let Ok(mut queued) = inner.reconcile_queued.lock() {
+                    queued.remove(&name);
+                }
+                reconcile(&inner, &name).await;
+            }
         }
     }
+}
+
+/// Queues a reconcile of each of `names` without blocking the caller.
+fn reconcile_in_background(inner: Arc<Inner>, names: Vec<String>) {
+    if names.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for name in names {
+            inner.request_reconcile(&name).await;
+        }
+    });
 }
 
 /// Queues a reconcile of every watched name that has listed, each period.
@@ -544,6 +578,11 @@ async fn resync(inner: Arc<Inner>, every: Duration) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        // Outside a cluster with no namespace given there is no source to
+        // compare with (and nothing was copied).
+        if inner.source_namespace().is_none() {
+            continue;
+        }
         let names: Vec<String> = inner
             .cache
             .read()
@@ -556,7 +595,7 @@ async fn resync(inner: Arc<Inner>, every: Duration) {
             })
             .unwrap_or_default();
         for name in names {
-            let _ = inner.work.send(Work::Reconcile { name }).await;
+            inner.request_reconcile(&name).await;
         }
     }
 }
@@ -629,6 +668,10 @@ fn copy_of(source: &Secret, source_namespace: &str, namespace: &str) -> Secret {
 async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
     if matches!(inner.lookup(name, namespace), Lookup::Present) {
         return Outcome::Exists;
+    }
+    // Queued before a reload turned the sync off.
+    if !inner.is_enabled() {
+        return Outcome::Failed("pullSecretSync is disabled".into());
     }
     let (source_namespace, source) = match source_secret(inner, name).await {
         Ok(found) => found,
@@ -720,6 +763,9 @@ async fn reconcile(inner: &Inner, name: &str) {
         })
         .unwrap_or_default();
     for namespace in stale {
+        if !inner.is_enabled() {
+            return;
+        }
         update_copy(inner, &source, &source_namespace, &namespace).await;
     }
 }
@@ -741,6 +787,19 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
         };
         if !is_managed(&current) {
             inner.count("user_owned");
+            return;
+        }
+        // A Secret's type cannot change: the apiserver would refuse the
+        // update, at every resync.
+        if current.type_ != source.type_ {
+            error!(
+                secret = %name, %namespace,
+                copy_type = current.type_.as_deref().unwrap_or("Opaque"),
+                source_type = source.type_.as_deref().unwrap_or("Opaque"),
+                "the source's type changed, and a Secret's type cannot: delete this copy to have it made again"
+            );
+            inner.metrics.pull_secret_sync_errors.inc();
+            inner.count("failed");
             return;
         }
         let origin = source_reference(source_namespace, &name);

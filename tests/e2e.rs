@@ -871,18 +871,36 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
         .await,
         "labelled app.kubernetes.io/managed-by=image-rewriter",
     );
+    let mut other_name = secret(
+        "team-x",
+        "kubernetes.io/dockerconfigjson",
+        copy_labels.clone(),
+    );
+    other_name.metadata.name = Some("chart-registry-credentials".into());
+    refused_by_the_policy(
+        create("team-x", other_name).await,
+        "named like a rule's pullSecret",
+    );
     for namespace in ["kube-system", WEBHOOK_NAMESPACE] {
-        let mut elsewhere = secret(
+        let elsewhere = secret(
             namespace,
             "kubernetes.io/dockerconfigjson",
             copy_labels.clone(),
         );
-        elsewhere.metadata.name = Some("not-a-source".into());
         refused_by_the_policy(
             create(namespace, elsewhere).await,
             "in the system namespaces or in its own",
         );
     }
+    let other_data = |user: &str| {
+        let config = env::docker_config_json(user, "another-password");
+        let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, config)
+            .expect("base64");
+        Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            k8s_openapi::ByteString(bytes),
+        )]))
+    };
     let mut taken_over = Api::<Secret>::namespaced(as_webhook.clone(), "team-own")
         .get(PULL_SECRET)
         .await
@@ -891,7 +909,8 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
         MANAGED_BY.into(),
         "image-rewriter".into(),
     )]));
-    taken_over.data = secret("team-own", "kubernetes.io/dockerconfigjson", json!({})).data;
+    taken_over.data = other_data("intruder");
+    assert_ne!(taken_over.data, own.data);
     refused_by_the_policy(
         Api::<Secret>::namespaced(as_webhook.clone(), "team-own")
             .replace(PULL_SECRET, &PostParams::default(), &taken_over)
@@ -912,11 +931,13 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
     .await
     .expect("a copy as the webhook makes it is allowed");
     let mut rotated = copy.clone();
-    rotated.data = own.data.clone();
-    Api::<Secret>::namespaced(as_webhook.clone(), "team-x")
+    rotated.data = other_data("rotated");
+    assert_ne!(rotated.data, copy.data);
+    let written = Api::<Secret>::namespaced(as_webhook.clone(), "team-x")
         .replace(PULL_SECRET, &PostParams::default(), &rotated)
         .await
         .expect("an update of its own copy is allowed");
+    assert_eq!(written.data, rotated.data);
 }
 
 /// 6. Pull secret copies under the shipped RBAC: the first pod in a new

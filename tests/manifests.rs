@@ -627,14 +627,18 @@ fn check_rbac(r: &Rendered, config_map: &ConfigMap, deployment: &Deployment) {
         subjects[0].namespace.as_deref(),
         deployment.metadata.namespace.as_deref()
     );
-    check_secret_writes_policy(r, &subjects[0]);
+    check_secret_writes_policy(r, &subjects[0], &granted);
 }
 
 /// The ValidatingAdmissionPolicy that narrows the account's Secret writes
 /// is bound, denies, fails closed, and names the very account RBAC binds.
 /// (What it allows and refuses is tested against a real apiserver, in
 /// tests/e2e.rs.)
-fn check_secret_writes_policy(r: &Rendered, account: &k8s_openapi::api::rbac::v1::Subject) {
+fn check_secret_writes_policy(
+    r: &Rendered,
+    account: &k8s_openapi::api::rbac::v1::Subject,
+    granted_names: &[String],
+) {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
     };
@@ -670,7 +674,17 @@ fn check_secret_writes_policy(r: &Rendered, account: &k8s_openapi::api::rbac::v1
         format!("request.userInfo.username == {user:?}"),
         "{o}: the policy must match the account RBAC binds"
     );
-    assert!(!spec.validations.clone().unwrap_or_default().is_empty());
+    let validations = spec.validations.clone().unwrap_or_default();
+    let mut names: Vec<String> = validations
+        .iter()
+        .find_map(|v| v.expression.strip_prefix("object.metadata.name in "))
+        .map(|list| serde_json::from_str(list).expect("a list of quoted names"))
+        .expect("a validation of the Secret's name");
+    names.sort();
+    assert_eq!(
+        names, granted_names,
+        "{o}: the policy's names must be RBAC's resourceNames (the config's pull secrets)"
+    );
 
     let bindings: Vec<ValidatingAdmissionPolicyBinding> = r.all();
     assert_eq!(

@@ -39,6 +39,9 @@ enum Fault {
     ServerError = 1,
     /// Every call but list/watch never answers.
     Hang = 2,
+    /// A create answers 409 AlreadyExists and stores nothing (the Secret was
+    /// made by someone else and deleted again before the next read).
+    CreateConflict = 3,
 }
 
 /// The fake's state: Secrets by (namespace, name), a resourceVersion clock,
@@ -52,6 +55,9 @@ struct Fake {
     history: Mutex<Vec<(u64, Value)>>,
     fault: AtomicU8,
     calls: AtomicUsize,
+    /// Replace calls received, and those that wrote.
+    put_attempts: AtomicUsize,
+    puts_written: AtomicUsize,
     watches_started: AtomicUsize,
     /// Bumping this ends every open watch stream (a dropped connection).
     watch_generation: AtomicU64,
@@ -66,6 +72,8 @@ impl Fake {
             history: Mutex::default(),
             fault: AtomicU8::new(Fault::None as u8),
             calls: AtomicUsize::new(0),
+            put_attempts: AtomicUsize::new(0),
+            puts_written: AtomicUsize::new(0),
             watches_started: AtomicUsize::new(0),
             watch_generation: AtomicU64::new(0),
         })
@@ -75,6 +83,7 @@ impl Fake {
         match self.fault.load(Ordering::SeqCst) {
             1 => Fault::ServerError,
             2 => Fault::Hang,
+            3 => Fault::CreateConflict,
             _ => Fault::None,
         }
     }
@@ -136,6 +145,7 @@ async fn faulted(fake: &Fake) -> Option<Response> {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             None
         }
+        Fault::CreateConflict => None,
     }
 }
 
@@ -253,7 +263,7 @@ async fn namespaced_collection(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    if fake.get(&namespace, &name).is_some() {
+    if fake.get(&namespace, &name).is_some() || fake.fault() == Fault::CreateConflict {
         return status(
             409,
             "AlreadyExists",
@@ -283,6 +293,7 @@ async fn namespaced_item(
             None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
         },
         Method::PUT => {
+            fake.put_attempts.fetch_add(1, Ordering::SeqCst);
             let secret: Value = serde_json::from_slice(&body).unwrap();
             let Some(current) = current else {
                 return status(404, "NotFound", "not found");
@@ -290,6 +301,10 @@ async fn namespaced_item(
             if secret["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
                 return status(409, "Conflict", "the object has been modified");
             }
+            if secret["type"] != current["type"] {
+                return status(422, "Invalid", "type: Invalid value: field is immutable");
+            }
+            fake.puts_written.fetch_add(1, Ordering::SeqCst);
             axum::Json(fake.put(&namespace, secret, "MODIFIED")).into_response()
         }
         _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
@@ -588,6 +603,128 @@ async fn with_sync_disabled_existing_copies_are_not_written() {
     // Ten resync periods, and the source event itself.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(is_copy_of(&fake, "team-a", &source), "the copy was written");
+}
+
+/// Two replicas (each runs the sync) write each copy once per rotation: the
+/// second finds the first's write and leaves it.
+#[tokio::test]
+async fn two_replicas_write_each_copy_once_per_rotation() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (first, _) = started_sync(&fake, client.clone(), &policy).await;
+    let (_second, second_metrics) = started_sync(&fake, client, &policy).await;
+    let namespaces = ["team-a", "team-b", "team-c", "team-d"];
+    for namespace in namespaces {
+        assert!(
+            first
+                .ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
+                .await
+                .is_empty()
+        );
+    }
+    eventually("the second replica has seen the copies", || {
+        second_metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_cache_size 5")
+    })
+    .await;
+
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    eventually("every copy is rotated", || {
+        namespaces.iter().all(|namespace| {
+            fake.get(namespace, SECRET)
+                .is_some_and(|copy| copy["data"] == rotated["data"])
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.puts_written.load(Ordering::SeqCst), namespaces.len());
+}
+
+/// Two replicas with different sources (during a reload that moves the
+/// source, until both have it) do not overwrite each other on every event:
+/// the copies follow the one that wrote last, until the configs agree.
+#[tokio::test]
+async fn replicas_with_different_sources_do_not_fight_over_the_copies() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let moved = fake.put("vault", source_secret("v2"), "ADDED");
+    let policy = policy("2s");
+    let (old_config, _) = started_sync(&fake, client.clone(), &policy).await;
+    for namespace in ["team-a", "team-b", "team-c"] {
+        assert!(
+            old_config
+                .ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
+                .await
+                .is_empty()
+        );
+    }
+    let (_new_config, _) = started_sync(&fake, client, &policy_with_source("vault")).await;
+    eventually(
+        "the replica with the new config has moved the copies",
+        || {
+            ["team-a", "team-b", "team-c"]
+                .iter()
+                .all(|namespace| is_copy_of(&fake, namespace, &moved))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let written = fake.puts_written.load(Ordering::SeqCst);
+    assert!(written <= 6, "{written} writes for three copies");
+}
+
+/// A Secret's type cannot change: when the source's has, its copies are
+/// left as they are (no update the apiserver would refuse) and it is
+/// counted as an error.
+#[tokio::test]
+async fn a_source_whose_type_changed_leaves_its_copies_and_says_so() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    assert!(
+        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+            .await
+            .is_empty()
+    );
+    let copy = fake.get("team-a", SECRET).unwrap();
+
+    let mut retyped = source_secret("v2");
+    retyped["type"] = json!("kubernetes.io/dockercfg");
+    retyped["data"] = json!({".dockercfg": base64("{}")});
+    fake.put(SOURCE_NS, retyped, "MODIFIED");
+    eventually("the type change is counted", || {
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_copies_total{result=\"failed\"} 1")
+    })
+    .await;
+    assert_eq!(fake.get("team-a", SECRET).unwrap(), copy);
+    assert_eq!(fake.put_attempts.load(Ordering::SeqCst), 0);
+}
+
+/// A create that meets a Secret which is gone by the next read is a failed
+/// copy, with a warning for the pod: not a user's Secret to leave alone.
+#[tokio::test]
+async fn a_conflict_over_a_secret_gone_again_is_a_failed_copy() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    fake.set_fault(Fault::CreateConflict);
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("deleted again"), "{warnings:?}");
+    let text = metrics.encode();
+    assert!(
+        text.contains("image_rewriter_pull_secret_copies_total{result=\"failed\"} 1")
+            && text.contains("image_rewriter_pull_secret_copies_total{result=\"user_owned\"} 0"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
