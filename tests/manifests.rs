@@ -91,19 +91,20 @@ struct Expect {
     failure_policy: &'static str,
 }
 
+/// The shipped cluster-wide overlay's expectations, and those of the
+/// optional components added to it.
+const CLUSTER_WIDE_GENERATED: Expect = Expect {
+    scope: Scope::ClusterWide,
+    certs: CertSource::Generated,
+    failure_policy: "Ignore",
+};
+
 // ---------------------------------------------------------------------------
 // The overlays
 
 #[test]
 fn overlay_cluster_wide() {
-    check_overlay(
-        "cluster-wide",
-        &Expect {
-            scope: Scope::ClusterWide,
-            certs: CertSource::Generated,
-            failure_policy: "Ignore",
-        },
-    );
+    check_overlay("cluster-wide", &CLUSTER_WIDE_GENERATED);
 }
 
 #[test]
@@ -163,11 +164,7 @@ fn ipv6_component_listens_on_every_address_family() {
     let Some(rendered) = check_overlay_with_components(
         "test-cluster-wide-ipv6",
         &["../../components/cluster-wide", "../../components/ipv6"],
-        &Expect {
-            scope: Scope::ClusterWide,
-            certs: CertSource::Generated,
-            failure_policy: "Ignore",
-        },
+        &CLUSTER_WIDE_GENERATED,
     ) else {
         return;
     };
@@ -195,11 +192,7 @@ fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
             "../../components/cluster-wide",
             "../../components/prometheus-operator",
         ],
-        &Expect {
-            scope: Scope::ClusterWide,
-            certs: CertSource::Generated,
-            failure_policy: "Ignore",
-        },
+        &CLUSTER_WIDE_GENERATED,
     ) else {
         return;
     };

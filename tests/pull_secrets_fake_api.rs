@@ -390,6 +390,14 @@ async fn started_sync_with_resync(
     (sync, metrics)
 }
 
+/// Admits a pod in `namespace` that needs the pull secret: no warning.
+async fn admit(sync: &PullSecretSync, policy: &Policy, namespace: &str) {
+    let warnings = sync
+        .ensure_for_pod(policy, namespace, &[SECRET.into()], None)
+        .await;
+    assert!(warnings.is_empty(), "{namespace}: {warnings:?}");
+}
+
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
@@ -441,11 +449,7 @@ async fn the_first_pod_gets_a_copy_and_the_second_costs_no_api_call() {
         "{text}"
     );
     // The source namespace itself needs nothing.
-    assert!(
-        sync.ensure_for_pod(&policy, SOURCE_NS, &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, SOURCE_NS).await;
     assert_eq!(fake.calls.load(Ordering::SeqCst), calls);
 }
 
@@ -460,18 +464,10 @@ async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
 
     for namespace in ["team-a", "team-c", "team-d"] {
-        assert!(
-            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
-                .await
-                .is_empty()
-        );
+        admit(&sync, &policy, namespace).await;
     }
     // team-b has its own Secret of that name: used as it is, never touched.
-    assert!(
-        sync.ensure_for_pod(&policy, "team-b", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-b").await;
 
     let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
     eventually("every copy carries the rotated password", || {
@@ -497,11 +493,7 @@ async fn a_rotation_that_met_api_errors_reaches_the_copies_at_the_next_resync() 
     let policy = policy("2s");
     let (sync, metrics) =
         started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
 
     fake.set_fault(Fault::ServerError);
     let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
@@ -527,11 +519,7 @@ async fn a_copy_edited_by_hand_is_put_back_and_keeps_others_annotations() {
     let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
     let policy = policy("2s");
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
 
     let mut edited = fake.get("team-a", SECRET).unwrap();
     edited["data"] = source_secret("tampered")["data"].clone();
@@ -586,11 +574,7 @@ async fn with_sync_disabled_existing_copies_are_not_written() {
     let policy = policy("2s");
     let (sync, _metrics) =
         started_sync_with_resync(&fake, client, &policy, Duration::from_millis(100)).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
     let disabled = ConfigFile::from_yaml(&format!(
         "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
          pullSecretSync:\n  enabled: false\n"
@@ -616,12 +600,7 @@ async fn two_replicas_write_each_copy_once_per_rotation() {
     let (_second, second_metrics) = started_sync(&fake, client, &policy).await;
     let namespaces = ["team-a", "team-b", "team-c", "team-d"];
     for namespace in namespaces {
-        assert!(
-            first
-                .ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
-                .await
-                .is_empty()
-        );
+        admit(&first, &policy, namespace).await;
     }
     eventually("the second replica has seen the copies", || {
         second_metrics
@@ -653,12 +632,7 @@ async fn replicas_with_different_sources_do_not_fight_over_the_copies() {
     let policy = policy("2s");
     let (old_config, _) = started_sync(&fake, client.clone(), &policy).await;
     for namespace in ["team-a", "team-b", "team-c"] {
-        assert!(
-            old_config
-                .ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
-                .await
-                .is_empty()
-        );
+        admit(&old_config, &policy, namespace).await;
     }
     let (_new_config, _) = started_sync(&fake, client, &policy_with_source("vault")).await;
     eventually(
@@ -684,11 +658,7 @@ async fn a_source_whose_type_changed_leaves_its_copies_and_says_so() {
     fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
     let policy = policy("2s");
     let (sync, metrics) = started_sync(&fake, client, &policy).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
     let copy = fake.get("team-a", SECRET).unwrap();
 
     let mut retyped = source_secret("v2");
@@ -733,11 +703,7 @@ async fn a_dropped_watch_reconnects_and_loses_nothing() {
     fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
     let policy = policy("2s");
     let (sync, metrics) = started_sync(&fake, client, &policy).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
 
     // The connection drops; while no watch is open, the source rotates and a
     // copy appears in another namespace (another replica made it).
@@ -764,11 +730,7 @@ async fn a_dropped_watch_reconnects_and_loses_nothing() {
     })
     .await;
     let calls = fake.calls.load(Ordering::SeqCst);
-    assert!(
-        sync.ensure_for_pod(&policy, "team-z", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-z").await;
     assert_eq!(
         fake.calls.load(Ordering::SeqCst),
         calls,
@@ -808,11 +770,7 @@ async fn api_errors_become_warnings_within_the_budget() {
 
     // Once the API recovers, the next pod gets its copy.
     fake.set_fault(Fault::None);
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
     assert!(fake.get("team-a", SECRET).is_some());
 }
 
@@ -890,11 +848,7 @@ async fn a_reload_that_moves_the_source_brings_every_copy_to_the_new_source() {
     let policy = policy("2s");
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
     for namespace in ["team-a", "team-c", "team-b"] {
-        assert!(
-            sync.ensure_for_pod(&policy, namespace, &[SECRET.into()], None)
-                .await
-                .is_empty()
-        );
+        admit(&sync, &policy, namespace).await;
     }
     assert!(is_copy_of(&fake, "team-a", &old_source));
 
@@ -926,11 +880,7 @@ async fn a_moved_source_with_the_same_content_is_named_by_every_copy() {
     let new_source = fake.put("vault", source_secret("same"), "ADDED");
     let policy = policy("2s");
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
-    assert!(
-        sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-            .await
-            .is_empty()
-    );
+    admit(&sync, &policy, "team-a").await;
 
     sync.configure(&policy_with_source("vault"));
     eventually("the copy names its new source", || {
