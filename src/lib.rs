@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod deadline;
 pub mod image;
+pub mod kubectl_yaml;
 pub mod manifest_yaml;
 pub mod metrics;
 pub mod offline;

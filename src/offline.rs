@@ -169,20 +169,16 @@ fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
     }
 }
 
+/// The documents as `kubectl apply` reads them (YAML 1.1), empty ones left out.
 fn read_yaml(input: &str) -> Result<Vec<Value>, MutateError> {
-    let mut documents = Vec::new();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
-        let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| {
-            MutateError::Syntax {
-                index: index + 1,
-                reason: e.to_string(),
-            }
-        })?;
-        if !value.is_null() {
-            documents.push(value);
-        }
-    }
-    Ok(documents)
+    let documents = crate::kubectl_yaml::documents(input).map_err(|error| MutateError::Syntax {
+        index: error.document,
+        reason: error.reason,
+    })?;
+    Ok(documents
+        .into_iter()
+        .filter(|value| !value.is_null())
+        .collect())
 }
 
 /// Mutates one object at `prefix` inside `root`, recursing into `List`s.

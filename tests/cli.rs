@@ -711,11 +711,21 @@ fn mutate_keeps_strings_other_yaml_readers_would_retype() {
         ["harbor.corp.example/dockerhub/library/nginx:1.27"]
     );
 
-    // `kubectl label --local` reads the file as `kubectl apply` does, offline.
-    let Some(kubectl) = common::kubectl("mutate's YAML through kubectl") else {
+    let Some(kubectl_read) = kubectl_reads(&dir, &mutated) else {
         return;
     };
-    let file = dir.file("mutated.yaml", &mutated);
+    assert_eq!(
+        kubectl_read, read_back,
+        "kubectl reads mutate's output as mutate wrote it:\n{mutated}"
+    );
+}
+
+/// The objects of a YAML stream as `kubectl apply` reads them, offline
+/// (`kubectl label --local`, the label taken off again); `None` without
+/// kubectl.
+fn kubectl_reads(dir: &Dir, yaml: &str) -> Option<Vec<Value>> {
+    let kubectl = common::kubectl("YAML read by kubectl")?;
+    let file = dir.file("read-by-kubectl.yaml", yaml);
     let labelled = std::process::Command::new(kubectl)
         .args([
             "label",
@@ -729,9 +739,7 @@ fn mutate_keeps_strings_other_yaml_readers_would_retype() {
         .output()
         .expect("kubectl runs");
     assert_success(&labelled);
-    // One JSON object per document, the label added; without it, the rest
-    // must be what mutate wrote.
-    let kubectl_read: Vec<Value> = serde_json::Deserializer::from_str(&stdout(&labelled))
+    let objects = serde_json::Deserializer::from_str(&stdout(&labelled))
         .into_iter::<Value>()
         .map(|object| {
             let mut object = object.unwrap();
@@ -744,10 +752,86 @@ fn mutate_keeps_strings_other_yaml_readers_would_retype() {
             object
         })
         .collect();
+    Some(objects)
+}
+
+/// YAML 1.1, as kubectl reads it: an octal mode, booleans spelled `yes` and
+/// `on`, a number with `_`, and a container merged from an anchor with `<<`.
+const KUBECTL_YAML_1_1: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 1_0
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      hostNetwork: yes
+      containers:
+        - &base
+          name: a
+          image: nginx:1.27
+          stdin: on
+          volumeMounts: [{name: config, mountPath: /etc/app}]
+        - <<: *base
+          name: b
+      volumes:
+        - name: config
+          secret:
+            secretName: app
+            defaultMode: 0644
+            items: [{key: k, path: p, mode: 0400}]
+"#;
+
+#[test]
+fn mutate_reads_yaml_as_kubectl_does() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let output = mutate_stdin(&config, KUBECTL_YAML_1_1);
+    assert_success(&output);
+    let mutated = stdout(&output);
+    let deployment = &yaml_documents(&mutated)[0];
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(deployment["spec"]["replicas"], 10, "{mutated}");
+    assert_eq!(spec["hostNetwork"], true, "{mutated}");
     assert_eq!(
-        kubectl_read, read_back,
-        "kubectl reads mutate's output as mutate wrote it:\n{mutated}"
+        spec["volumes"][0]["secret"]["defaultMode"], 420,
+        "{mutated}"
     );
+    assert_eq!(spec["volumes"][0]["secret"]["items"][0]["mode"], 256);
+    for container in spec["containers"].as_array().unwrap() {
+        assert_eq!(
+            container["image"], "harbor.corp.example/dockerhub/library/nginx:1.27",
+            "{mutated}"
+        );
+        assert_eq!(container["stdin"], true, "{mutated}");
+        assert_eq!(container["volumeMounts"][0]["mountPath"], "/etc/app");
+    }
+    assert_eq!(spec["containers"][1]["name"], "b");
+
+    // The same as kubectl reads the input, but for the images mutate moved.
+    let Some(read_from_input) = kubectl_reads(&dir, KUBECTL_YAML_1_1) else {
+        return;
+    };
+    let Some(read_from_output) = kubectl_reads(&dir, &mutated) else {
+        return;
+    };
+    let mut expected = read_from_input[0].clone();
+    for container in expected["spec"]["template"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+    {
+        container["image"] = "harbor.corp.example/dockerhub/library/nginx:1.27".into();
+    }
+    let template = &mut expected["spec"]["template"];
+    template["spec"]["imagePullSecrets"] = serde_json::json!([{"name": "harbor-pull"}]);
+    template["metadata"]["annotations"] =
+        read_from_output[0]["spec"]["template"]["metadata"]["annotations"].clone();
+    assert_eq!(read_from_output[0], expected, "{mutated}");
 }
 
 #[test]
