@@ -570,3 +570,28 @@ fn oracles_agree_with_the_documented_examples() {
     assert!(!glob_matches("registry.k8s.io/**", "registry.k8s.io"));
     assert!(!glob_matches("ghcr.io/org/*", "ghcr.io/org/a/b"));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    /// `mutate`'s YAML reader answers any text with documents or an error,
+    /// never a panic.
+    #[test]
+    fn the_kubectl_yaml_reader_never_panics(
+        text in "[-+_.0-9a-fA-FxXoObB~:&*<>!{}\\[\\],'\" \n#|%]{0,60}"
+    ) {
+        let _ = image_rewriter::kubectl_yaml::documents(&text);
+    }
+
+    /// Number-like scalars (the reader's own parsing) never panic plain,
+    /// and stay the very strings quoted.
+    #[test]
+    fn number_like_plain_scalars_never_panic_and_quoted_ones_stay_strings(
+        scalar in "[-+_.0-9a-fA-FxXoObBeE]{1,24}"
+    ) {
+        let _ = image_rewriter::kubectl_yaml::documents(&format!("v: {scalar}\n"));
+        let quoted = image_rewriter::kubectl_yaml::documents(&format!("v: '{scalar}'\n"))
+            .expect("a quoted scalar is valid YAML");
+        prop_assert_eq!(&quoted[0]["v"], &json!(scalar));
+    }
+}
