@@ -244,6 +244,15 @@ pub struct MutateArgs {
     /// The webhook's own namespace, which is never touched.
     #[arg(long, env = "IMAGE_REWRITER_NAMESPACE")]
     pub namespace: Option<String>,
+    /// The namespace the objects that name none go into, as with `kubectl
+    /// apply -n`: its exclusions apply to them. Without it, they are taken
+    /// to go where no exclusion applies.
+    #[arg(
+        short = 'n',
+        long = "target-namespace",
+        env = "IMAGE_REWRITER_TARGET_NAMESPACE"
+    )]
+    pub target_namespace: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -307,7 +316,15 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
         std::fs::read_to_string(&args.file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
     };
-    let mutated = mutate_documents(&policy, &input)?;
+    if let Some(target) = &args.target_namespace
+        && !is_dns_label(target)
+    {
+        anyhow::bail!(
+            "--target-namespace / IMAGE_REWRITER_TARGET_NAMESPACE {target:?} is not a namespace \
+             name (a lower-case RFC 1123 label, at most 63 characters)"
+        );
+    }
+    let mutated = mutate_documents(&policy, &input, args.target_namespace.as_deref())?;
     for warning in &mutated.warnings {
         eprintln!("warning: {warning}");
     }

@@ -110,15 +110,26 @@ fn pod_location(kind: &str) -> Option<&'static [&'static str]> {
 
 /// Mutates a stream of Kubernetes objects, YAML (multi-document) or JSON,
 /// as the webhook would mutate the pods they create. Output keeps the
-/// input's format; objects without pods pass through unchanged.
-pub fn mutate_documents(policy: &Policy, input: &str) -> Result<Mutated, MutateError> {
+/// input's format; objects without pods pass through unchanged. An object
+/// that names no namespace is taken to go into `target_namespace` (as with
+/// `kubectl apply -n`), so its exclusions apply; with none, into a
+/// namespace no exclusion covers.
+pub fn mutate_documents(
+    policy: &Policy,
+    input: &str,
+    target_namespace: Option<&str>,
+) -> Result<Mutated, MutateError> {
     let (documents, is_json) = read_documents(input)?;
     let mut mutated = Mutated::default();
     let mut outputs = Vec::with_capacity(documents.len());
     for (index, mut document) in documents.into_iter().enumerate() {
+        let target = Target {
+            index: index + 1,
+            namespace: target_namespace,
+        };
         mutate_object(
             policy,
-            index + 1,
+            &target,
             &mut document,
             &mut Vec::new(),
             &mut mutated,
@@ -181,10 +192,17 @@ fn read_yaml(input: &str) -> Result<Vec<Value>, MutateError> {
         .collect())
 }
 
+/// Which document is being mutated, and the namespace of its objects that
+/// name none.
+struct Target<'a> {
+    index: usize,
+    namespace: Option<&'a str>,
+}
+
 /// Mutates one object at `prefix` inside `root`, recursing into `List`s.
 fn mutate_object(
     policy: &Policy,
-    index: usize,
+    target: &Target<'_>,
     root: &mut Value,
     prefix: &mut Vec<String>,
     mutated: &mut Mutated,
@@ -209,7 +227,7 @@ fn mutate_object(
     {
         for item in 0..items.len() {
             prefix.extend(["items".to_owned(), item.to_string()]);
-            mutate_object(policy, index, root, prefix, mutated)?;
+            mutate_object(policy, target, root, prefix, mutated)?;
             prefix.truncate(prefix.len() - 2);
         }
         return Ok(());
@@ -218,7 +236,7 @@ fn mutate_object(
         return Ok(());
     };
     let invalid = |field: &str, reason: String| MutateError::InvalidField {
-        index,
+        index: target.index,
         kind: kind.clone(),
         name: name.clone(),
         field: field.to_owned(),
@@ -251,7 +269,8 @@ fn mutate_object(
         .map_err(|e| invalid(&field("spec"), e.to_string()))?;
     let namespace = object
         .pointer("/metadata/namespace")
-        .and_then(Value::as_str);
+        .and_then(Value::as_str)
+        .or(target.namespace);
     let tokens: Vec<&str> = prefix
         .iter()
         .map(String::as_str)
@@ -277,7 +296,7 @@ fn mutate_object(
         .extend(plan.warnings.iter().map(|w| format!("{label}: {w}")));
     mutated.rewritten += plan.rewritten.len();
     json_patch::patch(root, &plan.operations).map_err(|e| MutateError::PatchFailed {
-        index,
+        index: target.index,
         kind: kind.clone(),
         name: name.clone(),
         reason: e.to_string(),

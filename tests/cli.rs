@@ -932,6 +932,48 @@ fn mutate_respects_excluded_namespaces() {
     assert_success(&output);
     let documents = yaml_documents(&stdout(&output));
     assert_eq!(documents[0], yaml_documents(&pod)[0]);
+
+    // An object that names no namespace goes where `--target-namespace`
+    // (`-n`) says, as with `kubectl apply -n`; without it, where no
+    // exclusion applies. One that names its own keeps it.
+    let without_namespace = POD.replace("  namespace: shop\n", "");
+    assert_ne!(without_namespace, POD);
+    let into = |args: &[&str]| {
+        let mut all = vec!["mutate", "--config", s(&config), "-f", "-"];
+        all.extend_from_slice(args);
+        let output = run_stdin(&all, &without_namespace);
+        assert_success(&output);
+        yaml_documents(&stdout(&output)).remove(0)
+    };
+    let untouched = yaml_documents(&without_namespace).remove(0);
+    assert_eq!(into(&["-n", "legacy"]), untouched);
+    assert_eq!(into(&["--target-namespace", "kube-system"]), untouched);
+    assert_ne!(into(&["-n", "shop"]), untouched);
+    assert_ne!(into(&[]), untouched);
+    let named = run_stdin(
+        &["mutate", "--config", s(&config), "-f", "-", "-n", "legacy"],
+        POD,
+    );
+    assert_ne!(yaml_documents(&stdout(&named))[0], yaml_documents(POD)[0]);
+
+    let refused = run_stdin(
+        &[
+            "mutate",
+            "--config",
+            s(&config),
+            "-f",
+            "-",
+            "-n",
+            "Not_A_Namespace",
+        ],
+        POD,
+    );
+    assert_exit_1(&refused);
+    assert!(
+        stderr(&refused).contains("--target-namespace"),
+        "{}",
+        stderr(&refused)
+    );
 }
 
 #[test]
