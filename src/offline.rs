@@ -66,19 +66,18 @@ impl RewriteReport {
 pub enum MutateError {
     #[error("document {index}: not valid YAML or JSON: {reason}")]
     Syntax { index: usize, reason: String },
-    #[error("document {index} ({kind} {name}): {field} is not valid: {reason}")]
+    /// `object` is its kind and, when it has one, its name.
+    #[error("document {index} ({object}): {field} is not valid: {reason}")]
     InvalidField {
         index: usize,
-        kind: String,
-        name: String,
+        object: String,
         field: String,
         reason: String,
     },
-    #[error("document {index} ({kind} {name}): the patch did not apply: {reason}")]
+    #[error("document {index} ({object}): the patch did not apply: {reason}")]
     PatchFailed {
         index: usize,
-        kind: String,
-        name: String,
+        object: String,
         reason: String,
     },
 }
@@ -123,6 +122,11 @@ pub fn mutate_documents(
     let mut mutated = Mutated::default();
     let mut outputs = Vec::with_capacity(documents.len());
     for (index, mut document) in documents.into_iter().enumerate() {
+        // An empty YAML document (`---` twice) holds no object; it still
+        // counts, so that errors name documents as an editor counts them.
+        if !is_json && document.is_null() {
+            continue;
+        }
         let target = Target {
             index: index + 1,
             namespace: target_namespace,
@@ -180,16 +184,13 @@ fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
     }
 }
 
-/// The documents as `kubectl apply` reads them (YAML 1.1), empty ones left out.
+/// The documents as `kubectl apply` reads them (YAML 1.1), an empty one as
+/// `null`.
 fn read_yaml(input: &str) -> Result<Vec<Value>, MutateError> {
-    let documents = crate::kubectl_yaml::documents(input).map_err(|error| MutateError::Syntax {
+    crate::kubectl_yaml::documents(input).map_err(|error| MutateError::Syntax {
         index: error.document,
         reason: error.reason,
-    })?;
-    Ok(documents
-        .into_iter()
-        .filter(|value| !value.is_null())
-        .collect())
+    })
 }
 
 /// Which document is being mutated, and the namespace of its objects that
@@ -235,10 +236,14 @@ fn mutate_object(
     let Some(location) = pod_location(&kind) else {
         return Ok(());
     };
+    let label = if name.is_empty() {
+        kind.clone()
+    } else {
+        format!("{kind} {name}")
+    };
     let invalid = |field: &str, reason: String| MutateError::InvalidField {
         index: target.index,
-        kind: kind.clone(),
-        name: name.clone(),
+        object: label.clone(),
         field: field.to_owned(),
         reason,
     };
@@ -286,19 +291,13 @@ fn mutate_object(
         },
         &Scope::WholePod,
     );
-    let label = if name.is_empty() {
-        kind.clone()
-    } else {
-        format!("{kind} {name}")
-    };
     mutated
         .warnings
         .extend(plan.warnings.iter().map(|w| format!("{label}: {w}")));
     mutated.rewritten += plan.rewritten.len();
     json_patch::patch(root, &plan.operations).map_err(|e| MutateError::PatchFailed {
         index: target.index,
-        kind: kind.clone(),
-        name: name.clone(),
+        object: label,
         reason: e.to_string(),
     })
 }

@@ -1001,6 +1001,19 @@ fn mutate_refuses_bad_input() {
     );
     assert_exit_1(&output);
     assert!(stderr(&output).contains("spec"), "{}", stderr(&output));
+
+    // Documents are counted as written, empty ones included; an object
+    // without a name is named by its kind alone.
+    let output = mutate_stdin(
+        &config,
+        "a: 1\n---\n---\nb: 2\n---\napiVersion: v1\nkind: Pod\nspec:\n  containers: 3\n",
+    );
+    assert_exit_1(&output);
+    assert!(
+        stderr(&output).contains("document 4 (Pod): spec is not valid"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 // ---------------------------------------------------------------------------
