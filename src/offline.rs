@@ -90,21 +90,27 @@ pub struct Mutated {
     pub rewritten: usize,
 }
 
-/// Where a kind keeps its pod template, as JSON Pointer tokens.
-fn pod_location(kind: &str) -> Option<&'static [&'static str]> {
-    match kind {
-        "Pod" => Some(&[]),
-        "Deployment"
-        | "StatefulSet"
-        | "DaemonSet"
-        | "ReplicaSet"
-        | "Job"
-        | "ReplicationController" => Some(&["spec", "template"]),
+/// Where a kind keeps its pod template, as JSON Pointer tokens; `None` for
+/// other kinds, and for a kind of that name in another API group (a custom
+/// resource called `Deployment`). An object without `apiVersion` (an item
+/// of a typed list) is judged by its kind.
+fn pod_location(api_version: Option<&str>, kind: &str) -> Option<&'static [&'static str]> {
+    let (groups, location): (&[&str], &'static [&'static str]) = match kind {
+        "Pod" => (&[""], &[]),
+        "ReplicationController" => (&[""], &["spec", "template"]),
         // core/v1 PodTemplate keeps its template beside its metadata.
-        "PodTemplate" => Some(&["template"]),
-        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
-        _ => None,
-    }
+        "PodTemplate" => (&[""], &["template"]),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" => {
+            (&["apps", "extensions"], &["spec", "template"])
+        }
+        "Job" => (&["batch"], &["spec", "template"]),
+        "CronJob" => (&["batch"], &["spec", "jobTemplate", "spec", "template"]),
+        _ => return None,
+    };
+    let group = api_version.map(|version| version.rsplit_once('/').map_or("", |(group, _)| group));
+    group
+        .is_none_or(|group| groups.contains(&group))
+        .then_some(location)
 }
 
 /// Mutates a stream of Kubernetes objects, YAML (multi-document) or JSON,
@@ -134,6 +140,7 @@ pub fn mutate_documents(
         mutate_object(
             policy,
             &target,
+            None,
             &mut document,
             &mut Vec::new(),
             &mut mutated,
@@ -165,6 +172,7 @@ pub fn mutate_documents(
 /// (`{kind: Pod, ...}`) included. Text that starts like JSON but is neither
 /// gets JSON's error, the likelier intent.
 fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
+    let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     if !input.trim_start().starts_with(['{', '[']) {
         return Ok((read_yaml(input)?, false));
     }
@@ -201,9 +209,12 @@ struct Target<'a> {
 }
 
 /// Mutates one object at `prefix` inside `root`, recursing into `List`s.
+/// `item_kind` is the kind a typed list's items have, which the API leaves
+/// out of them (`PodList` items are Pods without `kind`).
 fn mutate_object(
     policy: &Policy,
     target: &Target<'_>,
+    item_kind: Option<&str>,
     root: &mut Value,
     prefix: &mut Vec<String>,
     mutated: &mut Mutated,
@@ -215,25 +226,28 @@ fn mutate_object(
     let kind = object
         .get("kind")
         .and_then(Value::as_str)
+        .or(item_kind)
         .unwrap_or("")
         .to_owned();
+    let api_version = object.get("apiVersion").and_then(Value::as_str);
     let name = object
         .pointer("/metadata/name")
         .or_else(|| object.pointer("/metadata/generateName"))
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    if kind.ends_with("List")
+    if let Some(listed) = kind.strip_suffix("List")
         && let Some(items) = object.get("items").and_then(Value::as_array)
     {
+        let listed = (!listed.is_empty()).then_some(listed);
         for item in 0..items.len() {
             prefix.extend(["items".to_owned(), item.to_string()]);
-            mutate_object(policy, target, root, prefix, mutated)?;
+            mutate_object(policy, target, listed, root, prefix, mutated)?;
             prefix.truncate(prefix.len() - 2);
         }
         return Ok(());
     }
-    let Some(location) = pod_location(&kind) else {
+    let Some(location) = pod_location(api_version, &kind) else {
         return Ok(());
     };
     let label = if name.is_empty() {

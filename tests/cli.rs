@@ -976,6 +976,39 @@ fn mutate_respects_excluded_namespaces() {
     );
 }
 
+/// A typed list's items carry no kind (the API leaves it out): they take the
+/// list's. A custom resource whose kind is a workload's, in another group,
+/// passes through. JSON after a byte order mark is still JSON.
+#[test]
+fn mutate_typed_lists_custom_kinds_and_a_byte_order_mark() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod_list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "PodList",
+        "items": [{"metadata": {"name": "a", "namespace": "shop"},
+                   "spec": {"containers": [{"name": "c", "image": "nginx"}]}}]
+    });
+    let output = mutate_stdin(&config, &format!("\u{feff}{pod_list}"));
+    assert_success(&output);
+    let mutated: Value = serde_json::from_str(&stdout(&output)).expect("JSON out");
+    assert_eq!(
+        mutated["items"][0]["spec"]["containers"][0]["image"],
+        "harbor.corp.example/dockerhub/library/nginx"
+    );
+    assert!(mutated["items"][0].get("kind").is_none(), "{mutated}");
+
+    let custom = "apiVersion: rollouts.example.com/v1\nkind: Deployment\nmetadata: {name: r, namespace: shop}\n\
+                  spec:\n  template:\n    spec:\n      containers: [{name: c, image: nginx}]\n";
+    let output = mutate_stdin(&config, custom);
+    assert_success(&output);
+    assert_eq!(yaml_documents(&stdout(&output)), yaml_documents(custom));
+    let apps = custom.replace("rollouts.example.com/v1", "apps/v1");
+    let output = mutate_stdin(&config, &apps);
+    assert_success(&output);
+    assert_ne!(yaml_documents(&stdout(&output)), yaml_documents(&apps));
+}
+
 #[test]
 fn mutate_refuses_bad_input() {
     let dir = Dir::new();
