@@ -8,14 +8,19 @@
 //! `mutate` then wrote back a manifest the apiserver refuses (a string for
 //! an integer field) or reads differently (a container without its merged
 //! image), though nothing in it was rewritten. So plain scalars are resolved
-//! here as go-yaml v2 resolves them; quoted and block scalars are strings.
-//!
-//! One deliberate difference: go-yaml v2 reads a plain `2024-01-01` as a
-//! timestamp, which kubectl then sends as `2024-01-01T00:00:00Z`; here it
-//! stays the string as written (and the writer quotes it).
+//! here as go-yaml v2 resolves them, quoted and block scalars are strings,
+//! and the rest follows what kubectl was seen to do (a differential test of
+//! generated manifests against kubectl): a duplicate key keeps its last
+//! value, a `<<` sets its keys over those written before it, a scalar with a
+//! tag of its own (`!foo 1`) is a string, a byte order mark may start any
+//! document. Not as kubectl reads it: a lone `-` in a flow collection
+//! (`[cat, -]`), which libyaml takes and the YAML grammar (so this parser)
+//! refuses, and float keys, which sigs.k8s.io/yaml names at 32-bit precision.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use base64::Engine as _;
 use granit_parser::{Event, Options, Parser, ScalarStyle, Tag};
 use serde_json::{Map, Number, Value};
 
@@ -25,6 +30,7 @@ const MAX_DEPTH: usize = 128;
 /// Values that aliases may copy in one stream, so that a few lines of
 /// aliases of aliases ("billion laughs") cannot take all memory.
 const MAX_ALIASED_VALUES: usize = 1_000_000;
+const CORE_TAG_PREFIX: &str = "tag:yaml.org,2002:";
 
 /// Why a stream is not YAML that kubectl reads; `document` counts from 1.
 #[derive(Debug, thiserror::Error)]
@@ -34,24 +40,51 @@ pub struct ReadError {
     pub reason: String,
 }
 
-/// Every document of `input`, an empty one as `null`.
-pub fn documents(input: &str) -> Result<Vec<Value>, ReadError> {
+/// The documents of a stream (an empty one as `null`), and what was read
+/// differently from how it is written (a key written twice).
+#[derive(Debug, Default)]
+pub struct Read {
+    pub documents: Vec<Value>,
+    pub warnings: Vec<String>,
+}
+
+/// Every document of `input`.
+pub fn documents(input: &str) -> Result<Read, ReadError> {
     let mut options = Options::default();
     options.emit_comments = false;
-    // As libyaml, and so go-yaml: `key: |` then `text` at the very end of
-    // the input is "text", not "text\n".
-    options.block_scalar_eof_without_line_feed = true;
+    // A byte order mark inside a value is content, as for kubectl; one that
+    // starts a line (files concatenated after `---`) is dropped below.
+    options.bom_inside_document_as_content = true;
+    let input = without_line_start_byte_order_marks(input);
     let mut reader = Reader::default();
-    for event in Parser::new_from_str_with_options(input, options) {
+    for event in Parser::new_from_str_with_options(&input, options) {
         let (event, _) = event.map_err(|error| reader.error(error.to_string()))?;
         reader.event(event)?;
     }
-    Ok(reader.documents)
+    Ok(Read {
+        documents: reader.documents,
+        warnings: reader.warnings,
+    })
+}
+
+/// kubectl splits a stream at its `---` lines and go-yaml skips a byte
+/// order mark at the start of each part, so one may start any line there.
+fn without_line_start_byte_order_marks(input: &str) -> Cow<'_, str> {
+    const MARK: char = '\u{feff}';
+    if !input.contains(MARK) {
+        return Cow::Borrowed(input);
+    }
+    let mut cleaned = String::with_capacity(input.len());
+    for line in input.split_inclusive('\n') {
+        cleaned.push_str(line.strip_prefix(MARK).unwrap_or(line));
+    }
+    Cow::Owned(cleaned)
 }
 
 #[derive(Default)]
 struct Reader {
     documents: Vec<Value>,
+    warnings: Vec<String>,
     /// The collections open at this point, innermost last.
     open: Vec<Open>,
     /// The document being read, once its root is complete.
@@ -71,8 +104,6 @@ enum Collection {
         entries: Map<String, Value>,
         /// A key read, waiting for its value.
         key: Option<Key>,
-        /// The values of `<<` keys, merged when the mapping ends.
-        merges: Vec<Value>,
     },
 }
 
@@ -100,11 +131,22 @@ impl Reader {
                 self.documents.push(root);
             }
             Event::Scalar(text, style, anchor, tag) => {
-                if self.awaits_key() {
-                    let key = self.key(&text, style, tag.as_deref())?;
-                    return self.set_key(key);
-                }
                 let value = self.scalar(&text, style, tag.as_deref())?;
+                if self.awaits_key() {
+                    if anchor != 0 {
+                        self.anchors.insert(anchor, value.clone());
+                    }
+                    let is_merge = style == ScalarStyle::Plain
+                        && text == "<<"
+                        && tag.as_deref().is_none_or(|tag| tag.suffix() == "merge");
+                    let key = if is_merge {
+                        Key::Merge
+                    } else {
+                        Key::Name(key_name(value))
+                    };
+                    self.set_key(key);
+                    return Ok(());
+                }
                 self.complete(value, anchor)?;
             }
             Event::Alias(anchor) => {
@@ -120,10 +162,11 @@ impl Reader {
                     )));
                 }
                 if self.awaits_key() {
-                    return match value {
-                        Value::String(name) => self.set_key(Key::Name(name)),
-                        _ => Err(self.error("a mapping key must be a string")),
-                    };
+                    if value.is_object() || value.is_array() {
+                        return Err(self.error("a mapping key must be a scalar"));
+                    }
+                    self.set_key(Key::Name(key_name(value)));
+                    return Ok(());
                 }
                 self.complete(value, 0)?;
             }
@@ -135,7 +178,6 @@ impl Reader {
                 Collection::Mapping {
                     entries: Map::new(),
                     key: None,
-                    merges: Vec::new(),
                 },
             )?,
             Event::SequenceEnd | Event::MappingEnd => {
@@ -144,14 +186,7 @@ impl Reader {
                 };
                 let value = match collection {
                     Collection::Sequence(items) => Value::Array(items),
-                    Collection::Mapping {
-                        mut entries,
-                        merges,
-                        ..
-                    } => {
-                        merge(&mut entries, merges).map_err(|reason| self.error(reason))?;
-                        Value::Object(entries)
-                    }
+                    Collection::Mapping { entries, .. } => Value::Object(entries),
                 };
                 self.complete(value, anchor)?;
             }
@@ -173,7 +208,7 @@ impl Reader {
 
     fn open(&mut self, anchor: usize, collection: Collection) -> Result<(), ReadError> {
         if self.awaits_key() {
-            return Err(self.error("a mapping key must be a string"));
+            return Err(self.error("a mapping key must be a scalar"));
         }
         if self.open.len() >= MAX_DEPTH {
             return Err(self.error(format!("nesting deeper than {MAX_DEPTH} levels")));
@@ -182,16 +217,7 @@ impl Reader {
         Ok(())
     }
 
-    fn set_key(&mut self, key: Key) -> Result<(), ReadError> {
-        if let Key::Name(name) = &key
-            && let Some(Open {
-                collection: Collection::Mapping { entries, .. },
-                ..
-            }) = self.open.last()
-            && entries.contains_key(name)
-        {
-            return Err(self.error(format!("duplicate mapping key {name:?}")));
-        }
+    fn set_key(&mut self, key: Key) {
         if let Some(Open {
             collection: Collection::Mapping { key: slot, .. },
             ..
@@ -199,15 +225,22 @@ impl Reader {
         {
             *slot = Some(key);
         }
-        Ok(())
     }
 
     /// Puts a complete value where it belongs: the root, the next item, or
-    /// the value of the key read last.
+    /// the value of the key read last. Entries are set in the order read, as
+    /// go-yaml v2 sets them: a key written twice keeps its last value, and a
+    /// `<<` sets the merged keys over those before it (of a `<<` sequence,
+    /// the first mapping wins).
     fn complete(&mut self, value: Value, anchor: usize) -> Result<(), ReadError> {
         if anchor != 0 {
             self.anchors.insert(anchor, value.clone());
         }
+        let document = self.documents.len() + 1;
+        let error = |reason: &str| ReadError {
+            document,
+            reason: reason.into(),
+        };
         match self.open.last_mut() {
             None => self.root = Some(value),
             Some(Open {
@@ -215,34 +248,42 @@ impl Reader {
                 ..
             }) => items.push(value),
             Some(Open {
-                collection:
-                    Collection::Mapping {
-                        entries,
-                        key,
-                        merges,
-                    },
+                collection: Collection::Mapping { entries, key },
                 ..
             }) => match key.take() {
-                Some(Key::Merge) => merges.push(value),
-                Some(Key::Name(name)) => {
-                    entries.insert(name, value);
+                Some(Key::Merge) => {
+                    let mappings = match value {
+                        Value::Object(mapping) => vec![mapping],
+                        Value::Array(items) => items
+                            .into_iter()
+                            .rev()
+                            .map(|item| match item {
+                                Value::Object(mapping) => Ok(mapping),
+                                _ => Err(error("a `<<` sequence may hold only mappings")),
+                            })
+                            .collect::<Result<_, _>>()?,
+                        _ => {
+                            return Err(error(
+                                "a `<<` value must be a mapping or a sequence of mappings",
+                            ));
+                        }
+                    };
+                    for mapping in mappings {
+                        entries.extend(mapping);
+                    }
                 }
-                None => return Err(self.error("a value without a key")),
+                Some(Key::Name(name)) => {
+                    if entries.insert(name.clone(), value).is_some() {
+                        self.warnings.push(format!(
+                            "document {document}: key {name:?} is written twice; its last value \
+                             is kept, as kubectl keeps it"
+                        ));
+                    }
+                }
+                None => return Err(error("a value without a key")),
             },
         }
         Ok(())
-    }
-
-    fn key(&self, text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Key, ReadError> {
-        if style == ScalarStyle::Plain && tag.is_none() && text == "<<" {
-            return Ok(Key::Merge);
-        }
-        // Keys that read as other scalars are named by their JSON text, as
-        // sigs.k8s.io/yaml does (`1: x` is `{"1": "x"}`).
-        Ok(Key::Name(match self.scalar(text, style, tag)? {
-            Value::String(name) => name,
-            other => other.to_string(),
-        }))
     }
 
     fn scalar(
@@ -251,14 +292,17 @@ impl Reader {
         style: ScalarStyle,
         tag: Option<&Tag>,
     ) -> Result<Value, ReadError> {
-        let core_tag = tag
-            .filter(|tag| tag.handle() == "tag:yaml.org,2002:")
-            .map(Tag::suffix);
+        let full_tag = tag.map(|tag| format!("{}{}", tag.handle(), tag.suffix()));
+        let core_tag = full_tag
+            .as_deref()
+            .map(|tag| tag.strip_prefix(CORE_TAG_PREFIX).unwrap_or("other"));
         let resolved = match core_tag {
-            Some("str" | "binary" | "timestamp") => Resolved::Value(Value::String(text.into())),
-            Some(_) => resolve_plain(text),
             None if style == ScalarStyle::Plain => resolve_plain(text),
-            None => Resolved::Value(Value::String(text.into())),
+            None | Some("str" | "timestamp" | "merge" | "other") => {
+                Resolved::Value(Value::String(text.into()))
+            }
+            Some("binary") => Resolved::Value(Value::String(from_base64(text))),
+            Some(_) => resolve_plain(text),
         };
         match (resolved, core_tag) {
             (Resolved::NotJson, _) => Err(self.error(format!(
@@ -270,6 +314,26 @@ impl Reader {
             (Resolved::Value(value), _) => Ok(value),
         }
     }
+}
+
+/// A key as sigs.k8s.io/yaml names it in JSON: a string as it is, another
+/// scalar by its JSON text (`1: x` is `{"1": "x"}`).
+fn key_name(value: Value) -> String {
+    match value {
+        Value::String(name) => name,
+        other => other.to_string(),
+    }
+}
+
+/// A `!!binary` scalar's bytes as text, as go-yaml v2 decodes it; kept as
+/// written when it is not base64 of UTF-8.
+fn from_base64(text: &str) -> String {
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_else(|| text.to_owned())
 }
 
 /// Whether a value resolved from a scalar tagged `!!suffix` has that type.
@@ -378,33 +442,6 @@ fn float(text: &str) -> Option<Value> {
     Number::from_f64(parsed).map(Value::Number)
 }
 
-/// Merges `<<` values into `entries`: keys written in the mapping win, then
-/// the first merged mapping that has the key (a `<<` of a sequence lists
-/// them in order of precedence).
-fn merge(entries: &mut Map<String, Value>, merges: Vec<Value>) -> Result<(), String> {
-    let mut sources = Vec::new();
-    for merged in merges {
-        match merged {
-            Value::Object(mapping) => sources.push(mapping),
-            Value::Array(items) => {
-                for item in items {
-                    match item {
-                        Value::Object(mapping) => sources.push(mapping),
-                        _ => return Err("a `<<` sequence may hold only mappings".into()),
-                    }
-                }
-            }
-            _ => return Err("a `<<` value must be a mapping or a sequence of mappings".into()),
-        }
-    }
-    for source in sources {
-        for (key, value) in source {
-            entries.entry(key).or_insert(value);
-        }
-    }
-    Ok(())
-}
-
 /// Values in `value`, itself included.
 fn count_values(value: &Value) -> usize {
     1 + match value {
@@ -421,7 +458,9 @@ mod tests {
     use super::*;
 
     fn one(yaml: &str) -> Value {
-        let mut documents = documents(yaml).unwrap_or_else(|e| panic!("{yaml:?}: {e}"));
+        let mut documents = documents(yaml)
+            .unwrap_or_else(|e| panic!("{yaml:?}: {e}"))
+            .documents;
         assert_eq!(documents.len(), 1, "{yaml:?}");
         documents.remove(0)
     }
@@ -483,13 +522,19 @@ mod tests {
         }
     }
 
+    /// As go-yaml v2 (and so kubectl) merges: entries in the order read, a
+    /// `<<` over the keys before it, keys after it over the `<<`, and of a
+    /// `<<` sequence the first mapping over the later ones.
     #[test]
-    fn merge_keys_merge_and_written_keys_win() {
+    fn merge_keys_merge_as_kubectl_merges() {
         let value = one(
             "base: &base {image: nginx, name: base, resources: {cpu: 1}}\n\
              extra: &extra {name: extra, tty: true}\n\
              a: {<<: *base, name: a}\n\
-             b:\n  name: b\n  <<: [*extra, *base]\n",
+             b:\n  name: b\n  <<: [*extra, *base]\n\
+             c: {<<: *base, <<: *extra}\n\
+             d: {!!merge <<: *extra}\n\
+             e: {!!str <<: 1}\n",
         );
         assert_eq!(
             value["a"],
@@ -497,28 +542,70 @@ mod tests {
         );
         assert_eq!(
             value["b"],
-            json!({"image": "nginx", "name": "b", "resources": {"cpu": 1}, "tty": true})
+            json!({"image": "nginx", "name": "extra", "resources": {"cpu": 1}, "tty": true})
         );
+        assert_eq!(value["c"]["name"], "extra");
+        assert_eq!(value["d"], json!({"name": "extra", "tty": true}));
+        assert_eq!(value["e"], json!({"<<": 1}));
     }
 
     #[test]
     fn documents_anchors_and_keys() {
-        let read = documents("a: &x [1, 2]\nb: *x\n---\n---\n1: one\ntrue: yes\n").unwrap();
+        let read =
+            documents("a: &x [1, 2]\nb: *x\n---\n---\n1: one\ntrue: yes\nk: &k 7\n*k : seven\n")
+                .unwrap();
         assert_eq!(
-            read,
+            read.documents,
             [
                 json!({"a": [1, 2], "b": [1, 2]}),
                 Value::Null,
-                json!({"1": "one", "true": true}),
+                json!({"1": "one", "true": true, "k": 7, "7": "seven"}),
             ]
         );
-        assert!(documents("a: 1\na: 2\n").is_err(), "duplicate keys");
+        assert!(read.warnings.is_empty(), "{:?}", read.warnings);
         assert!(documents("? [a]\n: 1\n").is_err(), "a sequence as a key");
     }
 
+    /// kubectl keeps a key's last value; so does the reader, and says so.
     #[test]
-    fn a_block_scalar_at_the_end_of_the_input_has_no_added_line_feed() {
-        assert_eq!(one("v: |\n  text")["v"], "text");
+    fn a_key_written_twice_keeps_its_last_value_with_a_warning() {
+        let read = documents("a: 1\n---\nb: 1\nb: 2\n'1': x\n1: z\n").unwrap();
+        assert_eq!(read.documents[1], json!({"b": 2, "1": "z"}));
+        assert_eq!(read.warnings.len(), 2, "{:?}", read.warnings);
+        assert!(
+            read.warnings[0].starts_with("document 2: key \"b\""),
+            "{:?}",
+            read.warnings
+        );
+    }
+
+    /// kubectl's splitter ends every line with a line feed before go-yaml
+    /// reads it, so a block scalar on the last line keeps its line feed.
+    #[test]
+    fn a_block_scalar_at_the_end_of_the_input_keeps_its_line_feed() {
+        assert_eq!(one("v: |\n  text")["v"], "text\n");
+    }
+
+    #[test]
+    fn tags_of_their_own_make_strings_and_binary_is_decoded() {
+        let value = one(
+            "a: !foo 123\nb: ! yes\nc: !!binary aGVsbG8=\nd: !x\ne: !<tag:yaml.org,2002:str> 5\n",
+        );
+        assert_eq!(
+            value,
+            json!({"a": "123", "b": "yes", "c": "hello", "d": "", "e": "5"})
+        );
+    }
+
+    /// Files concatenated after `---` may each start with a byte order mark;
+    /// one inside a value is content.
+    #[test]
+    fn byte_order_marks_start_documents_or_are_content() {
+        let read = documents("\u{feff}a: 1\n---\n\u{feff}b: 2\nc: \u{feff}x\n").unwrap();
+        assert_eq!(
+            read.documents,
+            [json!({"a": 1}), json!({"b": 2, "c": "\u{feff}x"})]
+        );
     }
 
     #[test]

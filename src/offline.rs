@@ -124,8 +124,15 @@ pub fn mutate_documents(
     input: &str,
     target_namespace: Option<&str>,
 ) -> Result<Mutated, MutateError> {
-    let (documents, is_json) = read_documents(input)?;
-    let mut mutated = Mutated::default();
+    let Input {
+        documents,
+        is_json,
+        warnings,
+    } = read_documents(input)?;
+    let mut mutated = Mutated {
+        warnings,
+        ..Mutated::default()
+    };
     let mut outputs = Vec::with_capacity(documents.len());
     for (index, mut document) in documents.into_iter().enumerate() {
         // An empty YAML document (`---` twice) holds no object; it still
@@ -167,14 +174,22 @@ pub fn mutate_documents(
     Ok(mutated)
 }
 
-/// The input's objects, and whether it was JSON: one JSON value or several
-/// in a row (as `jq` prints them), else YAML documents, flow style
-/// (`{kind: Pod, ...}`) included. Text that starts like JSON but is neither
-/// gets JSON's error, the likelier intent.
-fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
+/// The objects of `mutate`'s input.
+struct Input {
+    documents: Vec<Value>,
+    is_json: bool,
+    /// What was read otherwise than it is written (a key written twice).
+    warnings: Vec<String>,
+}
+
+/// The input's objects: one JSON value or several in a row (as `jq` prints
+/// them), else YAML documents, flow style (`{kind: Pod, ...}`) included.
+/// Text that starts like JSON but is neither gets JSON's error, the likelier
+/// intent.
+fn read_documents(input: &str) -> Result<Input, MutateError> {
     let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     if !input.trim_start().starts_with(['{', '[']) {
-        return Ok((read_yaml(input)?, false));
+        return read_yaml(input);
     }
     let values: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(input)
         .into_iter::<Value>()
@@ -182,22 +197,29 @@ fn read_documents(input: &str) -> Result<(Vec<Value>, bool), MutateError> {
         .map(|(index, value)| value.map_err(|error| (index, error)))
         .collect();
     match values {
-        Ok(values) => Ok((values, true)),
-        Err((index, json_error)) => read_yaml(input)
-            .map(|documents| (documents, false))
-            .map_err(|_| MutateError::Syntax {
-                index: index + 1,
-                reason: json_error.to_string(),
-            }),
+        Ok(documents) => Ok(Input {
+            documents,
+            is_json: true,
+            warnings: Vec::new(),
+        }),
+        Err((index, json_error)) => read_yaml(input).map_err(|_| MutateError::Syntax {
+            index: index + 1,
+            reason: json_error.to_string(),
+        }),
     }
 }
 
 /// The documents as `kubectl apply` reads them (YAML 1.1), an empty one as
 /// `null`.
-fn read_yaml(input: &str) -> Result<Vec<Value>, MutateError> {
-    crate::kubectl_yaml::documents(input).map_err(|error| MutateError::Syntax {
+fn read_yaml(input: &str) -> Result<Input, MutateError> {
+    let read = crate::kubectl_yaml::documents(input).map_err(|error| MutateError::Syntax {
         index: error.document,
         reason: error.reason,
+    })?;
+    Ok(Input {
+        documents: read.documents,
+        is_json: false,
+        warnings: read.warnings,
     })
 }
 

@@ -762,6 +762,10 @@ kind: Deployment
 metadata:
   name: web
   namespace: shop
+  annotations:
+    note: mine
+    <<: {note: merged, other: "1"}
+    tagged: !foo 123
 spec:
   replicas: 1_0
   selector:
@@ -787,14 +791,39 @@ spec:
             items: [{key: k, path: p, mode: 0400}]
 "#;
 
+/// After a byte order mark (files concatenated), a ConfigMap with a key
+/// written twice, and a block scalar on the input's last line.
+const CONFIG_MAP_LAST: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: scripts, namespace: shop}
+data:
+  k: one
+  k: two
+  run.sh: |
+    #!/bin/sh
+    exec app";
+
 #[test]
 fn mutate_reads_yaml_as_kubectl_does() {
     let dir = Dir::new();
     let config = dir.config();
-    let output = mutate_stdin(&config, KUBECTL_YAML_1_1);
+    let input = format!("{KUBECTL_YAML_1_1}---\n\u{feff}{CONFIG_MAP_LAST}");
+    let output = mutate_stdin(&config, &input);
     assert_success(&output);
+    assert!(
+        stderr(&output).contains("key \"k\" is written twice"),
+        "{}",
+        stderr(&output)
+    );
     let mutated = stdout(&output);
-    let deployment = &yaml_documents(&mutated)[0];
+    let documents = yaml_documents(&mutated);
+    assert_eq!(documents[1]["data"]["k"], "two", "{mutated}");
+    assert_eq!(documents[1]["data"]["run.sh"], "#!/bin/sh\nexec app\n");
+    let deployment = &documents[0];
+    assert_eq!(
+        deployment["metadata"]["annotations"],
+        serde_json::json!({"note": "merged", "other": "1", "tagged": "123"})
+    );
     let spec = &deployment["spec"]["template"]["spec"];
     assert_eq!(deployment["spec"]["replicas"], 10, "{mutated}");
     assert_eq!(spec["hostNetwork"], true, "{mutated}");
@@ -814,7 +843,7 @@ fn mutate_reads_yaml_as_kubectl_does() {
     assert_eq!(spec["containers"][1]["name"], "b");
 
     // The same as kubectl reads the input, but for the images mutate moved.
-    let Some(read_from_input) = kubectl_reads(&dir, KUBECTL_YAML_1_1) else {
+    let Some(read_from_input) = kubectl_reads(&dir, &input) else {
         return;
     };
     let Some(read_from_output) = kubectl_reads(&dir, &mutated) else {
@@ -832,6 +861,7 @@ fn mutate_reads_yaml_as_kubectl_does() {
     template["metadata"]["annotations"] =
         read_from_output[0]["spec"]["template"]["metadata"]["annotations"].clone();
     assert_eq!(read_from_output[0], expected, "{mutated}");
+    assert_eq!(read_from_output[1], read_from_input[1], "{mutated}");
 }
 
 #[test]

@@ -592,6 +592,6 @@ proptest! {
         let _ = image_rewriter::kubectl_yaml::documents(&format!("v: {scalar}\n"));
         let quoted = image_rewriter::kubectl_yaml::documents(&format!("v: '{scalar}'\n"))
             .expect("a quoted scalar is valid YAML");
-        prop_assert_eq!(&quoted[0]["v"], &json!(scalar));
+        prop_assert_eq!(&quoted.documents[0]["v"], &json!(scalar));
     }
 }
