@@ -13,9 +13,10 @@
 //! generated manifests against kubectl): a duplicate key keeps its last
 //! value, a `<<` sets its keys over those written before it, a scalar with a
 //! tag of its own (`!foo 1`) is a string, a byte order mark may start any
-//! document. Not as kubectl reads it: a lone `-` in a flow collection
-//! (`[cat, -]`), which libyaml takes and the YAML grammar (so this parser)
-//! refuses, and float keys, which sigs.k8s.io/yaml names at 32-bit precision.
+//! document, a document after `...` without a `---` is never read, and a
+//! float key is named at float32 precision. Not as kubectl reads it: a lone
+//! `-` in a flow collection (`[cat, -]`), which libyaml takes and the YAML
+//! grammar (so this parser) refuses.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -91,6 +92,9 @@ struct Reader {
     root: Option<Value>,
     anchors: HashMap<usize, Value>,
     aliased_values: usize,
+    started_documents: usize,
+    /// The current document is one kubectl would not read.
+    unread_by_kubectl: bool,
 }
 
 struct Open {
@@ -122,31 +126,50 @@ impl Reader {
 
     fn event(&mut self, event: Event<'_>) -> Result<(), ReadError> {
         match event {
-            Event::DocumentStart(..) => {
+            Event::DocumentStart(explicit, _) => {
                 self.root = None;
                 self.anchors.clear();
+                // kubectl splits the stream at its `---` lines and reads one
+                // document of each part: one that follows `...` without a
+                // `---` of its own is never read.
+                self.unread_by_kubectl = !explicit && self.started_documents > 0;
+                self.started_documents += 1;
             }
             Event::DocumentEnd => {
                 let root = self.root.take().unwrap_or(Value::Null);
-                self.documents.push(root);
+                if self.unread_by_kubectl {
+                    self.warnings.push(format!(
+                        "document {}: it follows `...` without a `---`, so kubectl never reads \
+                         it; left out",
+                        self.documents.len() + 1
+                    ));
+                } else {
+                    self.documents.push(root);
+                }
             }
             Event::Scalar(text, style, anchor, tag) => {
-                let value = self.scalar(&text, style, tag.as_deref())?;
                 if self.awaits_key() {
-                    if anchor != 0 {
-                        self.anchors.insert(anchor, value.clone());
-                    }
                     let is_merge = style == ScalarStyle::Plain
                         && text == "<<"
                         && tag.as_deref().is_none_or(|tag| tag.suffix() == "merge");
-                    let key = if is_merge {
-                        Key::Merge
-                    } else {
-                        Key::Name(key_name(value))
+                    if is_merge {
+                        self.set_key(Key::Merge);
+                        return Ok(());
+                    }
+                    // A key needs no JSON number: `.inf:` is named as written.
+                    let value = match self.scalar(&text, style, tag.as_deref()) {
+                        Err(_) if style == ScalarStyle::Plain && tag.is_none() => {
+                            Value::String(text.to_string())
+                        }
+                        read => read?,
                     };
-                    self.set_key(key);
+                    if anchor != 0 {
+                        self.anchors.insert(anchor, value.clone());
+                    }
+                    self.set_key(Key::Name(key_name(value)));
                     return Ok(());
                 }
+                let value = self.scalar(&text, style, tag.as_deref())?;
                 self.complete(value, anchor)?;
             }
             Event::Alias(anchor) => {
@@ -316,12 +339,50 @@ impl Reader {
     }
 }
 
-/// A key as sigs.k8s.io/yaml names it in JSON: a string as it is, another
+/// A key as sigs.k8s.io/yaml names it in JSON: a string as it is, a float
+/// as Go formats a float32 (`strconv.FormatFloat(f, 'g', -1, 32)`), another
 /// scalar by its JSON text (`1: x` is `{"1": "x"}`).
 fn key_name(value: Value) -> String {
     match value {
         Value::String(name) => name,
+        Value::Number(number) if number.is_f64() => {
+            go_float32_text(number.as_f64().unwrap_or_default())
+        }
         other => other.to_string(),
+    }
+}
+
+/// Go's `strconv.FormatFloat(value, 'g', -1, 32)`: the shortest digits that
+/// read back as the same float32, in exponent form when the exponent is
+/// below -4 or 6 and above (`1e+07`, `1.5e-07`), else plainly (`1000`, `0.3`).
+fn go_float32_text(value: f64) -> String {
+    let shortest = format!("{:e}", value as f32);
+    let (mantissa, exponent) = shortest.split_once('e').unwrap_or((&shortest, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let sign = if mantissa.starts_with('-') { "-" } else { "" };
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if !(-4..6).contains(&exponent) {
+        let (first, rest) = digits.split_at(1);
+        let fraction = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let exponent_sign = if exponent < 0 { '-' } else { '+' };
+        return format!(
+            "{sign}{first}{fraction}e{exponent_sign}{:02}",
+            exponent.abs()
+        );
+    }
+    if exponent < 0 {
+        let zeros = "0".repeat((-exponent - 1) as usize);
+        return format!("{sign}0.{zeros}{digits}");
+    }
+    let whole = exponent as usize + 1;
+    if digits.len() <= whole {
+        format!("{sign}{digits}{}", "0".repeat(whole - digits.len()))
+    } else {
+        format!("{sign}{}.{}", &digits[..whole], &digits[whole..])
     }
 }
 
@@ -599,6 +660,45 @@ mod tests {
 
     /// Files concatenated after `---` may each start with a byte order mark;
     /// one inside a value is content.
+    #[test]
+    fn a_document_after_an_end_marker_without_a_start_is_left_out_as_kubectl_does() {
+        let read = documents("a: 1\n...\nb: 2\n---\nc: 3\n").unwrap();
+        assert_eq!(read.documents, [json!({"a": 1}), json!({"c": 3})]);
+        assert_eq!(read.warnings.len(), 1, "{:?}", read.warnings);
+        let read = documents("a: 1\n...\n---\nb: 2\n").unwrap();
+        assert_eq!(read.documents, [json!({"a": 1}), json!({"b": 2})]);
+        assert!(read.warnings.is_empty());
+    }
+
+    /// Float keys are named as sigs.k8s.io/yaml names them (the values
+    /// kubectl printed for these keys).
+    #[test]
+    fn float_keys_are_named_as_go_formats_a_float32() {
+        for (key, name) in [
+            ("1e3", "1000"),
+            ("1.0", "1"),
+            ("08", "8"),
+            ("3.141592653589793", "3.1415927"),
+            ("1.5e-7", "1.5e-07"),
+            ("123456789.0", "1.2345679e+08"),
+            ("16777217.0", "1.6777216e+07"),
+            ("0.30000000000000004", "0.3"),
+            ("-0.0", "-0"),
+            ("1e7", "1e+07"),
+            ("0.0001", "0.0001"),
+            ("0.00001", "1e-05"),
+            ("123456.5", "123456.5"),
+        ] {
+            let value = one(&format!("{key}: v\n"));
+            assert_eq!(value, json!({name: "v"}), "{key}");
+        }
+    }
+
+    #[test]
+    fn keys_need_no_json_number() {
+        assert_eq!(one(".inf: x\n.nan: z\n"), json!({".inf": "x", ".nan": "z"}));
+    }
+
     #[test]
     fn byte_order_marks_start_documents_or_are_content() {
         let read = documents("\u{feff}a: 1\n---\n\u{feff}b: 2\nc: \u{feff}x\n").unwrap();
