@@ -10,7 +10,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::certs::{self, CertRequest, KeyType};
-use crate::config::{is_dns_label, is_dns_subdomain, load_policy};
+use crate::config::{self, ConfigFile, is_dns_label, is_dns_subdomain, load_policy};
 use crate::offline::{RewriteReport, mutate_documents};
 use crate::server::{DEFAULT_BODY_LIMIT, MAX_BODY_LIMIT, MIN_BODY_LIMIT, ServeOptions};
 
@@ -335,13 +335,24 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
-    let policy = load_policy(&args.config, None)?;
+    let text = config::read_config(&args.config)?;
+    let policy = ConfigFile::from_yaml(&text)?.into_policy(None)?;
     println!(
         "{}: OK, {} rule(s); never touched: namespaces {}",
         args.config.display(),
         policy.rules().len(),
         policy.excluded_namespaces().collect::<Vec<_>>().join(", ")
     );
+    // What `serve` would say of it: a server already running refuses a
+    // file with no value rather than drop its rules.
+    if config::is_blank(&text) {
+        eprintln!(
+            "warning: the file holds no value: a server starting with it rewrites nothing, and \
+             one already running keeps the config in force; write `rules: []` to remove every rule"
+        );
+    } else if policy.rules().is_empty() {
+        eprintln!("warning: no rules: no image is rewritten");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

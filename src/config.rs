@@ -173,11 +173,15 @@ impl PullSecretSyncSpec {
 
 /// Reads, parses and validates a config file.
 pub fn load_policy(path: &Path, own_namespace: Option<&str>) -> Result<Policy, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
+    ConfigFile::from_yaml(&read_config(path)?)?.into_policy(own_namespace)
+}
+
+/// The config file's text.
+pub fn read_config(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
         path: path.display().to_string(),
         reason,
-    })?;
-    ConfigFile::from_yaml(&text)?.into_policy(own_namespace)
+    })
 }
 
 /// RFC 1123 subdomain: what Kubernetes accepts as a Secret name.

@@ -347,8 +347,22 @@ fn check_config_accepts_valid_configs() {
 
     let example = root().join("examples/config.yaml");
     assert_success(&run(&["check-config", "--config", s(&example)]));
-    let empty = dir.file("empty.yaml", "");
-    assert_success(&run(&["check-config", "--config", s(&empty)]));
+    let empty = dir.file("empty.yaml", "# rules to come\n");
+    let output = run(&["check-config", "--config", s(&empty)]);
+    assert_success(&output);
+    assert!(
+        stderr(&output).contains("one already running keeps the config in force"),
+        "{}",
+        stderr(&output)
+    );
+    let no_rules = dir.file("no-rules.yaml", "rules: []\n");
+    let output = run(&["check-config", "--config", s(&no_rules)]);
+    assert_success(&output);
+    assert_eq!(
+        stderr(&output),
+        "warning: no rules: no image is rewritten\n"
+    );
+    assert_eq!(stderr(&run(&["check-config", "--config", s(&config)])), "");
 }
 
 #[test]
