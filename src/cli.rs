@@ -336,7 +336,9 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
 
 fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let text = config::read_config(&args.config)?;
-    let policy = ConfigFile::from_yaml(&text)?.into_policy(None)?;
+    let parsed = ConfigFile::parse(&text)?;
+    let blank = parsed.is_none();
+    let policy = parsed.unwrap_or_default().into_policy(None)?;
     println!(
         "{}: OK, {} rule(s); never touched: namespaces {}",
         args.config.display(),
@@ -345,7 +347,7 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     );
     // What `serve` would say of it: a server already running refuses a
     // file with no value rather than drop its rules.
-    if config::is_blank(&text) {
+    if blank {
         eprintln!(
             "warning: the file holds no value: a server starting with it rewrites nothing, and \
              one already running keeps the config in force; write `rules: []` to remove every rule"

@@ -99,7 +99,7 @@ impl ConfigError {
 /// Such a file loads as no rules (a fresh ConfigMap), but it does not
 /// replace a config in force: a file being rewritten in place that has been
 /// truncated and not yet written looks just like it.
-pub fn is_blank(text: &str) -> bool {
+fn is_blank(text: &str) -> bool {
     matches!(
         serde_yaml_ng::from_str(without_byte_order_mark(text)),
         Ok(serde_yaml_ng::Value::Null)
@@ -113,14 +113,23 @@ fn without_byte_order_mark(text: &str) -> &str {
 }
 
 impl ConfigFile {
-    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+    /// The file as written, `None` when it holds no value (see
+    /// [`is_blank`]): a fresh ConfigMap, or one emptied.
+    pub fn parse(text: &str) -> Result<Option<Self>, ConfigError> {
         let text = without_byte_order_mark(text);
-        // An empty file is an empty document, which serde refuses: read it as
-        // "no rules" so a fresh ConfigMap is valid and rewrites nothing.
+        // An empty document is one serde refuses.
         if is_blank(text) {
-            return Ok(Self::default());
+            return Ok(None);
         }
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+        serde_yaml_ng::from_str(text)
+            .map(Some)
+            .map_err(|e| ConfigError::Syntax(e.to_string()))
+    }
+
+    /// The file as written; one with no value has no rules, so a fresh
+    /// ConfigMap is valid and rewrites nothing.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text).map(Option::unwrap_or_default)
     }
 
     /// Turns the file into a policy, validating every field.

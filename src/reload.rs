@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use tracing::{error, info, warn};
 
-use crate::config::{self, ConfigError, ConfigFile};
+use crate::config::{ConfigError, ConfigFile};
 use crate::metrics::Metrics;
 use crate::server::{AppState, ServeOptions};
 use crate::tls::{self, CertificateSlot, PemPair};
@@ -109,12 +109,13 @@ impl Watcher {
         let Some(loaded) = load_if_changed(&mut self.config_seen, read, |bytes| {
             let text = std::str::from_utf8(bytes)
                 .map_err(|e| ConfigError::Syntax(format!("not UTF-8: {e}")).to_string())?;
-            if in_force && config::is_blank(text) {
-                return Err(BLANK_RELOAD.to_owned());
+            match ConfigFile::parse(text).map_err(|e| e.to_string())? {
+                None if in_force => Err(BLANK_RELOAD.to_owned()),
+                parsed => parsed
+                    .unwrap_or_default()
+                    .into_policy(namespace)
+                    .map_err(|e| e.to_string()),
             }
-            ConfigFile::from_yaml(text)
-                .and_then(|file| file.into_policy(namespace))
-                .map_err(|e| e.to_string())
         }) else {
             return;
         };
