@@ -19,6 +19,11 @@ pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-rewriter.io/original-images"
 /// On a namespace or a pod: `"false"` opts out (and `"true"` opts a namespace
 /// in, in opt-in mode).
 pub const ENABLED_LABEL: &str = "image-rewriter.io/enabled";
+/// The kubelet's mark on the API copy of a static pod. Such a pod is left
+/// alone: the apiserver refuses a mirror pod that references a secret (an
+/// added `imagePullSecrets` entry), and its images must stay those the
+/// kubelet runs from the manifest on the node.
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Which containers a request may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +83,7 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         .namespace
         .is_some_and(|ns| policy.excludes_namespace(ns))
         || opted_out(pod.metadata)
+        || is_mirror_pod(pod.metadata)
     {
         return plan;
     }
@@ -275,6 +281,12 @@ fn opted_out(metadata: Option<&ObjectMeta>) -> bool {
         .and_then(|m| m.labels.as_ref())
         .and_then(|labels| labels.get(ENABLED_LABEL))
         .is_some_and(|value| value == "false")
+}
+
+fn is_mirror_pod(metadata: Option<&ObjectMeta>) -> bool {
+    metadata
+        .and_then(|m| m.annotations.as_ref())
+        .is_some_and(|annotations| annotations.contains_key(MIRROR_POD_ANNOTATION))
 }
 
 /// Every container list, in the order pull secrets are first used: init

@@ -16,14 +16,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::patch::{ENABLED_LABEL, ORIGINAL_IMAGES_ANNOTATION};
+use crate::patch::{ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION};
 
 /// A Pod as the policy sees it. Implements `kube::Resource` so kube-core's
 /// `AdmissionRequest<PodObject>` carries it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodObject {
     /// Only name, generateName and namespace, the `image-rewriter.io/enabled`
-    /// label and the original-images annotation are kept; `labels` and
+    /// label, and the original-images and mirror-pod annotations are kept; `labels` and
     /// `annotations` are `Some` exactly when the object had them. Boxed:
     /// kube-core's request holds two pods by value and the decode moves it
     /// several times, 360 bytes of mostly empty fields each.
@@ -88,28 +88,31 @@ struct MetadataFields {
     namespace: Option<String>,
     #[serde(default, deserialize_with = "enabled_label")]
     labels: Option<BTreeMap<String, String>>,
-    #[serde(default, deserialize_with = "original_images_annotation")]
+    #[serde(default, deserialize_with = "annotations_read")]
     annotations: Option<BTreeMap<String, String>>,
 }
 
 fn enabled_label<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    deserializer.deserialize_option(OnlyEntry(ENABLED_LABEL))
+    deserializer.deserialize_option(OnlyEntries(&[ENABLED_LABEL]))
 }
 
-fn original_images_annotation<'de, D: Deserializer<'de>>(
+fn annotations_read<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    deserializer.deserialize_option(OnlyEntry(ORIGINAL_IMAGES_ANNOTATION))
+    deserializer.deserialize_option(OnlyEntries(&[
+        ORIGINAL_IMAGES_ANNOTATION,
+        MIRROR_POD_ANNOTATION,
+    ]))
 }
 
-/// A label or annotation map reduced to the one entry the policy reads: the
+/// A label or annotation map reduced to the entries the policy reads: the
 /// others (an annotation can hold a whole last-applied manifest) are skipped,
-/// not copied. `null` is `None`; a map without the entry is an empty map.
-struct OnlyEntry(&'static str);
+/// not copied. `null` is `None`; a map without those entries is an empty map.
+struct OnlyEntries(&'static [&'static str]);
 
-impl<'de> Visitor<'de> for OnlyEntry {
+impl<'de> Visitor<'de> for OnlyEntries {
     type Value = Option<BTreeMap<String, String>>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,7 +134,7 @@ impl<'de> Visitor<'de> for OnlyEntry {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut kept = BTreeMap::new();
         while let Some(Key(key)) = map.next_key()? {
-            if key == self.0 {
+            if self.0.contains(&key.as_ref()) {
                 kept.insert(key.into_owned(), map.next_value::<String>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;

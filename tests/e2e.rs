@@ -378,6 +378,27 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
     let created = env.create_pod("team-a", &opted_out).await;
     assert_untouched(&created, &opted_out, "pod labelled enabled=false");
 
+    // A static pod's mirror, as a kubelet creates it: the matchCondition keeps
+    // it from the webhook. Rewritten, it would carry an imagePullSecrets
+    // entry, and the apiserver refuses a mirror pod that references a secret.
+    let reviews_before = admission_requests(&env.webhook.metrics().await);
+    let mut mirror = app_pod("web-mirror", &[]);
+    mirror.metadata.annotations = Some(BTreeMap::from([(
+        "kubernetes.io/config.mirror".to_string(),
+        "5c1d6a0b3f".to_string(),
+    )]));
+    // The apiserver requires a mirror pod to name its node.
+    if let Some(spec) = mirror.spec.as_mut() {
+        spec.node_name = Some("node-1".to_string());
+    }
+    let created = env.create_pod("team-a", &mirror).await;
+    assert_untouched(&created, &mirror, "a mirror pod");
+    assert_eq!(
+        admission_requests(&env.webhook.metrics().await),
+        reviews_before,
+        "a mirror pod was sent to the webhook"
+    );
+
     for namespace in ["legacy", "kube-system", WEBHOOK_NAMESPACE] {
         let sent = app_pod("web", &[]);
         let created = env.create_pod(namespace, &sent).await;

@@ -586,6 +586,24 @@ fn check_rbac(r: &Rendered, config_map: &ConfigMap, deployment: &Deployment) {
         granted, secret_names,
         "{o}: resourceNames must be the config's pull secrets"
     );
+    // The webhook's own image comes from the private registry, with the
+    // source pull secret its namespace holds for the copies.
+    let own_pull_secrets: Vec<String> = deployment
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .and_then(|pod| pod.image_pull_secrets.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|secret| secret.name.clone())
+        .collect();
+    assert!(
+        !own_pull_secrets.is_empty()
+            && own_pull_secrets
+                .iter()
+                .all(|name| secret_names.contains(name)),
+        "{o}: the Deployment's imagePullSecrets {own_pull_secrets:?} must name the config's pull secrets {secret_names:?}"
+    );
     assert_eq!(unnamed.len(), 1, "{o}: one unnamed rule");
     assert_eq!(
         unnamed[0].verbs,
@@ -785,6 +803,24 @@ fn check_webhook(r: &Rendered, w: &MutatingWebhook, pod: &Pod, expect: &Expect) 
     .collect();
     assert_eq!(rules, expected, "{o}: webhook rules");
 
+    // Mirror pods are never sent (the e2e suite has the apiserver evaluate
+    // the expression; here, that every overlay keeps it).
+    let conditions: Vec<(&str, &str)> = w
+        .match_conditions
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.expression.as_str()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [(
+            "not-a-mirror-pod",
+            "!has(object.metadata.annotations) || \
+             !('kubernetes.io/config.mirror' in object.metadata.annotations)"
+        )],
+        "{o}: matchConditions"
+    );
+
     // The namespaceSelector: the name-based exclusion of the system namespaces
     // and the webhook's own, then the scope's label expression.
     let ns_sel = w.namespace_selector.as_ref().expect("namespaceSelector");
@@ -818,6 +854,13 @@ fn check_webhook(r: &Rendered, w: &MutatingWebhook, pod: &Pod, expect: &Expect) 
             "{o}: namespaceSelector does not exclude {ns} by name"
         );
     }
+    // cert-manager renews the certificate and injects the caBundle: its pods
+    // must not wait on the webhook whose certificate it keeps.
+    assert_eq!(
+        by_name.2.contains("cert-manager"),
+        expect.certs == CertSource::CertManager,
+        "{o}: the cert-manager namespace is left out exactly when cert-manager issues the certificate"
+    );
     let (op, value) = match expect.scope {
         Scope::ClusterWide => ("NotIn", "false"),
         Scope::OptIn => ("In", "true"),

@@ -562,6 +562,34 @@ fn a_pod_labelled_enabled_false_is_left_alone() {
     );
 }
 
+/// The API copy of a static pod: the apiserver refuses one that references a
+/// secret (`a mirror pod may not reference secrets`, after every mutating
+/// webhook), and its images are those the kubelet runs from the node's
+/// manifest, so it is never patched, whatever its other annotations.
+#[test]
+fn a_mirror_pod_is_left_alone() {
+    let mut object = pod(NS, &[("init", "busybox")], &[("app", "nginx")], None);
+    object["metadata"]["annotations"] = json!({
+        "kubernetes.io/config.hash": "5c1d6a0b3f",
+        "kubernetes.io/config.mirror": "5c1d6a0b3f",
+        "kubernetes.io/config.source": "file",
+    });
+    let out = create(&policy(), object.clone(), NS);
+    assert_no_patch(&out.body);
+    assert_eq!(out.patched, object);
+
+    // The same pod without the mark is rewritten.
+    object["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kubernetes.io/config.mirror");
+    let out = create(&policy(), object, NS);
+    assert_eq!(
+        images(&out.patched, "containers"),
+        ["harbor.corp.example/dockerhub/library/nginx"]
+    );
+}
+
 /// Only the opt-out label and the original-images annotation are read from
 /// the pod's maps (the others are skipped, not copied): they must be found
 /// among many entries and when their keys are written with JSON escapes,
