@@ -29,7 +29,7 @@ pub struct RuleLabel {
 /// Every `result` of `admission_requests_total`. Each series exists from
 /// the start, at 0: `increase()` over a series born at 1 reads 0, so an alert
 /// on the first overload (or bad request) would otherwise never fire.
-pub const ADMISSION_RESULTS: [&str; 8] = [
+pub const ADMISSION_RESULTS: [&str; 9] = [
     "patched",
     "unchanged",
     "skipped",
@@ -38,6 +38,7 @@ pub const ADMISSION_RESULTS: [&str; 8] = [
     "unsupported_media_type",
     "overloaded",
     "not_ready",
+    "cancelled",
 ];
 /// Every `protocol` of `tls_connections_total`: what ALPN settled on.
 pub const PROTOCOLS: [&str; 2] = [H2, HTTP1];
@@ -82,7 +83,8 @@ pub struct Metrics {
     /// [`ADMISSION_RESULTS`]: `patched`, `unchanged` (examined, nothing to
     /// do), `skipped` (not a request the webhook acts on), `bad_request`,
     /// `too_large`, `unsupported_media_type`, `overloaded` (body budget
-    /// exhausted), `not_ready` (no config loaded yet).
+    /// exhausted, or its client gave up while waiting for it), `not_ready`
+    /// (no config loaded yet), `cancelled` (the client gave up first).
     pub admission_requests: Family<ResultLabel, Counter>,
     pub admission_duration: Histogram,
     pub images_rewritten: Family<RuleLabel, Counter>,

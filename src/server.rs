@@ -359,15 +359,59 @@ fn plain(status: StatusCode, message: String) -> Response {
 
 async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let started = Instant::now();
-    let response = answer(&state, request, started).await;
-    state
-        .metrics
-        .admission_duration
-        .observe(started.elapsed().as_secs_f64());
+    let waiting_for_budget = AtomicBool::new(false);
+    let mut on_record = OnRecord {
+        state: &state,
+        started,
+        waiting_for_budget: &waiting_for_budget,
+        answered: false,
+    };
+    let response = answer(&state, request, started, &waiting_for_budget).await;
+    on_record.answered = true;
     response
 }
 
-async fn answer(state: &AppState, request: Request, started: Instant) -> Response {
+/// Puts every review on record, the one its client gave up on included:
+/// when the apiserver's timeout passes, or it resets the HTTP/2 stream,
+/// hyper drops the handler mid-wait, and that review would otherwise be
+/// neither counted nor timed (the overload the alerts watch for among them).
+struct OnRecord<'a> {
+    state: &'a AppState,
+    started: Instant,
+    waiting_for_budget: &'a AtomicBool,
+    /// `answer` returned: it counted the request itself.
+    answered: bool,
+}
+
+impl Drop for OnRecord<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        if !self.answered {
+            let was_waiting_for_budget = self.waiting_for_budget.load(Ordering::Relaxed);
+            let result = if was_waiting_for_budget {
+                "overloaded"
+            } else {
+                "cancelled"
+            };
+            self.state.metrics.count_request(result);
+            warn!(
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                was_waiting_for_budget, "the client gave up on a review before its answer"
+            );
+        }
+        self.state
+            .metrics
+            .admission_duration
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+async fn answer(
+    state: &AppState,
+    request: Request,
+    started: Instant,
+    waiting_for_budget: &AtomicBool,
+) -> Response {
     let metrics = &state.metrics;
     if !is_json(request.headers()) {
         metrics.count_request("unsupported_media_type");
@@ -384,14 +428,14 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
-    let waiting_for_budget = AtomicBool::new(false);
     let read = tokio::time::timeout(
         state.body_read_timeout,
         read_body(
             state,
             request.into_body(),
             declared_length,
-            &waiting_for_budget,
+            waiting_for_budget,
+            stop_waiting_by,
         ),
     )
     .await;
@@ -408,7 +452,11 @@ async fn answer(state: &AppState, request: Request, started: Instant) -> Respons
             );
         }
         Ok(Err(BodyError::Unreadable(error))) => {
-            metrics.count_request("bad_request");
+            metrics.count_request(if client_gave_up(&error) {
+                "cancelled"
+            } else {
+                "bad_request"
+            });
             return plain(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read body: {error}\n"),
@@ -473,6 +521,41 @@ const TOO_MANY_LARGE_BODIES: &str = "too many large AdmissionReviews in flight; 
 const TOO_MANY_SMALL_BODIES: &str = "too many AdmissionReviews being received at once; retry\n";
 
 /// 503, counted as `overloaded`: a memory bound of the body reads is full.
+/// Whether a body read failed because its client gave up: an HTTP/2 stream
+/// it reset (what the apiserver's client does at its timeout) or an HTTP/1.1
+/// connection closed or dropped mid-body. Not a malformed request: no one reads the
+/// answer.
+fn client_gave_up(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
+            && hyper_error.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(h2_error) = cause.downcast_ref::<h2::Error>()
+            && h2_error.is_reset()
+            && h2_error.is_remote()
+        {
+            return true;
+        }
+        // A connection dropped without TLS close_notify, or reset.
+        if let Some(io_error) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io_error.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn overloaded(metrics: &Metrics, reason: &str) -> Response {
     metrics.count_request("overloaded");
     plain(StatusCode::SERVICE_UNAVAILABLE, reason.to_owned())
@@ -521,6 +604,7 @@ async fn read_body<'a>(
     mut body: Body,
     declared_length: Option<usize>,
     waiting_for_budget: &AtomicBool,
+    stop_waiting_by: Option<Instant>,
 ) -> Result<(Bytes, BodyHold<'a>), BodyError> {
     if declared_length.is_some_and(|length| length > state.max_body_bytes) {
         return Err(BodyError::TooLarge);
@@ -547,7 +631,7 @@ async fn read_body<'a>(
             // At most the body limit (at most MAX_BODY_LIMIT) in units:
             // fits, and the budget (a multiple of the limit) can grant it.
             let units = u32::try_from(units).unwrap_or(u32::MAX);
-            hold.reserved = Some(reserve(state, units, waiting_for_budget).await?);
+            hold.reserved = Some(reserve(state, units, waiting_for_budget, stop_waiting_by).await?);
             collected.make_room_for(expected);
         }
         if !counts_free_bytes && !take_bytes(&state.small_body_bytes, &mut hold.small, chunk.len())
@@ -577,13 +661,15 @@ fn take_bytes<'a>(
 }
 
 /// `units` of the body budget, waiting for them (up to the caller's
-/// timeout) only while fewer than [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies
-/// wait: past that, a burst is turned away at once instead of piling up
-/// bodies half read.
+/// timeout, and no later than `stop_waiting_by`, so that the apiserver
+/// still reads the 503) only while fewer than
+/// [`MAX_BODIES_WAITING_FOR_BUDGET`] bodies wait: past that, a burst is
+/// turned away at once instead of piling up bodies half read.
 async fn reserve<'a>(
     state: &'a AppState,
     units: u32,
     waiting_for_budget: &AtomicBool,
+    stop_waiting_by: Option<Instant>,
 ) -> Result<SemaphorePermit<'a>, BodyError> {
     if let Ok(reserved) = state.body_budget.try_acquire_many(units) {
         return Ok(reserved);
@@ -592,11 +678,15 @@ async fn reserve<'a>(
         return Err(BodyError::Overloaded);
     };
     waiting_for_budget.store(true, Ordering::Relaxed);
-    let reserved = state
-        .body_budget
-        .acquire_many(units)
-        .await
-        .map_err(|_| BodyError::Overloaded)?;
+    let acquired = match stop_waiting_by {
+        Some(deadline) => {
+            tokio::time::timeout_at(deadline.into(), state.body_budget.acquire_many(units))
+                .await
+                .map_err(|_| BodyError::Overloaded)?
+        }
+        None => state.body_budget.acquire_many(units).await,
+    };
+    let reserved = acquired.map_err(|_| BodyError::Overloaded)?;
     waiting_for_budget.store(false, Ordering::Relaxed);
     Ok(reserved)
 }
@@ -1244,7 +1334,9 @@ mod tests {
     }
 
     async fn answer_now(state: &AppState, request: Request) -> StatusCode {
-        answer(state, request, Instant::now()).await.status()
+        answer(state, request, Instant::now(), &AtomicBool::new(false))
+            .await
+            .status()
     }
 
     /// The whole budget held by bodies already read: a large body waits and
@@ -1635,6 +1727,29 @@ mod tests {
         );
     }
 
+    /// A review dropped while it waits for a copy (its client gave up: hyper
+    /// drops the handler) is counted `cancelled` and timed.
+    #[tokio::test]
+    async fn a_review_abandoned_during_the_wait_for_a_copy_is_on_record() {
+        let (state, mut api_requests) = syncing_with_a_silent_api().await;
+        let request = review_request(Body::from(REVIEW), Some(REVIEW.len()));
+        let review = tokio::spawn(mutate(State(state.clone()), request));
+        the_copy_asks_for_its_source(&mut api_requests).await;
+        assert!(!review.is_finished(), "answered before the copy came");
+        review.abort();
+        assert!(review.await.expect_err("aborted").is_cancelled());
+
+        let text = state.metrics.encode();
+        assert!(
+            text.contains("image_rewriter_admission_requests_total{result=\"cancelled\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("image_rewriter_admission_duration_seconds_count 1\n"),
+            "{text}"
+        );
+    }
+
     /// The apiserver's `?timeout=` ends the wait for a copy before it ends
     /// the apiserver's own wait: with 2 s left there, a review whose copy
     /// never comes (`waitForCopy: 3s`) is answered after 0.5 s
@@ -1646,7 +1761,9 @@ mod tests {
         let mut request = review_request(Body::from(REVIEW), Some(REVIEW.len()));
         *request.uri_mut() = "/mutate?timeout=2s".parse().expect("uri");
         let started = Instant::now();
-        let status = answer(&state, request, started).await.status();
+        let status = answer(&state, request, started, &AtomicBool::new(false))
+            .await
+            .status();
         let took = started.elapsed();
         assert_eq!(status, StatusCode::OK);
         // The wait was for a copy under way.

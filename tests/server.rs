@@ -1320,6 +1320,196 @@ async fn large_reviews_waiting_for_budget_do_not_stall_their_http2_connection() 
     harness.stop().await;
 }
 
+/// Two HTTP/1.1 clients that each sent more than the free part of an 8 MiB
+/// body and stalled: the body budget is taken until they are dropped.
+async fn take_the_body_budget(harness: &Harness) -> Vec<impl Sized> {
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut stream = http1_connection(harness).await;
+        let head = mutate_head(&format!("Content-Length: {DEFAULT_BODY_LIMIT}")) + "{";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; 128 * 1024]).await.unwrap();
+        stream.flush().await.unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stalled
+}
+
+/// `admission_requests_total{result}` and the number of reviews timed by
+/// `admission_duration_seconds`.
+async fn requests_and_timed(harness: &Harness, result: &str) -> (f64, f64) {
+    let scrape = harness.metrics().await;
+    let requests = metric(
+        &scrape,
+        "image_rewriter_admission_requests_total",
+        ("result", result),
+    );
+    let timed = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "image_rewriter_admission_duration_seconds")
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets
+                .iter()
+                .map(|bucket| bucket.count)
+                .fold(0.0, f64::max),
+            _ => 0.0,
+        })
+        .sum();
+    (requests, timed)
+}
+
+/// On the apiserver's HTTP/2 connection, a review whose body is partly sent
+/// (`sent` bytes of a `declared` one), its stream left open.
+async fn partial_review_over_h2(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    query: &str,
+    declared: usize,
+    sent: usize,
+) -> h2::SendStream<bytes::Bytes> {
+    let request = axum::http::Request::post(format!("https://{SERVICE_HOST}/mutate?{query}"))
+        .header("content-type", "application/json")
+        .header("content-length", declared)
+        .body(())
+        .unwrap();
+    let (_response, mut stream) = client.send_request(request, false).unwrap();
+    let mut body = vec![b' '; sent];
+    body[0] = b'{';
+    stream.reserve_capacity(sent);
+    stream.send_data(bytes::Bytes::from(body), false).unwrap();
+    stream
+}
+
+/// Waiting for body budget ends in time for the apiserver to read the 503:
+/// by its `?timeout=` less the answer's reserve (1.5 s), not at the body
+/// read timeout (30 s here), long after it gave up.
+#[tokio::test]
+async fn a_review_waiting_for_budget_is_answered_before_the_apiserver_gives_up() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.body_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let stalled = take_the_body_budget(&harness).await;
+    let (overloaded_before, _) = requests_and_timed(&harness, "overloaded").await;
+
+    let mut large = sample_review();
+    large["request"]["object"]["metadata"]["annotations"]["big"] =
+        json!("x".repeat(2 * 1024 * 1024));
+    let client = harness.client(false);
+    let started = Instant::now();
+    let response = client
+        .post(harness.url("/mutate?timeout=3s"))
+        .header("Content-Type", "application/json")
+        .timeout(Duration::from_secs(20))
+        .body(serde_json::to_vec(&large).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_millis(2900),
+        "answered after {waited:?}: the apiserver (timeout 3 s) must read it, and the \
+         wait must last until 1.5 s"
+    );
+    let (overloaded, _) = requests_and_timed(&harness, "overloaded").await;
+    assert_eq!(overloaded, overloaded_before + 1.0);
+    drop(stalled);
+    harness.stop().await;
+}
+
+/// A review its client gives up on is on record all the same: reset while
+/// it waits for body budget (hyper drops the handler), it counts as
+/// `overloaded`, what the alert watches; reset, closed or dropped mid-body,
+/// as `cancelled`, not as a malformed request. Each one is timed.
+#[tokio::test]
+async fn reviews_the_client_gave_up_on_are_counted_and_timed() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.body_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let tls = http2_tls_connection(&harness).await;
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    healthz_over_h2(&mut client).await;
+
+    // Reset while waiting for budget.
+    let stalled = take_the_body_budget(&harness).await;
+    let mut waiting =
+        partial_review_over_h2(&mut client, "timeout=30s", 2 * 1024 * 1024, 256 * 1024).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        requests_and_timed(&harness, "overloaded").await,
+        (0.0, 0.0),
+        "the review was answered instead of waiting for budget"
+    );
+    waiting.send_reset(h2::Reason::CANCEL);
+    assert_eq!(
+        eventually_moved(&harness, "overloaded", 0.0).await,
+        (1.0, 1.0),
+        "(overloaded, timed) once the waiting review was reset"
+    );
+
+    // The two stalled HTTP/1.1 bodies, their connections dropped.
+    drop(stalled);
+    let mut cancelled = 0.0;
+    while cancelled < 2.0 {
+        let moved = eventually_moved(&harness, "cancelled", cancelled).await.0;
+        assert!(
+            moved > cancelled,
+            "the dropped connections were not counted"
+        );
+        cancelled = moved;
+    }
+    assert_eq!(requests_and_timed(&harness, "cancelled").await, (2.0, 3.0));
+
+    // Reset mid-body, nothing to wait for.
+    let mut half_sent = partial_review_over_h2(&mut client, "timeout=30s", 4096, 1024).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    half_sent.send_reset(h2::Reason::CANCEL);
+    assert_eq!(
+        eventually_moved(&harness, "cancelled", 2.0).await,
+        (3.0, 4.0)
+    );
+
+    // An HTTP/1.1 connection closed mid-body (TLS close_notify, then FIN).
+    let mut stream = http1_connection(&harness).await;
+    let request = mutate_head("Content-Length: 4096") + "{\"apiVersion\"";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.shutdown().await.unwrap();
+    assert_eq!(
+        eventually_moved(&harness, "cancelled", 3.0).await,
+        (4.0, 5.0)
+    );
+
+    assert_eq!(
+        requests_and_timed(&harness, "bad_request").await.0,
+        0.0,
+        "a review the client gave up on is no bad request"
+    );
+    assert!(
+        !connection.is_finished(),
+        "a reset stream closed the connection"
+    );
+    harness.stop().await;
+}
+
+/// `requests_and_timed` once the count of `result` has passed `before`
+/// (within 5 s).
+async fn eventually_moved(harness: &Harness, result: &str, before: f64) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = requests_and_timed(harness, result).await;
+        if now.0 > before || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A client that finishes the TLS handshake and then sends nothing holds no
 /// connection slot for long, over either protocol ALPN can choose (hyper
 /// waits for an HTTP/2 client's preface without a timer of its own): with
