@@ -99,6 +99,30 @@ fn parse_body_limit(text: &str) -> Result<usize, String> {
     Ok(bytes)
 }
 
+/// Worker threads when `--worker-threads` is not given: one per CPU the
+/// process may use, at most this many. A review takes microseconds of CPU, so
+/// a few workers serve far more than an apiserver sends, while every worker
+/// keeps its own allocator caches: on a large node without a CPU limit (the
+/// shipped Deployment sets none), one per CPU multiplied the memory a burst
+/// of large reviews peaks at.
+pub const MAX_DEFAULT_WORKER_THREADS: usize = 4;
+/// More would be a typo, not a tuning.
+const MAX_WORKER_THREADS: usize = 256;
+
+fn parse_worker_threads(text: &str) -> Result<usize, String> {
+    let threads: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if !(1..=MAX_WORKER_THREADS).contains(&threads) {
+        return Err(format!("must be from 1 to {MAX_WORKER_THREADS}"));
+    }
+    Ok(threads)
+}
+
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_DEFAULT_WORKER_THREADS)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The config file (watched; reloaded on change).
@@ -157,6 +181,10 @@ pub struct ServeArgs {
     /// Open connections at most; more wait to be accepted.
     #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Threads serving requests [default: one per CPU the process may use,
+    /// at most 4].
+    #[arg(long, env = "IMAGE_REWRITER_WORKER_THREADS", value_parser = parse_worker_threads)]
+    pub worker_threads: Option<usize>,
     #[arg(
         long,
         env = "IMAGE_REWRITER_LOG_FORMAT",
@@ -399,7 +427,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         // the local kubeconfig points at.
         pull_secret_sync: !args.no_api && !args.dev_self_signed,
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.unwrap_or_else(default_worker_threads))
+        .enable_all()
+        .build()?;
     runtime.block_on(crate::server::serve_until_signal(options))?;
     Ok(ExitCode::SUCCESS)
 }

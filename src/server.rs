@@ -851,7 +851,8 @@ impl Server {
             })?;
         let https_addr = https.local_addr()?;
         let metrics_addr = metrics.local_addr()?;
-        info!(%https_addr, %metrics_addr, "listening");
+        let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+        info!(%https_addr, %metrics_addr, worker_threads, "listening");
 
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(

@@ -142,6 +142,8 @@ fn serve_refuses_flag_values_that_cannot_work() {
         ("--reload-interval", "10ms", "at least 100ms"),
         ("--max-body-bytes", "1048576", "at least 7340032"),
         ("--max-body-bytes", "1073741825", "at most 1073741824"),
+        ("--worker-threads", "0", "from 1 to 256"),
+        ("--worker-threads", "257", "from 1 to 256"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let child = serve(dir.path()).args([flag, value]).spawn().unwrap();
@@ -194,6 +196,38 @@ fn log_until_listening(mut child: Child) -> Option<String> {
     let _ = child.kill();
     let _ = child.wait();
     listening.then_some(log)
+}
+
+/// The server's runtime has the worker threads asked for, by flag or
+/// variable; by default one per CPU it may use, at most 4 (not one per CPU
+/// of a large node, each with its own allocator caches).
+#[test]
+fn serve_runs_the_worker_threads_asked_for_and_by_default_at_most_four() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let by_flag = |threads: &str| {
+        let mut serve = serve(dir.path());
+        serve.args(["--worker-threads", threads]);
+        serve
+    };
+    let by_variable = |threads: &str| {
+        let mut serve = serve(dir.path());
+        serve.env("IMAGE_REWRITER_WORKER_THREADS", threads);
+        serve
+    };
+    for (mut serve, expected) in [
+        (serve(dir.path()), cpus.min(4)),
+        (by_flag("3"), 3),
+        (by_flag("1"), 1),
+        (by_variable("6"), 6),
+    ] {
+        let log = log_until_listening(serve.spawn().unwrap()).expect("the server stopped");
+        let field = format!("worker_threads={expected}");
+        assert!(
+            log.split_whitespace().any(|word| word == field),
+            "expected {expected} worker threads: {log}"
+        );
+    }
 }
 
 #[test]
