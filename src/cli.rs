@@ -383,6 +383,9 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     } else if policy.rules().is_empty() {
         eprintln!("warning: no rules: no image is rewritten");
     }
+    for warning in policy.warnings() {
+        eprintln!("warning: {warning}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

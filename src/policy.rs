@@ -323,6 +323,28 @@ impl Policy {
         &self.rules
     }
 
+    /// What a valid config does that its author may not expect: a rule's
+    /// `target` under another rule's `match` leaves that part of the match
+    /// to the first rule, as images there count as already moved. (Under
+    /// its own match it is the usual mirror on the same registry.)
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            if let Some((other, _)) = longest_prefix(&self.rule_by_match, &rule.target)
+                && other != index
+            {
+                let shadowing = &self.rules[other];
+                warnings.push(format!(
+                    "rules[{index}].target {:?} lies under rules[{other}].match {:?}: images \
+                     there count as already moved by rules[{index}], so rules[{other}] never \
+                     moves them to {:?}",
+                    rule.target, shadowing.match_prefix, shadowing.target
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Namespaces never touched: the always-excluded ones, the webhook's
     /// own, and the config's.
     pub fn excluded_namespaces(&self) -> impl Iterator<Item = &str> {
@@ -715,6 +737,33 @@ exclude:
             Decision::AlreadyUnderTarget { rule } => (image.to_owned(), rule.pull_secret.clone()),
             _ => (image.to_owned(), None),
         }
+    }
+
+    /// Only a target under another rule's match is worth a warning: one
+    /// under its own match (a mirror on the same registry), or a config
+    /// with disjoint matches and targets, is not.
+    #[test]
+    fn a_target_under_another_rules_match_is_warned_of() {
+        assert!(policy(DESIGN_CONFIG).warnings().is_empty());
+        let own = policy(
+            "rules:\n  - match: registry.corp.example\n    \
+             target: registry.corp.example/mirror\n",
+        );
+        assert!(own.warnings().is_empty(), "{:?}", own.warnings());
+        let shadowed = policy(
+            "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub/cache\n  \
+             - match: harbor.corp.example\n    target: harbor-new.corp.example/a\n  \
+             - match: harbor.corp.example/dockerhub\n    target: harbor-new.corp.example/b\n",
+        );
+        // The longest match covering the target is the one named.
+        assert_eq!(
+            shadowed.warnings(),
+            [
+                "rules[0].target \"harbor.corp.example/dockerhub/cache\" lies under rules[2].match \
+              \"harbor.corp.example/dockerhub\": images there count as already moved by \
+              rules[0], so rules[2] never moves them to \"harbor-new.corp.example/b\""
+            ]
+        );
     }
 
     #[test]

@@ -129,6 +129,9 @@ impl Watcher {
                 } else {
                     info!(path = %path.display(), rules, "config loaded");
                 }
+                for warning in policy.warnings() {
+                    warn!(path = %path.display(), "{warning}");
+                }
                 metrics.config_rules.set(rules as i64);
                 self.state.set_policy(policy);
             }

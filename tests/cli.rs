@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 mod common;
 
@@ -363,6 +363,51 @@ fn check_config_accepts_valid_configs() {
         "warning: no rules: no image is rewritten\n"
     );
     assert_eq!(stderr(&run(&["check-config", "--config", s(&config)])), "");
+
+    // Valid, but a match partly shadowed by another rule's target: said.
+    let shadowed = dir.file(
+        "shadowed.yaml",
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n\
+         \x20 - match: harbor.corp.example\n    target: harbor-new.corp.example/old\n",
+    );
+    let output = run(&["check-config", "--config", s(&shadowed)]);
+    assert_success(&output);
+    assert_eq!(
+        stderr(&output),
+        "warning: rules[0].target \"harbor.corp.example/dockerhub\" lies under rules[1].match \
+         \"harbor.corp.example\": images there count as already moved by rules[0], so rules[1] \
+         never moves them to \"harbor-new.corp.example/old\"\n"
+    );
+    // What that warns of, as `rewrite` shows it.
+    let output = run(&[
+        "rewrite",
+        "--config",
+        s(&shadowed),
+        "--output",
+        "json",
+        "harbor.corp.example/dockerhub/library/nginx",
+        "harbor.corp.example/team/app",
+    ]);
+    let decisions: Vec<(Value, Value)> = stdout(&output)
+        .lines()
+        .map(|line| {
+            let decision: Value = serde_json::from_str(line).unwrap();
+            (decision["output"].clone(), decision["reason"].clone())
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            (
+                json!("harbor.corp.example/dockerhub/library/nginx"),
+                json!("already-under-target")
+            ),
+            (
+                json!("harbor-new.corp.example/old/team/app"),
+                json!("rewritten")
+            ),
+        ]
+    );
 }
 
 #[test]

@@ -230,6 +230,29 @@ fn serve_runs_the_worker_threads_asked_for_and_by_default_at_most_four() {
     }
 }
 
+/// A valid config whose rule's target lies under another rule's match is
+/// served, and its log says what `check-config` says of it.
+#[test]
+fn serve_logs_a_target_under_another_rules_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = serve(dir.path());
+    // The file `serve` names, rewritten.
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n\
+         \x20 - match: harbor.corp.example\n    target: harbor-new.corp.example/old\n",
+    )
+    .unwrap();
+    let log = log_until_listening(serve.spawn().unwrap()).expect("the server stopped");
+    assert!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains(
+                "rules[0].target \"harbor.corp.example/dockerhub\" lies under rules[1].match"
+            )),
+        "{log}"
+    );
+}
+
 #[test]
 fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
     let dir = tempfile::tempdir().unwrap();
