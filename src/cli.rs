@@ -104,8 +104,9 @@ fn parse_body_limit(text: &str) -> Result<usize, String> {
 /// a few workers serve far more than an apiserver sends, while every worker
 /// keeps its own allocator caches: on a large node without a CPU limit (the
 /// shipped Deployment sets none), one per CPU multiplied the memory a burst
-/// of large reviews peaks at.
-pub const MAX_DEFAULT_WORKER_THREADS: usize = 4;
+/// of large reviews peaks at (BENCHMARKS.md: 64 workers took a burst past
+/// the shipped 256 MiB limit; 2 kept it near half).
+pub const MAX_DEFAULT_WORKER_THREADS: usize = 2;
 /// More would be a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 256;
 
@@ -182,7 +183,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Threads serving requests [default: one per CPU the process may use,
-    /// at most 4].
+    /// at most 2].
     #[arg(long, env = "IMAGE_REWRITER_WORKER_THREADS", value_parser = parse_worker_threads)]
     pub worker_threads: Option<usize>,
     #[arg(

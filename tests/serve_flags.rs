@@ -199,10 +199,10 @@ fn log_until_listening(mut child: Child) -> Option<String> {
 }
 
 /// The server's runtime has the worker threads asked for, by flag or
-/// variable; by default one per CPU it may use, at most 4 (not one per CPU
+/// variable; by default one per CPU it may use, at most 2 (not one per CPU
 /// of a large node, each with its own allocator caches).
 #[test]
-fn serve_runs_the_worker_threads_asked_for_and_by_default_at_most_four() {
+fn serve_runs_the_worker_threads_asked_for_and_by_default_at_most_two() {
     let dir = tempfile::tempdir().unwrap();
     let cpus = std::thread::available_parallelism().unwrap().get();
     let by_flag = |threads: &str| {
@@ -216,7 +216,7 @@ fn serve_runs_the_worker_threads_asked_for_and_by_default_at_most_four() {
         serve
     };
     for (mut serve, expected) in [
-        (serve(dir.path()), cpus.min(4)),
+        (serve(dir.path()), cpus.min(2)),
         (by_flag("3"), 3),
         (by_flag("1"), 1),
         (by_variable("6"), 6),
