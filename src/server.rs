@@ -386,7 +386,14 @@ struct OnRecord<'a> {
 impl Drop for OnRecord<'_> {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        if !self.answered {
+        if std::thread::panicking() {
+            // A bug, not a client that went away: its own message is logged
+            // by the panic hook, and the review gets no result.
+            error!(
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "a review's handler panicked"
+            );
+        } else if !self.answered {
             let was_waiting_for_budget = self.waiting_for_budget.load(Ordering::Relaxed);
             let result = if was_waiting_for_budget {
                 "overloaded"
@@ -533,27 +540,33 @@ fn client_gave_up(error: &axum::Error) -> bool {
         {
             return true;
         }
-        if let Some(h2_error) = cause.downcast_ref::<h2::Error>()
-            && h2_error.is_reset()
-            && h2_error.is_remote()
-        {
-            return true;
+        if let Some(h2_error) = cause.downcast_ref::<h2::Error>() {
+            // h2 keeps its I/O error to itself, not as a source.
+            if (h2_error.is_reset() && h2_error.is_remote())
+                || h2_error.get_io().is_some_and(is_connection_lost)
+            {
+                return true;
+            }
         }
-        // A connection dropped without TLS close_notify, or reset.
         if let Some(io_error) = cause.downcast_ref::<std::io::Error>()
-            && matches!(
-                io_error.kind(),
-                std::io::ErrorKind::UnexpectedEof
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            )
+            && is_connection_lost(io_error)
         {
             return true;
         }
         source = cause.source();
     }
     false
+}
+
+/// A connection dropped without TLS close_notify, or reset.
+fn is_connection_lost(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 fn overloaded(metrics: &Metrics, reason: &str) -> Response {

@@ -143,7 +143,8 @@ fn overlay_opt_in_cert_manager() {
     );
 }
 
-/// The optional fail-closed component flips only the failure policy.
+/// The optional fail-closed component flips the failure policy and leaves
+/// the cert-manager namespace out.
 #[test]
 fn fail_closed_component_switches_to_fail() {
     check_overlay_with_components(
@@ -854,12 +855,13 @@ fn check_webhook(r: &Rendered, w: &MutatingWebhook, pod: &Pod, expect: &Expect) 
             "{o}: namespaceSelector does not exclude {ns} by name"
         );
     }
-    // cert-manager renews the certificate and injects the caBundle: its pods
-    // must not wait on the webhook whose certificate it keeps.
+    // Under Fail, cert-manager's pods must not wait on the webhook whose
+    // certificate it keeps; under Ignore they never wait, and their images
+    // are rewritten like any others.
     assert_eq!(
         by_name.2.contains("cert-manager"),
-        expect.certs == CertSource::CertManager,
-        "{o}: the cert-manager namespace is left out exactly when cert-manager issues the certificate"
+        expect.failure_policy == "Fail",
+        "{o}: the cert-manager namespace is left out exactly when the webhook fails closed"
     );
     let (op, value) = match expect.scope {
         Scope::ClusterWide => ("NotIn", "false"),

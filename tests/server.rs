@@ -1421,8 +1421,9 @@ async fn a_review_waiting_for_budget_is_answered_before_the_apiserver_gives_up()
 
 /// A review its client gives up on is on record all the same: reset while
 /// it waits for body budget (hyper drops the handler), it counts as
-/// `overloaded`, what the alert watches; reset, closed or dropped mid-body,
-/// as `cancelled`, not as a malformed request. Each one is timed.
+/// `overloaded`, what the alert watches; reset, closed or dropped mid-body
+/// (over either protocol), as `cancelled`, not as a malformed request. Each
+/// one is timed.
 #[tokio::test]
 async fn reviews_the_client_gave_up_on_are_counted_and_timed() {
     let harness = Harness::start_with(CONFIG, |options| {
@@ -1485,14 +1486,26 @@ async fn reviews_the_client_gave_up_on_are_counted_and_timed() {
         (4.0, 5.0)
     );
 
+    // An HTTP/2 connection dropped mid-body: no reset, no GOAWAY.
+    assert!(
+        !connection.is_finished(),
+        "a reset stream closed the connection"
+    );
+    let tls = http2_tls_connection(&harness).await;
+    let (mut dropped_client, dropped_connection) = h2::client::handshake(tls).await.unwrap();
+    let dropped_connection = tokio::spawn(dropped_connection);
+    let _half_sent = partial_review_over_h2(&mut dropped_client, "timeout=30s", 4096, 1024).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dropped_connection.abort();
+    assert_eq!(
+        eventually_moved(&harness, "cancelled", 4.0).await,
+        (5.0, 6.0)
+    );
+
     assert_eq!(
         requests_and_timed(&harness, "bad_request").await.0,
         0.0,
         "a review the client gave up on is no bad request"
-    );
-    assert!(
-        !connection.is_finished(),
-        "a reset stream closed the connection"
     );
     harness.stop().await;
 }
