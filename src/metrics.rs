@@ -123,7 +123,7 @@ impl Metrics {
         let admission_requests = Family::<ResultLabel, Counter>::default();
         registry.register(
             "admission_requests",
-            "AdmissionReview requests answered, by result",
+            "AdmissionReview requests, by result (cancelled: the client gave up before the answer)",
             admission_requests.clone(),
         );
         // 50 µs to ~52 s: the interesting range is well under a millisecond,
@@ -135,7 +135,7 @@ impl Metrics {
         );
         registry.register(
             "admission_duration_seconds",
-            "Time to answer one AdmissionReview, from body read to response encoded",
+            "Time to answer one AdmissionReview, from body read to response encoded (or to when its client gave up)",
             admission_duration.clone(),
         );
         let tls_connections = Family::<ProtocolLabel, Counter>::default();
@@ -368,7 +368,8 @@ mod tests {
         assert!(openmetrics.contains(&format!("# TYPE {requests} counter\n")));
         assert!(text.contains(&format!("# TYPE {requests}_total counter\n")));
         assert!(text.contains(&format!(
-            "# HELP {requests}_total AdmissionReview requests answered, by result.\n"
+            "# HELP {requests}_total AdmissionReview requests, by result (cancelled: the client \
+             gave up before the answer).\n"
         )));
         assert!(!text.contains(&format!("# TYPE {requests} ")), "{text}");
         for unchanged in [
