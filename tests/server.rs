@@ -1265,23 +1265,12 @@ async fn large_reviews_waiting_for_budget_do_not_stall_their_http2_connection() 
         options.body_read_timeout = Duration::from_secs(30);
     })
     .await;
-    let mut stalled = Vec::new();
-    for _ in 0..2 {
-        let mut stream = http1_connection(&harness).await;
-        let head = mutate_head(&format!("Content-Length: {DEFAULT_BODY_LIMIT}")) + "{";
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(&vec![b' '; 128 * 1024]).await.unwrap();
-        stream.flush().await.unwrap();
-        stalled.push(stream);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = take_the_body_budget(&harness).await;
 
     let client = harness.client(false);
     let warm = client.get(harness.url("/healthz")).send().await.unwrap();
     assert_eq!(warm.version(), reqwest::Version::HTTP_2);
-    let mut large = sample_review();
-    large["request"]["object"]["metadata"]["annotations"]["big"] =
-        json!("x".repeat(2 * 1024 * 1024));
+    let large = large_review();
     let large_reviews: Vec<_> = (0..3)
         .map(|_| {
             let client = client.clone();
@@ -1334,6 +1323,14 @@ async fn take_the_body_budget(harness: &Harness) -> Vec<impl Sized> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stalled
+}
+
+/// A review past the free part of the body budget: it must reserve some.
+fn large_review() -> Value {
+    let mut large = sample_review();
+    large["request"]["object"]["metadata"]["annotations"]["big"] =
+        json!("x".repeat(2 * 1024 * 1024));
+    large
 }
 
 /// `admission_requests_total{result}` and the number of reviews timed by
@@ -1393,9 +1390,7 @@ async fn a_review_waiting_for_budget_is_answered_before_the_apiserver_gives_up()
     let stalled = take_the_body_budget(&harness).await;
     let (overloaded_before, _) = requests_and_timed(&harness, "overloaded").await;
 
-    let mut large = sample_review();
-    large["request"]["object"]["metadata"]["annotations"]["big"] =
-        json!("x".repeat(2 * 1024 * 1024));
+    let large = large_review();
     let client = harness.client(false);
     let started = Instant::now();
     let response = client
