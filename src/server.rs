@@ -527,11 +527,10 @@ async fn answer(
 const TOO_MANY_LARGE_BODIES: &str = "too many large AdmissionReviews in flight; retry\n";
 const TOO_MANY_SMALL_BODIES: &str = "too many AdmissionReviews being received at once; retry\n";
 
-/// 503, counted as `overloaded`: a memory bound of the body reads is full.
 /// Whether a body read failed because its client gave up: an HTTP/2 stream
-/// it reset (what the apiserver's client does at its timeout) or an HTTP/1.1
-/// connection closed or dropped mid-body. Not a malformed request: no one reads the
-/// answer.
+/// it reset (what the apiserver's client does at its timeout), or a
+/// connection closed or dropped mid-body. Not a malformed request: no one
+/// reads the answer.
 fn client_gave_up(error: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(cause) = source {
@@ -569,6 +568,7 @@ fn is_connection_lost(error: &std::io::Error) -> bool {
     )
 }
 
+/// 503, counted as `overloaded`: a memory bound of the body reads is full.
 fn overloaded(metrics: &Metrics, reason: &str) -> Response {
     metrics.count_request("overloaded");
     plain(StatusCode::SERVICE_UNAVAILABLE, reason.to_owned())
