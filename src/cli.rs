@@ -106,7 +106,7 @@ fn parse_body_limit(text: &str) -> Result<usize, String> {
 /// shipped Deployment sets none), one per CPU multiplied the memory a burst
 /// of large reviews peaks at (BENCHMARKS.md: 64 workers took a burst past
 /// the shipped 256 MiB limit; 2 kept it near half).
-pub const MAX_DEFAULT_WORKER_THREADS: usize = 2;
+const MAX_DEFAULT_WORKER_THREADS: usize = 2;
 /// More would be a typo, not a tuning.
 const MAX_WORKER_THREADS: usize = 256;
 

@@ -23,10 +23,10 @@ use crate::patch::{ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTAT
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodObject {
     /// Only name, generateName and namespace, the `image-rewriter.io/enabled`
-    /// label, and the original-images and mirror-pod annotations are kept; `labels` and
-    /// `annotations` are `Some` exactly when the object had them. Boxed:
-    /// kube-core's request holds two pods by value and the decode moves it
-    /// several times, 360 bytes of mostly empty fields each.
+    /// label, and the original-images and mirror-pod annotations are kept;
+    /// `labels` and `annotations` are `Some` exactly when the object had
+    /// them. Boxed: kube-core's request holds two pods by value and the
+    /// decode moves it several times, 360 bytes of mostly empty fields each.
     pub metadata: Box<ObjectMeta>,
     /// Whether the object had a `metadata` object at all (`null` or absent
     /// is none: a patch must then add `/metadata` whole).

@@ -691,13 +691,12 @@ async fn reserve<'a>(
         return Err(BodyError::Overloaded);
     };
     waiting_for_budget.store(true, Ordering::Relaxed);
+    let acquire = state.body_budget.acquire_many(units);
     let acquired = match stop_waiting_by {
-        Some(deadline) => {
-            tokio::time::timeout_at(deadline.into(), state.body_budget.acquire_many(units))
-                .await
-                .map_err(|_| BodyError::Overloaded)?
-        }
-        None => state.body_budget.acquire_many(units).await,
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), acquire)
+            .await
+            .map_err(|_| BodyError::Overloaded)?,
+        None => acquire.await,
     };
     let reserved = acquired.map_err(|_| BodyError::Overloaded)?;
     waiting_for_budget.store(false, Ordering::Relaxed);
