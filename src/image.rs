@@ -255,8 +255,11 @@ fn split_docker_domain(name: &str) -> (&str, &'static str, &str) {
     (domain, "", remainder)
 }
 
-/// go-digest `Parse` as distribution/reference links it: only sha256 is
-/// registered there, so other algorithms are unsupported.
+/// go-digest `Parse` as the binaries that pull images run it. go-digest
+/// supports an algorithm when its hash is linked into the program:
+/// distribution/reference's own test binary links only sha256 (its test
+/// table calls `sha512` unsupported), but the kubelet, containerd and CRI-O
+/// link sha384 and sha512 too (through `crypto/tls`), and pull such images.
 fn validate_digest(digest: &str) -> Result<&str, ReferenceError> {
     let Some((algorithm, encoded)) = digest.split_once(':') else {
         return Err(ReferenceError::DigestInvalidFormat);
@@ -264,21 +267,28 @@ fn validate_digest(digest: &str) -> Result<&str, ReferenceError> {
     if algorithm.is_empty() || encoded.is_empty() {
         return Err(ReferenceError::DigestInvalidFormat);
     }
-    if algorithm != "sha256" {
-        return Err(ReferenceError::DigestUnsupported);
-    }
-    if encoded.len() != 64 {
+    let hex_digits = match algorithm {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err(ReferenceError::DigestUnsupported),
+    };
+    if encoded.len() != hex_digits {
         return Err(ReferenceError::DigestInvalidLength);
     }
-    if !is_lower_hex64(encoded) {
+    if !is_lower_hex(encoded) {
         return Err(ReferenceError::DigestInvalidFormat);
     }
     Ok(digest)
 }
 
-/// 64 lowercase hex digits: a sha256 digest, or an image ID.
+fn is_lower_hex(text: &str) -> bool {
+    text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// 64 lowercase hex digits: an image ID.
 fn is_lower_hex64(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    text.len() == 64 && is_lower_hex(text)
 }
 
 #[cfg(test)]
@@ -312,6 +322,41 @@ mod tests {
             reference.to_string(),
             format!("docker.io/library/nginx:1.27-Alpine@{digest}")
         );
+    }
+
+    #[test]
+    fn the_digests_a_kubelet_pulls_are_valid_and_others_are_not() {
+        for (algorithm, hex_digits) in [("sha256", 64), ("sha384", 96), ("sha512", 128)] {
+            let digest = format!(
+                "{algorithm}:{}",
+                "0123456789abcdef".repeat(8).split_at(hex_digits).0
+            );
+            let reference = Reference::parse_normalized(&format!("nginx@{digest}")).unwrap();
+            assert_eq!(reference.digest(), Some(digest.as_str()));
+            let short = format!("nginx@{algorithm}:{}", "a".repeat(hex_digits - 1));
+            assert_eq!(
+                Reference::parse_normalized(&short).unwrap_err(),
+                ReferenceError::DigestInvalidLength,
+                "{short}"
+            );
+            let upper = format!("nginx@{algorithm}:{}", "A".repeat(hex_digits));
+            assert_eq!(
+                Reference::parse_normalized(&upper).unwrap_err(),
+                ReferenceError::DigestInvalidFormat,
+                "{upper}"
+            );
+        }
+        // Hashes go-digest knows nothing of, or a kubelet does not link.
+        for unsupported in [
+            format!("md5:{}", "a".repeat(32)),
+            format!("blake3:{}", "a".repeat(64)),
+        ] {
+            assert_eq!(
+                Reference::parse_normalized(&format!("nginx@{unsupported}")).unwrap_err(),
+                ReferenceError::DigestUnsupported,
+                "{unsupported}"
+            );
+        }
     }
 
     #[test]
