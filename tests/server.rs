@@ -699,6 +699,29 @@ async fn metrics_speak_the_format_the_scraper_asks_for() {
     harness.stop().await;
 }
 
+/// Posts the sample review on `sender`'s connection; a 200 with a patch
+/// that applies.
+async fn review_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) {
+    use http_body_util::BodyExt as _;
+    let review = sample_review();
+    let request = hyper::Request::post("/mutate?timeout=10s")
+        .header(hyper::header::HOST, SERVICE_HOST)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(&review).unwrap(),
+        )))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("the connection still open");
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(check_response(&review, &body).is_some());
+}
+
 async fn healthz_twice_on_one_http1_connection(harness: &Harness) {
     use http_body_util::BodyExt as _;
     let stream = http1_connection(harness).await;
@@ -1005,16 +1028,29 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
         }));
     }
 
+    // One HTTP/1.1 connection that may not be replaced, as reqwest would
+    // replace a closed one: the rotation drops no connection.
+    let (mut one_connection, connection) = hyper::client::conn::http1::handshake(
+        hyper_util::rt::TokioIo::new(http1_connection(&harness).await),
+    )
+    .await
+    .unwrap();
+    let one_connection_driver = tokio::spawn(connection);
+    review_on(&mut one_connection).await;
+
     let (cert, key) = harness.pki.serving_pair();
     tokio::time::sleep(Duration::from_millis(200)).await;
     harness.swap_certificate(&cert, &key, "success", 2.0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    review_on(&mut one_connection).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for worker in workers {
         total += worker.await.expect("no request failed");
     }
     assert!(total > 20, "only {total} requests went through");
+    drop(one_connection);
+    one_connection_driver.await.unwrap().unwrap();
 
     let second = peer_certificate(&harness.healthz_on_new_connection(true).await);
     assert_ne!(first, second, "new connections get the new certificate");
