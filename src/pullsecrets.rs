@@ -4,7 +4,9 @@
 //!
 //! The request path never waits on the API when the copy is known to exist:
 //! a watch cache (one field-selected watch per secret name, so it holds only
-//! those Secrets) answers. A missing copy is created by one background worker;
+//! those Secrets) answers. A missing copy is created by a background task,
+//! and copies are brought to a rotated source by another, so a rotation's
+//! updates never hold up the copy a new namespace's first pod waits for;
 //! the admission waits for it at most `pullSecretSync.waitForCopy`, and not
 //! past the apiserver's `?timeout=` (less a reserve; `deadline`).
 //! Secret contents are never logged.
@@ -33,7 +35,7 @@ pub const MANAGED_BY_VALUE: &str = "image-rewriter";
 pub const SOURCE_ANNOTATION: &str = "image-rewriter.io/source";
 /// The Secret types a kubelet reads as image pull secrets.
 const PULL_SECRET_TYPES: [&str; 2] = ["kubernetes.io/dockerconfigjson", "kubernetes.io/dockercfg"];
-/// Each API call of the worker gives up after this.
+/// Each API call of the background tasks gives up after this.
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const QUEUE_CAPACITY: usize = 1024;
 /// How often every copy is compared with its source anyway. Events alone
@@ -57,19 +59,6 @@ struct NameCache {
     /// The first list completed: absence in `namespaces` means absence.
     synced: bool,
     namespaces: HashMap<String, Cached>,
-}
-
-#[derive(Debug)]
-enum Work {
-    /// Make the copy of `name` in `namespace` exist; its waiters are in
-    /// [`Inner::waiting`].
-    Ensure {
-        namespace: String,
-        name: String,
-    },
-    Reconcile {
-        name: String,
-    },
 }
 
 /// A requested copy: (namespace, secret name).
@@ -107,7 +96,13 @@ struct Inner {
     reconcile_queued: Mutex<BTreeSet<String>>,
     watches: Mutex<HashMap<String, Watch>>,
     next_watch_id: std::sync::atomic::AtomicU64,
-    work: mpsc::Sender<Work>,
+    /// Copies to make; their waiters are in [`Inner::waiting`].
+    copies: mpsc::Sender<CopyKey>,
+    /// Names whose copies to bring to their source. A queue and a task of
+    /// their own: a rotation updates every copy, one API call after
+    /// another, and the copy a new namespace's first pod waits for must
+    /// not wait behind them.
+    reconciles: mpsc::Sender<String>,
 }
 
 /// The running sync; cheap to clone.
@@ -129,7 +124,7 @@ impl PullSecretSync {
         }
     }
 
-    /// Starts the worker, with a resync every [`RESYNC_INTERVAL`]; watches
+    /// Starts the background tasks, with a resync every [`RESYNC_INTERVAL`]; watches
     /// start with [`Self::configure`].
     pub fn start(client: kube::Client, metrics: Arc<Metrics>) -> Self {
         Self::start_with_resync(client, metrics, RESYNC_INTERVAL)
@@ -141,7 +136,8 @@ impl PullSecretSync {
         metrics: Arc<Metrics>,
         resync_every: Duration,
     ) -> Self {
-        let (work, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let (copies, copy_queue) = mpsc::channel(QUEUE_CAPACITY);
+        let (reconciles, reconcile_queue) = mpsc::channel(QUEUE_CAPACITY);
         let inner = Arc::new(Inner {
             client,
             metrics,
@@ -152,9 +148,11 @@ impl PullSecretSync {
             reconcile_queued: Mutex::default(),
             watches: Mutex::default(),
             next_watch_id: std::sync::atomic::AtomicU64::new(0),
-            work,
+            copies,
+            reconciles,
         });
-        tokio::spawn(worker(inner.clone(), queue));
+        tokio::spawn(copy_worker(inner.clone(), copy_queue));
+        tokio::spawn(reconcile_worker(inner.clone(), reconcile_queue));
         tokio::spawn(resync(inner.clone(), resync_every));
         Self { inner }
     }
@@ -313,11 +311,7 @@ impl Inner {
             waiters.push(reply);
             return Some(outcome);
         }
-        let work = Work::Ensure {
-            namespace: key.0.clone(),
-            name: key.1.clone(),
-        };
-        self.work.try_send(work).ok()?;
+        self.copies.try_send(key.clone()).ok()?;
         waiting.insert(key, vec![reply]);
         Some(outcome)
     }
@@ -378,15 +372,11 @@ impl Inner {
             .reconcile_queued
             .lock()
             .is_ok_and(|mut queued| queued.insert(name.to_owned()));
-        if newly_queued {
-            let work = Work::Reconcile {
-                name: name.to_owned(),
-            };
-            if self.work.send(work).await.is_err()
-                && let Ok(mut queued) = self.reconcile_queued.lock()
-            {
-                queued.remove(name);
-            }
+        if newly_queued
+            && self.reconciles.send(name.to_owned()).await.is_err()
+            && let Ok(mut queued) = self.reconcile_queued.lock()
+        {
+            queued.remove(name);
         }
     }
 
@@ -540,23 +530,24 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
     }
 }
 
-/// Creates and updates copies, one at a time, off the request path.
-async fn worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<Work>) {
-    while let Some(work) = queue.recv().await {
-        match work {
-            Work::Ensure { namespace, name } => {
-                let outcome = ensure_copy(&inner, &namespace, &name).await;
-                inner.copy_done(&namespace, &name, &outcome);
-            }
-            Work::Reconcile { name } => {
-                // Unmarked before it runs: a change seen from here on needs
-                // a reconcile of its own.
-                if let Ok(mut queued) = inner.reconcile_queued.lock() {
-                    queued.remove(&name);
-                }
-                reconcile(&inner, &name).await;
-            }
+/// Creates the copies admissions asked for, one at a time, off the request
+/// path.
+async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
+    while let Some((namespace, name)) = queue.recv().await {
+        let outcome = ensure_copy(&inner, &namespace, &name).await;
+        inner.copy_done(&namespace, &name, &outcome);
+    }
+}
+
+/// Brings copies to their source, one name at a time, off the request path.
+async fn reconcile_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<String>) {
+    while let Some(name) = queue.recv().await {
+        // Unmarked before it runs: a change seen from here on needs a
+        // reconcile of its own.
+        if let Ok(mut queued) = inner.reconcile_queued.lock() {
+            queued.remove(&name);
         }
+        reconcile(&inner, &name).await;
     }
 }
 

@@ -42,6 +42,8 @@ enum Fault {
     /// A create answers 409 AlreadyExists and stores nothing (the Secret was
     /// made by someone else and deleted again before the next read).
     CreateConflict = 3,
+    /// Every update (PUT) never answers; other calls do.
+    HangUpdates = 4,
 }
 
 /// The fake's state: Secrets by (namespace, name), a resourceVersion clock,
@@ -84,6 +86,7 @@ impl Fake {
             1 => Fault::ServerError,
             2 => Fault::Hang,
             3 => Fault::CreateConflict,
+            4 => Fault::HangUpdates,
             _ => Fault::None,
         }
     }
@@ -145,7 +148,7 @@ async fn faulted(fake: &Fake) -> Option<Response> {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             None
         }
-        Fault::CreateConflict => None,
+        Fault::CreateConflict | Fault::HangUpdates => None,
     }
 }
 
@@ -294,6 +297,9 @@ async fn namespaced_item(
         },
         Method::PUT => {
             fake.put_attempts.fetch_add(1, Ordering::SeqCst);
+            if fake.fault() == Fault::HangUpdates {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
             let secret: Value = serde_json::from_slice(&body).unwrap();
             let Some(current) = current else {
                 return status(404, "NotFound", "not found");
@@ -797,6 +803,34 @@ async fn a_hanging_api_never_delays_admission_beyond_its_budget() {
         // Still in progress: no warning yet, the kubelet retries its pull.
         assert!(warnings.is_empty(), "{warnings:?}");
     }
+}
+
+/// A rotation updates its copies one after another, each update bounded
+/// only by the API call timeout: the copy a new namespace's first pod
+/// waits for must not queue behind them.
+#[tokio::test]
+async fn a_rotation_in_progress_never_holds_up_a_new_namespaces_copy() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    for namespace in ["team-a", "team-b", "team-c"] {
+        admit(&sync, &policy, namespace).await;
+    }
+
+    fake.set_fault(Fault::HangUpdates);
+    fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    eventually("the rotation's first update is under way", || {
+        fake.put_attempts.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // The updates under way hang for the 5 s API call timeout each, well
+    // past the 2 s this admission waits.
+    admit(&sync, &policy, "team-new").await;
+    assert!(
+        fake.get("team-new", SECRET).is_some(),
+        "the copy exists once the admission returns"
+    );
 }
 
 #[tokio::test]
