@@ -113,13 +113,30 @@ pub struct PullSecretSync {
 
 impl PullSecretSync {
     /// Connects with the in-cluster config or a kubeconfig; `None` (and one
-    /// log line) when there is neither: the admission path works without it.
-    pub async fn connect(metrics: Arc<Metrics>) -> Option<Self> {
+    /// log line) when there is neither outside a cluster: the admission
+    /// path works without it.
+    ///
+    /// In a pod (`KUBERNETES_SERVICE_HOST` set) a configuration that does
+    /// not load is an error: a service account token not mounted would
+    /// otherwise turn the sync off quietly, and every pod would be given
+    /// pull secrets that never appear in its namespace.
+    pub async fn connect(metrics: Arc<Metrics>) -> anyhow::Result<Option<Self>> {
         match kube::Client::try_default().await {
-            Ok(client) => Some(Self::start(client, metrics)),
+            Ok(client) => Ok(Some(Self::start(client, metrics))),
+            Err(error)
+                if std::env::var_os("KUBERNETES_SERVICE_HOST")
+                    .is_some_and(|host| !host.is_empty()) =>
+            {
+                Err(anyhow::anyhow!(
+                    "running in a pod (KUBERNETES_SERVICE_HOST is set), but its Kubernetes API \
+                     configuration does not load, so no pull secret could be copied: {error}. \
+                     Mount the service account token (automountServiceAccountToken), or pass \
+                     --no-api (IMAGE_REWRITER_NO_API) to run without pull secret sync"
+                ))
+            }
             Err(error) => {
                 info!(%error, "no Kubernetes API configuration; pull secret sync is off");
-                None
+                Ok(None)
             }
         }
     }

@@ -843,7 +843,7 @@ impl Server {
         let mut watcher = reload::Watcher::new(sources, state.clone(), slot.clone());
         watcher.poll();
         if options.pull_secret_sync
-            && let Some(sync) = PullSecretSync::connect(state.metrics.clone()).await
+            && let Some(sync) = PullSecretSync::connect(state.metrics.clone()).await?
         {
             state.enable_pull_secret_sync(sync);
         }
