@@ -201,6 +201,185 @@ fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
     let pod = Pod::of(&rendered, &deployment);
     let job = check_pod_monitor(&rendered, &pod);
     check_prometheus_rule(&rendered, &job);
+    promtool_test_rules(&rendered, &job);
+}
+
+/// The alerts on the series they watch, as Prometheus evaluates them
+/// (`promtool test rules`): each fires when it should, carries the
+/// `namespace` label an AlertmanagerConfig routes by, and stays quiet over
+/// a missed scrape or a count from long ago.
+fn promtool_test_rules(r: &Rendered, job: &str) {
+    let o = &r.overlay;
+    let rule = r.custom("monitoring.coreos.com/v1", "PrometheusRule", DEPLOYMENT);
+    let namespace = rule["metadata"]["namespace"].as_str().expect("namespace");
+    let dir = tempfile::tempdir().unwrap();
+    // promtool compares annotations too, templates rendered; they are
+    // checked above, and this test is about when alerts fire and their labels.
+    let mut groups = rule["spec"]["groups"].clone();
+    for rule in groups
+        .as_array_mut()
+        .expect("groups")
+        .iter_mut()
+        .flat_map(|group| group["rules"].as_array_mut().expect("rules"))
+    {
+        rule.as_object_mut().expect("a rule").remove("annotations");
+    }
+    let rules = serde_json::json!({ "groups": groups });
+    fs::write(dir.path().join("rules.json"), rules.to_string()).unwrap();
+    let fail_open = format!(
+        "apiserver_admission_webhook_fail_open_count{{name=\"{WEBHOOK}\", operation=\"CREATE\", type=\"admit\"}}"
+    );
+    let rejected = format!(
+        "apiserver_admission_webhook_rejection_count{{name=\"{WEBHOOK}\", operation=\"CREATE\", \
+         type=\"admit\", error_type=\"calling_webhook_error\", rejection_code=\"0\"}}"
+    );
+    let buckets = |counts: [u32; 3]| {
+        let mut series = String::new();
+        for (le, per_30s) in [
+            ("0.8192", counts[0]),
+            ("1.6384", counts[1]),
+            ("3.2768", counts[2]),
+            ("+Inf", 1000),
+        ] {
+            writeln!(
+                series,
+                "      - series: 'image_rewriter_admission_duration_seconds_bucket{{le=\"{le}\", job=\"{job}\", pod=\"p\"}}'\n        values: '0+{per_30s}x60'"
+            )
+            .unwrap();
+        }
+        series
+    };
+    let quiet = |eval_time: &str, alert: &str| {
+        format!(
+            "      - eval_time: {eval_time}\n        alertname: {alert}\n        exp_alerts: []\n"
+        )
+    };
+    let fires = |eval_time: &str, alert: &str, labels: &str| {
+        format!(
+            "      - eval_time: {eval_time}\n        alertname: {alert}\n        exp_alerts:\n          - exp_labels: {{{labels}}}\n"
+        )
+    };
+    let case = |series: &[(&str, &str)], extra_series: &str, checks: &[String]| {
+        let mut text = String::from("  - interval: 30s\n    input_series:\n");
+        for (name, values) in series {
+            writeln!(text, "      - series: '{name}'\n        values: '{values}'").unwrap();
+        }
+        text.push_str(extra_series);
+        text.push_str("    alert_rule_test:\n");
+        for check in checks {
+            text.push_str(check);
+        }
+        text
+    };
+    let warning = format!("severity: warning, namespace: {namespace}");
+    let critical = format!("severity: critical, namespace: {namespace}");
+    let mut tests = String::from("rule_files: [rules.json]\nevaluation_interval: 30s\ntests:\n");
+    for (series, alert, labels) in [
+        (&fail_open, "ImageRewriterCallsFailing", &warning),
+        (&rejected, "ImageRewriterRejectingPods", &critical),
+    ] {
+        // Born at 1 after 10 quiet minutes: increase() cannot see it.
+        tests.push_str(&case(
+            &[(series, "_x20 1x40")],
+            "",
+            &[fires("12m", alert, labels)],
+        ));
+        // Counting up.
+        tests.push_str(&case(
+            &[(series, "0x40 1x40")],
+            "",
+            &[fires("22m", alert, labels)],
+        ));
+        // A count from long ago, flat, through a missed scrape (stale) and
+        // through a six-minute gap.
+        tests.push_str(&case(
+            &[(series, "3x120 stale 3x60")],
+            "",
+            &[
+                quiet("62m", alert),
+                quiet("70m40s", alert),
+                quiet("75m", alert),
+            ],
+        ));
+        tests.push_str(&case(
+            &[(series, "3x120 _x12 3x60")],
+            "",
+            &[
+                quiet("70m", alert),
+                quiet("76m", alert),
+                quiet("80m", alert),
+            ],
+        ));
+    }
+    let up = format!("up{{job=\"{job}\", namespace=\"{namespace}\", pod=\"p\"}}");
+    tests.push_str(&case(
+        &[(&up, "1x10 0x20")],
+        "",
+        &[
+            quiet("6m", "ImageRewriterDown"),
+            fires("11m", "ImageRewriterDown", &critical),
+        ],
+    ));
+    // 1.5% of reviews between 0.82 and 1.64 s: p99 interpolates to ~1.09 s
+    // there, yet none took 1.64 s; then 1.5% over 1.64 s.
+    tests.push_str(&case(
+        &[],
+        &buckets([985, 1000, 1000]),
+        &[quiet("25m", "ImageRewriterSlow")],
+    ));
+    tests.push_str(&case(
+        &[],
+        &buckets([980, 985, 1000]),
+        &[fires("25m", "ImageRewriterSlow", &warning)],
+    ));
+    let expiry = |days: u32| {
+        (
+            format!(
+                "image_rewriter_certificate_expiration_timestamp_seconds{{job=\"{job}\", namespace=\"{namespace}\", pod=\"p\"}}"
+            ),
+            format!("{}x200", days * 86_400),
+        )
+    };
+    let (series, values) = expiry(13);
+    tests.push_str(&case(
+        &[(&series, &values)],
+        "",
+        &[fires(
+            "90m",
+            "ImageRewriterCertificateExpiresSoon",
+            &format!("severity: warning, job: {job}, namespace: {namespace}, pod: p"),
+        )],
+    ));
+    let (series, values) = expiry(15);
+    tests.push_str(&case(
+        &[(&series, &values)],
+        "",
+        &[quiet("90m", "ImageRewriterCertificateExpiresSoon")],
+    ));
+    fs::write(dir.path().join("tests.yaml"), &tests).unwrap();
+
+    let output = match Command::new("promtool")
+        .args(["test", "rules", "tests.yaml"])
+        .current_dir(dir.path())
+        .output()
+    {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            common::skip_missing_tool(
+                "promtool (Debian package prometheus)",
+                "IMAGE_REWRITER_REQUIRE_PROMTOOL",
+                "alerts not evaluated",
+            );
+            return;
+        }
+        Err(error) => panic!("promtool: {error}"),
+    };
+    assert!(
+        output.status.success(),
+        "{o}: promtool test rules:\n{}{}\ntests.yaml:\n{tests}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The PodMonitor selects the webhook pods, scrapes their metrics port and
