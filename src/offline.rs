@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::patch::{PodView, Scope, plan_pod_patch};
-use crate::pod::PodImages;
+use crate::pod::{PodImages, template_metadata};
 use crate::policy::{Decision, Policy};
 
 /// One line of `rewrite --output json`.
@@ -147,7 +147,7 @@ pub fn mutate_documents(
         mutate_object(
             policy,
             &target,
-            None,
+            ListedAs::default(),
             &mut document,
             &mut Vec::new(),
             &mut mutated,
@@ -230,13 +230,21 @@ struct Target<'a> {
     namespace: Option<&'a str>,
 }
 
+/// What a typed list says of its items, which the API leaves out of them
+/// (`PodList` items are Pods without `kind` or `apiVersion`).
+#[derive(Clone, Copy, Default)]
+struct ListedAs<'a> {
+    kind: Option<&'a str>,
+    /// The list's: a custom resource's `DeploymentList` holds no apps/v1
+    /// Deployments.
+    api_version: Option<&'a str>,
+}
+
 /// Mutates one object at `prefix` inside `root`, recursing into `List`s.
-/// `item_kind` is the kind a typed list's items have, which the API leaves
-/// out of them (`PodList` items are Pods without `kind`).
 fn mutate_object(
     policy: &Policy,
     target: &Target<'_>,
-    item_kind: Option<&str>,
+    listed_as: ListedAs<'_>,
     root: &mut Value,
     prefix: &mut Vec<String>,
     mutated: &mut Mutated,
@@ -248,10 +256,13 @@ fn mutate_object(
     let kind = object
         .get("kind")
         .and_then(Value::as_str)
-        .or(item_kind)
+        .or(listed_as.kind)
         .unwrap_or("")
         .to_owned();
-    let api_version = object.get("apiVersion").and_then(Value::as_str);
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .or(listed_as.api_version);
     let name = object
         .pointer("/metadata/name")
         .or_else(|| object.pointer("/metadata/generateName"))
@@ -261,10 +272,17 @@ fn mutate_object(
     if let Some(listed) = kind.strip_suffix("List")
         && let Some(items) = object.get("items").and_then(Value::as_array)
     {
-        let listed = (!listed.is_empty()).then_some(listed);
+        // A `List`'s items name their own kind and apiVersion.
+        let items_are = match listed {
+            "" => ListedAs::default(),
+            kind => ListedAs {
+                kind: Some(kind),
+                api_version,
+            },
+        };
         for item in 0..items.len() {
             prefix.extend(["items".to_owned(), item.to_string()]);
-            mutate_object(policy, target, listed, root, prefix, mutated)?;
+            mutate_object(policy, target, items_are, root, prefix, mutated)?;
             prefix.truncate(prefix.len() - 2);
         }
         return Ok(());
@@ -299,7 +317,7 @@ fn mutate_object(
     let metadata: Option<ObjectMeta> = template
         .get("metadata")
         .filter(|m| !m.is_null())
-        .map(|m| serde_json::from_value(m.clone()))
+        .map(template_metadata)
         .transpose()
         .map_err(|e| invalid(&field("metadata"), e.to_string()))?;
     let spec: Option<PodImages> = template

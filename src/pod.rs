@@ -49,9 +49,23 @@ pub struct PodImages {
     #[serde(default)]
     pub ephemeral_containers: Option<Vec<ContainerImage>>,
     /// `None` when absent or `null` (serde reads `null` as `None`): a patch
-    /// must then add the array whole.
-    #[serde(default)]
+    /// must then add the array whole. A `null` entry is an empty reference,
+    /// as Go decodes it.
+    #[serde(default, deserialize_with = "null_entries_as_empty")]
     pub image_pull_secrets: Option<Vec<SecretReference>>,
+}
+
+fn null_entries_as_empty<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<SecretReference>>, D::Error> {
+    let entries = Option::<Vec<Option<SecretReference>>>::deserialize(deserializer)?;
+    Ok(entries.map(|entries| entries.into_iter().map(Option::unwrap_or_default).collect()))
+}
+
+/// A `null` string is `""`, as Go decodes it into a `string` field or map
+/// value: what a manifest's `key:` with no value reads as.
+fn null_as_empty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 fn null_as_empty<'de, D: Deserializer<'de>>(
@@ -72,7 +86,7 @@ pub struct ContainerImage {
 /// reference is allowed, if useless).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct SecretReference {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty_string")]
     pub name: String,
 }
 
@@ -135,7 +149,8 @@ impl<'de> Visitor<'de> for OnlyEntries {
         let mut kept = BTreeMap::new();
         while let Some(Key(key)) = map.next_key()? {
             if self.0.contains(&key.as_ref()) {
-                kept.insert(key.into_owned(), map.next_value::<String>()?);
+                let value = map.next_value::<Option<String>>()?.unwrap_or_default();
+                kept.insert(key.into_owned(), value);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -167,6 +182,12 @@ impl<'de> Deserialize<'de> for Key<'de> {
         }
         deserializer.deserialize_str(KeyVisitor)
     }
+}
+
+/// A pod template's `metadata` (a Deployment's, say) read as
+/// [`PodObject`] reads a Pod's, so that `mutate` plans as `/mutate` does.
+pub fn template_metadata(value: &serde_json::Value) -> Result<ObjectMeta, serde_json::Error> {
+    MetadataFields::deserialize(value).map(ObjectMeta::from)
 }
 
 impl From<MetadataFields> for ObjectMeta {

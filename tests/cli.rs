@@ -1096,6 +1096,66 @@ fn mutate_typed_lists_custom_kinds_and_a_byte_order_mark() {
     let output = mutate_stdin(&config, &apps);
     assert_success(&output);
     assert_ne!(yaml_documents(&stdout(&output)), yaml_documents(&apps));
+
+    // A custom resource's typed list: its items are the list's group's.
+    let custom_list = "apiVersion: rollouts.example.com/v1\nkind: DeploymentList\nitems:\n\
+                       - metadata: {name: r, namespace: shop}\n  spec:\n    template:\n      spec:\n\
+                       \x20       containers: [{name: c, image: nginx}]\n";
+    let output = mutate_stdin(&config, custom_list);
+    assert_success(&output);
+    assert_eq!(
+        yaml_documents(&stdout(&output)),
+        yaml_documents(custom_list)
+    );
+    let apps_list = custom_list.replace("rollouts.example.com/v1", "apps/v1");
+    let output = mutate_stdin(&config, &apps_list);
+    assert_success(&output);
+    let mutated = yaml_documents(&stdout(&output));
+    assert_eq!(
+        mutated[0]["items"][0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "harbor.corp.example/dockerhub/library/nginx",
+        "{mutated:?}"
+    );
+}
+
+/// `key:` with no value is `null` in YAML, and the apiserver reads a `null`
+/// label or annotation value as "" and a `null` pull secret entry as an
+/// empty reference (Helm output has them): `mutate` reads them so too,
+/// as `/mutate` would the object the apiserver sends, and writes them back
+/// as they were.
+#[test]
+fn mutate_reads_null_label_values_and_pull_secrets_as_the_apiserver_does() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+                      spec:\n  template:\n    metadata:\n      labels: {tier: , image-rewriter.io/enabled: }\n\
+                      \x20     annotations: {checksum/config: }\n    spec:\n\
+                      \x20     imagePullSecrets: [~, {name: ~}]\n\
+                      \x20     containers: [{name: c, image: nginx}]\n";
+    let output = mutate_stdin(&config, deployment);
+    assert_success(&output);
+    let mutated = yaml_documents(&stdout(&output));
+    let template = &mutated[0]["spec"]["template"];
+    assert_eq!(
+        template["spec"]["containers"][0]["image"],
+        "harbor.corp.example/dockerhub/library/nginx"
+    );
+    assert_eq!(
+        template["spec"]["imagePullSecrets"],
+        serde_json::json!([null, {"name": null}, {"name": "harbor-pull"}])
+    );
+    assert_eq!(
+        template["metadata"]["labels"],
+        serde_json::json!({"tier": null, "image-rewriter.io/enabled": null})
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["checksum/config"],
+        Value::Null
+    );
+    assert!(
+        template["metadata"]["annotations"]["image-rewriter.io/original-images"].is_string(),
+        "{template}"
+    );
 }
 
 #[test]
