@@ -19,7 +19,7 @@
 //! grammar (so this parser) refuses.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use base64::Engine as _;
 use granit_parser::{Event, Options, Parser, ScalarStyle, Tag};
@@ -108,6 +108,10 @@ enum Collection {
         entries: Map<String, Value>,
         /// A key read, waiting for its value.
         key: Option<Key>,
+        /// The keys written in this mapping itself: one that a `<<` merge
+        /// brought in as well is overridden, as merges mean, not written
+        /// twice.
+        written: BTreeSet<String>,
     },
 }
 
@@ -201,6 +205,7 @@ impl Reader {
                 Collection::Mapping {
                     entries: Map::new(),
                     key: None,
+                    written: BTreeSet::new(),
                 },
             )?,
             Event::SequenceEnd | Event::MappingEnd => {
@@ -271,7 +276,12 @@ impl Reader {
                 ..
             }) => items.push(value),
             Some(Open {
-                collection: Collection::Mapping { entries, key },
+                collection:
+                    Collection::Mapping {
+                        entries,
+                        key,
+                        written,
+                    },
                 ..
             }) => match key.take() {
                 Some(Key::Merge) => {
@@ -296,7 +306,8 @@ impl Reader {
                     }
                 }
                 Some(Key::Name(name)) => {
-                    if entries.insert(name.clone(), value).is_some() {
+                    let written_before = !written.insert(name.clone());
+                    if entries.insert(name.clone(), value).is_some() && written_before {
                         self.warnings.push(format!(
                             "document {document}: key {name:?} is written twice; its last value \
                              is kept, as kubectl keeps it"
@@ -638,6 +649,19 @@ mod tests {
             "{:?}",
             read.warnings
         );
+    }
+
+    /// A key that a `<<` merge brought in is overridden, as merges are
+    /// meant to be used, not written twice; one written twice in the
+    /// mapping itself still is, a merge in between or not.
+    #[test]
+    fn a_key_overriding_a_merge_is_no_key_written_twice() {
+        let read = documents("- &c {name: a, image: nginx}\n- {<<: *c, name: b}\n").unwrap();
+        assert_eq!(read.documents[0][1], json!({"name": "b", "image": "nginx"}));
+        assert!(read.warnings.is_empty(), "{:?}", read.warnings);
+        let read = documents("- &c {name: a}\n- {name: x, <<: *c, name: b}\n").unwrap();
+        assert_eq!(read.documents[0][1], json!({"name": "b"}));
+        assert_eq!(read.warnings.len(), 1, "{:?}", read.warnings);
     }
 
     /// kubectl's splitter ends every line with a line feed before go-yaml
