@@ -1757,9 +1757,12 @@ fn verify_chain(ws: &Workspace, overlay: &str) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) => say(&format!(
-            "note: openssl not run ({e}); certificate chain not verified"
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => common::skip_missing_tool(
+            "openssl",
+            "IMAGE_REWRITER_REQUIRE_OPENSSL",
+            "certificate chain not verified",
+        ),
+        Err(e) => panic!("{overlay}: openssl: {e}"),
     }
 }
 
