@@ -36,9 +36,10 @@ review = json.load(sys.stdin)
 response = review["response"]
 patch = response.pop("patch", None)
 print(json.dumps(review, indent=2))
-if patch:
-    print("== the patch, base64-decoded:")
-    print(json.dumps(json.loads(base64.b64decode(patch)), indent=2))
+if not patch:
+    sys.exit("demo: the answer carries no patch: nothing was rewritten")
+print("== the patch, base64-decoded:")
+print(json.dumps(json.loads(base64.b64decode(patch)), indent=2))
 '
 echo "== metrics:"
 curl -sS "http://127.0.0.1:$metrics_port/metrics" | grep -E '^image_rewriter_(admission_requests|images_rewritten)_total'
