@@ -1134,7 +1134,10 @@ async fn start_ours(
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--namespace", "image-rewriter"])
         .args(["--reload-interval", reload_interval])
-        .args(["--shutdown-delay", "0s", "--shutdown-grace", "1s"]);
+        .args(["--shutdown-delay", "0s", "--shutdown-grace", "1s"])
+        // Outside a cluster wherever it runs: in a pod, serve would want
+        // that pod's API access.
+        .env_remove("KUBERNETES_SERVICE_HOST");
     let metrics_addr = ([127, 0, 0, 1], metrics_port).into();
     start_server(command, port, Some(metrics_addr), files, log).await
 }

@@ -51,6 +51,9 @@ fn spawn(config: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Process {
         .arg("--tls-key")
         .arg(key)
         .args(extra)
+        // Outside a cluster wherever the tests run: in a pod, serve would
+        // want that pod's API access.
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
