@@ -105,6 +105,36 @@ struct Inner {
     reconciles: mpsc::Sender<String>,
 }
 
+/// What [`PullSecretSync::connect`] found.
+pub enum ApiAccess {
+    Connected(PullSecretSync),
+    /// No cluster here (a run on a workstation): nothing to copy.
+    OutsideACluster,
+    /// In a pod whose API configuration does not load, a service account
+    /// token not mounted say: the pods given a pull secret may not find it.
+    MissingInPod,
+}
+
+/// The admission warnings for a pod given `names` in `namespace` by a
+/// webhook that cannot reach the API from its pod: none when the config
+/// turned the sync off (the secrets are someone else's to place).
+pub fn warnings_without_api(policy: &Policy, namespace: &str, names: &[String]) -> Vec<String> {
+    let settings = policy.pull_secret_sync();
+    if !settings.enabled || settings.source_namespace.as_deref() == Some(namespace) {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .map(|name| {
+            format!(
+                "imagePullSecret {name:?} was added, but image-rewriter has no Kubernetes API \
+                 access and cannot check or copy it into namespace {namespace:?}: pulls that \
+                 need it fail if it is missing"
+            )
+        })
+        .collect()
+}
+
 /// The running sync; cheap to clone.
 #[derive(Clone)]
 pub struct PullSecretSync {
@@ -112,31 +142,26 @@ pub struct PullSecretSync {
 }
 
 impl PullSecretSync {
-    /// Connects with the in-cluster config or a kubeconfig; `None` (and one
-    /// log line) when there is neither outside a cluster: the admission
-    /// path works without it.
-    ///
-    /// In a pod (`KUBERNETES_SERVICE_HOST` set) a configuration that does
-    /// not load is an error: a service account token not mounted would
-    /// otherwise turn the sync off quietly, and every pod would be given
-    /// pull secrets that never appear in its namespace.
-    pub async fn connect(metrics: Arc<Metrics>) -> anyhow::Result<Option<Self>> {
+    /// Connects with the in-cluster config or a kubeconfig; logs once when
+    /// there is neither.
+    pub async fn connect(metrics: Arc<Metrics>) -> ApiAccess {
         match kube::Client::try_default().await {
-            Ok(client) => Ok(Some(Self::start(client, metrics))),
+            Ok(client) => ApiAccess::Connected(Self::start(client, metrics)),
             Err(error)
                 if std::env::var_os("KUBERNETES_SERVICE_HOST")
                     .is_some_and(|host| !host.is_empty()) =>
             {
-                Err(anyhow::anyhow!(
-                    "running in a pod (KUBERNETES_SERVICE_HOST is set), but its Kubernetes API \
-                     configuration does not load, so no pull secret could be copied: {error}. \
-                     Mount the service account token (automountServiceAccountToken), or pass \
-                     --no-api (IMAGE_REWRITER_NO_API) to run without pull secret sync"
-                ))
+                error!(
+                    %error,
+                    "running in a pod, but its Kubernetes API configuration does not load (is the \
+                     service account token mounted? automountServiceAccountToken): no pull secret \
+                     can be checked or copied, and each admission that gives a pod one says so"
+                );
+                ApiAccess::MissingInPod
             }
             Err(error) => {
                 info!(%error, "no Kubernetes API configuration; pull secret sync is off");
-                Ok(None)
+                ApiAccess::OutsideACluster
             }
         }
     }

@@ -31,7 +31,7 @@ use crate::connection::{self, Activity, Counted, Lifetime, Requests};
 use crate::deadline;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::pullsecrets::PullSecretSync;
+use crate::pullsecrets::{self, ApiAccess, PullSecretSync};
 use crate::readahead::ReadAhead;
 use crate::reload::{self, Sources};
 use crate::tls::{self, CertificateSlot};
@@ -132,6 +132,8 @@ const BODY_BUDGET_UNIT: usize = 1024;
 pub struct AppState {
     policy: ArcSwapOption<Policy>,
     pull_secrets: std::sync::OnceLock<PullSecretSync>,
+    /// In a pod with no API access: pull secrets are given unchecked.
+    api_missing_in_pod: AtomicBool,
     certificate_loaded: AtomicBool,
     shutting_down: AtomicBool,
     pub metrics: Arc<Metrics>,
@@ -152,6 +154,7 @@ impl AppState {
         Self {
             policy: ArcSwapOption::empty(),
             pull_secrets: std::sync::OnceLock::new(),
+            api_missing_in_pod: AtomicBool::new(false),
             certificate_loaded: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             metrics: Arc::new(Metrics::new()),
@@ -177,6 +180,13 @@ impl AppState {
             sync.configure(&policy);
         }
         let _ = self.pull_secrets.set(sync);
+    }
+
+    /// Running in a pod whose Kubernetes API configuration did not load:
+    /// each admission that gives a pod a pull secret warns and counts a
+    /// sync error, as none can be checked or copied.
+    pub fn mark_api_missing_in_pod(&self) {
+        self.api_missing_in_pod.store(true, Ordering::Relaxed);
     }
 
     /// Whether a config has loaded since the start.
@@ -502,6 +512,15 @@ async fn answer(
                 (Some(sync), Some((namespace, names))) => {
                     sync.ensure_for_pod(&policy, namespace, names, stop_waiting_by)
                         .await
+                }
+                (None, Some((namespace, names)))
+                    if state.api_missing_in_pod.load(Ordering::Relaxed) =>
+                {
+                    let warnings = pullsecrets::warnings_without_api(&policy, namespace, names);
+                    if !warnings.is_empty() {
+                        metrics.pull_secret_sync_errors.inc();
+                    }
+                    warnings
                 }
                 _ => Vec::new(),
             };
@@ -842,10 +861,12 @@ impl Server {
         let sources = Sources::new(&options, provider.clone());
         let mut watcher = reload::Watcher::new(sources, state.clone(), slot.clone());
         watcher.poll();
-        if options.pull_secret_sync
-            && let Some(sync) = PullSecretSync::connect(state.metrics.clone()).await?
-        {
-            state.enable_pull_secret_sync(sync);
+        if options.pull_secret_sync {
+            match PullSecretSync::connect(state.metrics.clone()).await {
+                ApiAccess::Connected(sync) => state.enable_pull_secret_sync(sync),
+                ApiAccess::MissingInPod => state.mark_api_missing_in_pod(),
+                ApiAccess::OutsideACluster => {}
+            }
         }
 
         let tls_config = tls::server_config(provider, slot)?;

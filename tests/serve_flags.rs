@@ -290,46 +290,31 @@ fn serve_reads_no_api_from_its_variable_in_the_usual_spellings() {
 }
 
 /// In a pod whose service account token is not mounted, the sync cannot
-/// reach the API: `serve` stops and says why, rather than give every pod a
-/// pull secret that never appears in its namespace. `--no-api` runs it
-/// without the sync.
+/// reach the API: `serve` says so at `error` and serves on (a config with
+/// no pull secrets needs no API; the admissions that give one warn).
 #[test]
-fn serve_in_a_pod_without_api_access_stops_unless_told_no_api() {
+fn serve_in_a_pod_without_api_access_says_so_and_serves() {
     let in_cluster_token = Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token");
-    assert!(
-        !in_cluster_token.exists(),
-        "this test plays a pod with no service account token, and this machine has one"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let in_a_pod_without_a_token = |serve: &mut Command| {
-        serve
-            .env_remove("IMAGE_REWRITER_NO_API")
-            .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
-            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-            .env("KUBERNETES_SERVICE_PORT", "443");
-    };
-    let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
-    in_a_pod_without_a_token(&mut serve);
-    let output = output_within(serve.spawn().unwrap(), Duration::from_secs(10))
-        .expect("still serving in a pod with no API access");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    for said in [
-        "KUBERNETES_SERVICE_HOST",
-        "automountServiceAccountToken",
-        "--no-api",
-    ] {
-        assert!(stderr.contains(said), "{said}: {stderr}");
+    if in_cluster_token.exists() {
+        eprintln!(
+            "SKIPPED: this test plays a pod with no service account token, and this machine has one"
+        );
+        return;
     }
-
+    let dir = tempfile::tempdir().unwrap();
     let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
-    in_a_pod_without_a_token(&mut serve);
-    serve.arg("--no-api");
-    let log = log_until_listening(serve.spawn().unwrap());
-    assert!(
-        log.is_some(),
-        "--no-api in a pod with no API access stopped the server"
-    );
+    serve
+        .env_remove("IMAGE_REWRITER_NO_API")
+        .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443");
+    let log = log_until_listening(serve.spawn().unwrap())
+        .expect("serve stopped in a pod with no API access");
+    let said = log
+        .lines()
+        .find(|line| line.contains("automountServiceAccountToken"))
+        .unwrap_or_else(|| panic!("nothing said of the missing token: {log}"));
+    assert!(said.contains("ERROR"), "{said}");
 }
 
 /// `IMAGE_REWRITER_DEV_SELF_SIGNED=false` is no development run: without

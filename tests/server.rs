@@ -1094,6 +1094,64 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
     }
 }
 
+/// In a pod whose API configuration did not load, every admission that
+/// gives a pod a pull secret says it is unchecked, and counts a sync error
+/// (what the shipped alert watches); a dry run has no side effects to warn
+/// of, and with the sync turned off the secrets are someone else's.
+#[tokio::test]
+async fn without_api_access_in_a_pod_each_pull_secret_given_is_a_warning() {
+    for (config, warned) in [
+        (CONFIG.to_owned(), true),
+        (
+            format!("{CONFIG}pullSecretSync:\n  enabled: false\n"),
+            false,
+        ),
+    ] {
+        let harness = Harness::start(&config).await;
+        harness
+            .server
+            .as_ref()
+            .unwrap()
+            .state
+            .mark_api_missing_in_pod();
+        let client = harness.client(true);
+        let review = sample_review();
+        let body = harness
+            .post_review(&client, &review)
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        check_response(&review, &body).expect("a patch");
+        let warnings = common::warnings_of(&body);
+        let unchecked =
+            |w: &String| w.contains("\"harbor-pull\"") && w.contains("no Kubernetes API access");
+        assert_eq!(
+            warnings.iter().filter(|w| unchecked(w)).count(),
+            usize::from(warned),
+            "{config}: {warnings:?}"
+        );
+
+        let mut dry_run = sample_review();
+        dry_run["request"]["dryRun"] = json!(true);
+        let body = harness
+            .post_review(&client, &dry_run)
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        assert!(!common::warnings_of(&body).iter().any(unchecked), "dry run");
+        assert_eq!(
+            harness
+                .metric("image_rewriter_pull_secret_sync_errors_total", ("", ""))
+                .await,
+            if warned { 1.0 } else { 0.0 },
+            "{config}"
+        );
+        harness.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn shutdown_drains_a_slow_in_flight_request() {
     let harness = Harness::start(CONFIG).await;
