@@ -2,7 +2,7 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`, `deadline`) is pure and tested
-//! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `reload` and `metrics` are the shell
+//! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `volume`, `reload` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
@@ -26,3 +26,4 @@ pub mod readahead;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod volume;

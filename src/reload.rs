@@ -104,7 +104,7 @@ impl Watcher {
         let path = &self.sources.config;
         let namespace = self.sources.namespace.as_deref();
         let in_force = self.state.has_policy();
-        let read = std::fs::read(path)
+        let read = crate::volume::read_across_swaps(path, |path| std::fs::read(path))
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()));
         let Some(loaded) = load_if_changed(&mut self.config_seen, read, |bytes| {
             let text = std::str::from_utf8(bytes)

@@ -37,12 +37,6 @@ pub enum TlsError {
 /// returned as it is.
 const PAIR_READ_ATTEMPTS: usize = 3;
 
-/// How many times a file that is not found is opened. An open resolving
-/// `tls.crt -> ..data/tls.crt -> ..2026_..../tls.crt` while kubelet swaps
-/// `..data` and deletes the old version's directory can find nothing,
-/// though the file is there through the new `..data` a moment later.
-const VANISHED_PATH_READ_ATTEMPTS: usize = 3;
-
 /// The bytes of a certificate file and its key file, as last read.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PemPair {
@@ -74,18 +68,11 @@ impl PemPair {
         mut read_file: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
     ) -> Result<Self, TlsError> {
         let mut read = |path: &Path| {
-            let mut result = read_file(path);
-            for _ in 1..VANISHED_PATH_READ_ATTEMPTS {
-                match &result {
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                        result = read_file(path);
-                    }
-                    _ => break,
+            crate::volume::read_across_swaps(path, &mut read_file).map_err(|reason| {
+                TlsError::Read {
+                    path: path.display().to_string(),
+                    reason,
                 }
-            }
-            result.map_err(|reason| TlsError::Read {
-                path: path.display().to_string(),
-                reason,
             })
         };
         let mut pair = Self {
@@ -427,34 +414,6 @@ mod tests {
             volume.read(path)
         });
         assert_eq!(read.unwrap(), pair(1));
-    }
-
-    #[test]
-    fn a_missing_file_is_reported_after_a_few_opens() {
-        let mut opens = 0;
-        let read = PemPair::read_with(Path::new("tls.crt"), Path::new("tls.key"), |_| {
-            opens += 1;
-            Err(std::io::ErrorKind::NotFound.into())
-        });
-        match read {
-            Err(TlsError::Read { path, reason }) => {
-                assert_eq!(path, "tls.crt");
-                assert_eq!(reason.kind(), std::io::ErrorKind::NotFound);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(opens, VANISHED_PATH_READ_ATTEMPTS);
-    }
-
-    #[test]
-    fn other_read_errors_are_reported_at_once() {
-        let mut opens = 0;
-        let read = PemPair::read_with(Path::new("tls.crt"), Path::new("tls.key"), |_| {
-            opens += 1;
-            Err(std::io::ErrorKind::PermissionDenied.into())
-        });
-        assert!(matches!(read, Err(TlsError::Read { .. })), "{read:?}");
-        assert_eq!(opens, 1);
     }
 
     #[test]
