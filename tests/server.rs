@@ -999,7 +999,15 @@ fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
 
 #[tokio::test]
 async fn certificate_rotation_under_live_traffic_fails_no_request() {
-    let harness = Arc::new(Harness::start(CONFIG).await);
+    // The kept connection below idles through the rotation, which a loaded
+    // machine may stretch past the harness's 5 s, after which hyper closes
+    // an idle HTTP/1.1 connection.
+    let harness = Arc::new(
+        Harness::start_with(CONFIG, |options| {
+            options.header_read_timeout = Duration::from_secs(120);
+        })
+        .await,
+    );
     let first = peer_certificate(&harness.healthz_on_new_connection(true).await);
 
     // Keep-alive clients and a new connection per request, all through the rotation.
