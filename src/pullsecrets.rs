@@ -573,7 +573,9 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
 }
 
 /// Creates the copies admissions asked for, one at a time, off the request
-/// path.
+/// path. It runs beside the reconciles: a copy made from a source read just
+/// before a rotation, and missed by that rotation's reconcile, is seen by
+/// the watch as differing from the source and reconciled again.
 async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
     while let Some((namespace, name)) = queue.recv().await {
         let outcome = ensure_copy(&inner, &namespace, &name).await;
