@@ -18,6 +18,30 @@ const ADMISSION_V1: &str = "admission.k8s.io/v1";
 /// The audit annotation (prefixed by the apiserver with the webhook name)
 /// that records how many images a request rewrote.
 pub const AUDIT_IMAGES_REWRITTEN: &str = "images-rewritten";
+/// The same count, by a pass over a pod that carried the original-images
+/// annotation already (a reinvocation).
+pub const AUDIT_IMAGES_REWRITTEN_AGAIN: &str = "images-rewritten-again";
+
+/// The longest warning sent, in characters; a longer one (an API error
+/// quoted whole, say) is cut. The apiserver keeps 4096 characters of
+/// warnings per request.
+const MAX_WARNING_CHARS: usize = 512;
+
+/// A warning the apiserver passes on: it silently drops one holding a
+/// control character (an API error's message can hold line feeds), so
+/// those become spaces; and it is cut to [`MAX_WARNING_CHARS`].
+fn make_sendable(warning: &mut String) {
+    if warning.chars().any(char::is_control) {
+        *warning = warning
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+    }
+    if let Some((cut, _)) = warning.char_indices().nth(MAX_WARNING_CHARS) {
+        warning.truncate(cut);
+        warning.push_str("...");
+    }
+}
 
 /// A body that is not an AdmissionReview we can answer: the server replies
 /// 400 with this message.
@@ -105,15 +129,25 @@ impl Planned {
                 self.response.warnings = Some(warnings);
             }
             if !plan.rewritten.is_empty() {
-                self.response.audit_annotations = HashMap::from([(
-                    AUDIT_IMAGES_REWRITTEN.to_owned(),
-                    plan.rewritten.len().to_string(),
-                )]);
+                // The apiserver keeps a webhook's audit annotations of both
+                // passes on one record and refuses to overwrite a key with
+                // another value: a reinvocation, which finds the annotation
+                // the first pass wrote, counts under a key of its own.
+                let key = if plan.rewritten_before {
+                    AUDIT_IMAGES_REWRITTEN_AGAIN
+                } else {
+                    AUDIT_IMAGES_REWRITTEN
+                };
+                self.response.audit_annotations =
+                    HashMap::from([(key.to_owned(), plan.rewritten.len().to_string())]);
             }
             if !plan.operations.is_empty() {
                 patch = Some(json_patch::Patch(plan.operations));
             }
             self.summary.rewritten = plan.rewritten;
+        }
+        for warning in self.response.warnings.iter_mut().flatten() {
+            make_sendable(warning);
         }
         Reviewed {
             body: encode(&self.response, patch.as_ref()),
@@ -481,6 +515,39 @@ mod tests {
         assert!(broken_at(r#""restartPolicy": "Always""#).is_ok());
         let refused = broken_at(r#""image": "busybox"#).expect_err("a bad image is refused");
         assert!(refused.to_string().contains("invalid unicode"), "{refused}");
+    }
+
+    /// The apiserver drops a warning that holds a control character: an
+    /// API error quoted in one (another webhook's refusal of a pull secret
+    /// copy, with line feeds) is sent with spaces instead, and cut if long.
+    #[test]
+    fn warnings_are_sent_printable_and_bounded() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let policy =
+            crate::config::load_policy(&root.join("examples/config.yaml"), Some("image-rewriter"))
+                .expect("examples/config.yaml is valid");
+        let body = std::fs::read(root.join("examples/admission-review.json")).expect("example");
+        let mut planned = plan_review(&policy, &body).expect("a review");
+        planned.add_warning("denied:\n\n* rule 1\r\n\t* rule 2".to_owned());
+        planned.add_warning("long ".repeat(200));
+        let answer: serde_json::Value =
+            serde_json::from_slice(&planned.into_response().body).expect("JSON");
+        let warnings: Vec<&str> = answer["response"]["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .map(|w| w.as_str().expect("a string"))
+            .collect();
+        assert!(
+            warnings.contains(&"denied:  * rule 1   * rule 2"),
+            "{warnings:?}"
+        );
+        let long = warnings
+            .iter()
+            .find(|w| w.starts_with("long"))
+            .expect("kept");
+        assert_eq!(long.chars().count(), MAX_WARNING_CHARS + 3, "{long}");
+        assert!(long.ends_with("..."));
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct PodPlan {
     /// moved) images, in order of first use: these must exist in its
     /// namespace. Empty for ephemeral containers, which cannot add any.
     pub pull_secrets: Vec<String>,
+    /// The pod carried the original-images annotation already: an earlier
+    /// pass rewrote some of its images (a reinvocation, or a pod made from
+    /// a rewritten one).
+    pub rewritten_before: bool,
 }
 
 /// A pod, or the pod template of a workload, located in a larger document.
@@ -130,11 +134,15 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 Decision::Unparsable(error) => {
                     plan.unparsable += 1;
                     plan.warnings.push(format!(
-                        "{kind} {name:?}: image {image:?} is not a valid reference ({error}); left unchanged"
+                        "{kind} {}: image {} is not a valid reference ({error}); left unchanged",
+                        quoted_for_warning(name, NAME_CHARS_IN_WARNING),
+                        quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
                     ));
                 }
                 Decision::InvalidResult { reason, .. } => plan.warnings.push(format!(
-                    "{kind} {name:?}: image {image:?} left unchanged: {reason}"
+                    "{kind} {}: image {} left unchanged: {reason}",
+                    quoted_for_warning(name, NAME_CHARS_IN_WARNING),
+                    quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
                 )),
                 Decision::AlreadyUnderTarget { .. }
                 | Decision::Excluded
@@ -149,9 +157,10 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 && !needed_secrets.contains(secret)
             {
                 plan.warnings.push(format!(
-                    "{kind} {name:?}: the pod has no imagePullSecret {secret:?}, which image \
-                     {image:?} needs from its registry; ephemeral containers cannot add one, so \
-                     the pull may fail"
+                    "{kind} {}: the pod has no imagePullSecret {secret:?}, which image {} needs \
+                     from its registry; ephemeral containers cannot add one, so the pull may fail",
+                    quoted_for_warning(name, NAME_CHARS_IN_WARNING),
+                    quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
                 ));
             }
             needed_secrets.insert(secret);
@@ -166,6 +175,10 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             &pointer,
         ));
         plan.pull_secrets = needed_secrets.0.iter().map(|s| (*s).to_owned()).collect();
+        plan.rewritten_before = pod
+            .metadata
+            .and_then(|m| m.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(ORIGINAL_IMAGES_ANNOTATION));
         if !plan.rewritten.is_empty() {
             let (operation, warning) =
                 original_images_operation(pod.metadata, &plan.rewritten, &pointer);
@@ -174,6 +187,24 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         }
     }
     plan
+}
+
+/// The most characters of a container name, and of an image, that a
+/// warning quotes. Both are user input, checked only after mutating
+/// admission: the apiserver keeps 4096 characters of warnings per request
+/// and, past that, cuts every warning (other webhooks' and admission
+/// plugins' too) to 256.
+const NAME_CHARS_IN_WARNING: usize = 64;
+const IMAGE_CHARS_IN_WARNING: usize = 100;
+
+/// `text` quoted (control characters escaped: the apiserver drops a
+/// warning that holds one), cut to `at_most` characters with its length
+/// said.
+fn quoted_for_warning(text: &str, at_most: usize) -> String {
+    match text.char_indices().nth(at_most) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
 }
 
 /// `location` and `tokens` as a JSON Pointer, then `/index/last` when given.

@@ -650,6 +650,17 @@ fn is_status(error: &kube::Error, code: u16) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == code)
 }
 
+/// What an API error says, for a warning: a refusal's own message (another
+/// admission webhook's, RBAC's), without kube's debug dump of the same.
+fn api_reason(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The source Secret, checked to be a pull secret.
 async fn source_secret(inner: &Inner, name: &str) -> Result<(String, Secret), String> {
     let Some(source_namespace) = inner.source_namespace() else {
@@ -665,7 +676,8 @@ async fn source_secret(inner: &Inner, name: &str) -> Result<(String, Secret), St
         }
         Err(error) => {
             return Err(format!(
-                "cannot read source Secret {source_namespace}/{name}: {error}"
+                "cannot read source Secret {source_namespace}/{name}: {}",
+                api_reason(&error)
             ));
         }
     };
@@ -747,7 +759,10 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
                     warn!(secret = %name, %namespace, %error, "cannot read the pull secret that exists already");
                     inner.metrics.pull_secret_sync_errors.inc();
                     inner.count("failed");
-                    Outcome::Failed(format!("it exists already, and reading it failed: {error}"))
+                    Outcome::Failed(format!(
+                        "it exists already, and reading it failed: {}",
+                        api_reason(&error)
+                    ))
                 }
             }
         }
@@ -755,7 +770,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             error!(secret = %name, %namespace, %error, "cannot create pull secret copy");
             inner.metrics.pull_secret_sync_errors.inc();
             inner.count("failed");
-            Outcome::Failed(error.to_string())
+            Outcome::Failed(api_reason(&error))
         }
     }
 }

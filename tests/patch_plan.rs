@@ -258,9 +258,11 @@ fn a_rewrite_past_the_length_limit_is_left_with_a_warning() {
     );
     let warnings = out.warnings();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
+    // Quoted in part: a warning quotes at most 100 characters of an image.
     assert!(
         warnings[0].starts_with(&format!(
-            "container \"long\": image \"{long}\" left unchanged"
+            "container \"long\": image \"{}\"... (250 bytes) left unchanged",
+            &long[..100]
         )),
         "{warnings:?}"
     );
@@ -684,6 +686,54 @@ fn unparsable_images_are_left_with_warnings_and_the_rest_rewritten() {
         json!("1")
     );
     assert_eq!(out.annotation(), Some(json!({"web": "nginx:1.27"})));
+}
+
+/// The apiserver keeps 4096 characters of warnings per request and then
+/// cuts every warning to 256; and it drops a warning with a control
+/// character. An image is user input: a long one is quoted shortened, with
+/// its length, and its control characters escaped.
+#[test]
+fn a_long_or_odd_image_is_quoted_short_and_printable_in_its_warning() {
+    let long = format!("NGINX{}", "x".repeat(5000));
+    let object = pod(NS, &[], &[("app", &long), ("odd", "NGINX\n\u{85}")], None);
+    let out = create(&policy(), object, NS);
+    let warnings = out.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    for warning in &warnings {
+        assert!(warning.chars().count() < 256, "{warning}");
+        assert!(!warning.chars().any(char::is_control), "{warning:?}");
+        assert!(warning.ends_with("left unchanged"), "{warning}");
+    }
+    assert!(warnings[0].contains("(5005 bytes)"), "{}", warnings[0]);
+    assert!(
+        warnings[1].contains(r#""NGINX\n\u{85}""#),
+        "{}",
+        warnings[1]
+    );
+}
+
+/// The apiserver keeps a webhook's audit annotations of a request's first
+/// pass and of its reinvocation on one record and refuses to overwrite a
+/// key with another value: a pass over a pod rewritten before counts
+/// under a key of its own.
+#[test]
+fn a_reinvocation_counts_its_rewrites_under_an_audit_key_of_its_own() {
+    let policy = policy();
+    let first = create(&policy, pod(NS, &[], &[("app", "nginx:1.27")], None), NS);
+    assert_eq!(
+        first.response()["auditAnnotations"],
+        json!({"images-rewritten": "1"})
+    );
+    // A sidecar injector, reinvoking us, added two containers.
+    let mut injected = first.patched.clone();
+    let containers = injected["spec"]["containers"].as_array_mut().unwrap();
+    containers.push(json!({"name": "istio-proxy", "image": "istio/proxyv2:1.22"}));
+    containers.push(json!({"name": "exporter", "image": "quay.io/prometheus/node-exporter"}));
+    let again = create(&policy, injected, NS);
+    assert_eq!(
+        again.response()["auditAnnotations"],
+        json!({"images-rewritten-again": "2"})
+    );
 }
 
 #[test]
