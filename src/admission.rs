@@ -517,15 +517,19 @@ mod tests {
         assert!(refused.to_string().contains("invalid unicode"), "{refused}");
     }
 
+    fn example_policy() -> Policy {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        crate::config::load_policy(&root.join("examples/config.yaml"), Some("image-rewriter"))
+            .expect("examples/config.yaml is valid")
+    }
+
     /// The apiserver drops a warning that holds a control character: an
     /// API error quoted in one (another webhook's refusal of a pull secret
     /// copy, with line feeds) is sent with spaces instead, and cut if long.
     #[test]
     fn warnings_are_sent_printable_and_bounded() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let policy =
-            crate::config::load_policy(&root.join("examples/config.yaml"), Some("image-rewriter"))
-                .expect("examples/config.yaml is valid");
+        let policy = example_policy();
         let body = std::fs::read(root.join("examples/admission-review.json")).expect("example");
         let mut planned = plan_review(&policy, &body).expect("a review");
         planned.add_warning("denied:\n\n* rule 1\r\n\t* rule 2".to_owned());
@@ -553,9 +557,7 @@ mod tests {
     #[test]
     fn encode_writes_kube_cores_fields_and_the_patch() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let policy =
-            crate::config::load_policy(&root.join("examples/config.yaml"), Some("image-rewriter"))
-                .expect("examples/config.yaml is valid");
+        let policy = example_policy();
         let mut seen_patch = 0;
         let fixtures = std::fs::read_dir(root.join("tests/fixtures/admission")).expect("fixtures");
         for entry in fixtures {

@@ -166,8 +166,8 @@ impl PullSecretSync {
         }
     }
 
-    /// Starts the background tasks, with a resync every [`RESYNC_INTERVAL`]; watches
-    /// start with [`Self::configure`].
+    /// Starts the background tasks, with a resync every
+    /// [`RESYNC_INTERVAL`]; watches start with [`Self::configure`].
     pub fn start(client: kube::Client, metrics: Arc<Metrics>) -> Self {
         Self::start_with_resync(client, metrics, RESYNC_INTERVAL)
     }
