@@ -358,21 +358,13 @@ fn promtool_test_rules(r: &Rendered, job: &str) {
     ));
     fs::write(dir.path().join("tests.yaml"), &tests).unwrap();
 
-    let output = match Command::new("promtool")
-        .args(["test", "rules", "tests.yaml"])
-        .current_dir(dir.path())
-        .output()
-    {
-        Ok(output) => output,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            common::skip_missing_tool(
-                "promtool (Debian package prometheus)",
-                "IMAGE_REWRITER_REQUIRE_PROMTOOL",
-                "alerts not evaluated",
-            );
-            return;
-        }
-        Err(error) => panic!("promtool: {error}"),
+    let Some(output) = common::promtool(
+        &["test", "rules", "tests.yaml"],
+        dir.path(),
+        b"",
+        "alerts not evaluated",
+    ) else {
+        return;
     };
     assert!(
         output.status.success(),

@@ -211,6 +211,13 @@ impl Harness {
             .unwrap()
     }
 
+    /// The body of a 200 answer to `review`.
+    async fn answer(&self, client: &reqwest::Client, review: &Value) -> bytes::Bytes {
+        let response = self.post_review(client, review).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap()
+    }
+
     /// One metric's value now: the sum of its series that carry `label`
     /// (`("", "")` for all of them).
     async fn metric(&self, name: &str, label: (&str, &str)) -> f64 {
@@ -334,9 +341,7 @@ async fn mutate_and_reinvoke(harness: &Harness, client: &reqwest::Client) -> req
     );
 
     let again = admission_review(patched, "CREATE", "team-a");
-    let response = harness.post_review(client, &again).await;
-    assert_eq!(response.status(), 200);
-    let body = response.bytes().await.unwrap();
+    let body = harness.answer(client, &again).await;
     assert_eq!(
         check_response(&again, &body),
         None,
@@ -571,8 +576,7 @@ async fn metrics_move_with_requests() {
     mutate_and_reinvoke(&harness, &client).await;
     let mut unparsable = sample_review();
     unparsable["request"]["object"]["spec"]["containers"][0]["image"] = json!("NGINX");
-    let response = harness.post_review(&client, &unparsable).await;
-    let body = response.bytes().await.unwrap();
+    let body = harness.answer(&client, &unparsable).await;
     check_response(&unparsable, &body);
     assert!(
         common::warnings_of(&body)
@@ -745,32 +749,14 @@ async fn healthz_twice_on_one_http1_connection(harness: &Harness) {
 
 /// `promtool check metrics` on `text`: no parse error, no lint problem.
 fn promtool_check_metrics(text: &str) {
-    use std::io::Write as _;
-    let spawned = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            common::skip_missing_tool(
-                "promtool (Debian package prometheus)",
-                "IMAGE_REWRITER_REQUIRE_PROMTOOL",
-                "/metrics not linted",
-            );
-            return;
-        }
-        Err(error) => panic!("running promtool: {error}"),
+    let Some(out) = common::promtool(
+        &["check", "metrics"],
+        Path::new("."),
+        text.as_bytes(),
+        "/metrics not linted",
+    ) else {
+        return;
     };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics: {}\n{}{}\n--- the text:\n{text}",
@@ -897,12 +883,7 @@ async fn config_reloads_and_a_bad_config_keeps_the_last_good_one() {
     // The first container's image after a review under the config in force.
     let first_image = || async {
         let review = sample_review();
-        let body = harness
-            .post_review(&client, &review)
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        let body = harness.answer(&client, &review).await;
         let patch = check_response(&review, &body);
         let (_, pod) = pod_after(&review["request"]["object"], patch.as_ref());
         pod.spec.unwrap().containers[0].image.clone().unwrap()
@@ -977,8 +958,7 @@ async fn an_empty_config_file_at_startup_rewrites_nothing_and_is_ready() {
     let readyz = client.get(harness.url("/readyz")).send().await.unwrap();
     assert_eq!(readyz.status(), 200, "a fresh, empty ConfigMap is a config");
     let review = sample_review();
-    let response = harness.post_review(&client, &review).await;
-    let body = response.bytes().await.unwrap();
+    let body = harness.answer(&client, &review).await;
     assert_eq!(check_response(&review, &body), None, "no rules, no patch");
     assert_eq!(
         harness
@@ -1027,9 +1007,7 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
                     kept_alive.clone()
                 };
                 let review = sample_review();
-                let response = harness.post_review(&client, &review).await;
-                assert_eq!(response.status(), 200);
-                let body = response.bytes().await.unwrap();
+                let body = harness.answer(&client, &review).await;
                 assert!(check_response(&review, &body).is_some());
                 answered[worker].fetch_add(1, Ordering::Relaxed);
             }
@@ -1124,12 +1102,7 @@ async fn without_api_access_in_a_pod_each_pull_secret_given_is_a_warning() {
             .mark_api_missing_in_pod();
         let client = harness.client(true);
         let review = sample_review();
-        let body = harness
-            .post_review(&client, &review)
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        let body = harness.answer(&client, &review).await;
         check_response(&review, &body).expect("a patch");
         let warnings = common::warnings_of(&body);
         let unchecked =
@@ -1142,12 +1115,7 @@ async fn without_api_access_in_a_pod_each_pull_secret_given_is_a_warning() {
 
         let mut dry_run = sample_review();
         dry_run["request"]["dryRun"] = json!(true);
-        let body = harness
-            .post_review(&client, &dry_run)
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        let body = harness.answer(&client, &dry_run).await;
         assert!(!common::warnings_of(&body).iter().any(unchecked), "dry run");
         assert_eq!(
             harness

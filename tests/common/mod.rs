@@ -673,6 +673,40 @@ pub fn skip_missing_tool(tool: &str, required_by: &str, skipped: &str) {
     );
 }
 
+/// `promtool args...` run in `dir` with `stdin` as its input; None (after
+/// saying what is `skipped`) when promtool is not installed and
+/// `IMAGE_REWRITER_REQUIRE_PROMTOOL` is not set.
+pub fn promtool(
+    args: &[&str],
+    dir: &Path,
+    stdin: &[u8],
+    skipped: &str,
+) -> Option<std::process::Output> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let spawned = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            skip_missing_tool(
+                "promtool (Debian package prometheus)",
+                "IMAGE_REWRITER_REQUIRE_PROMTOOL",
+                skipped,
+            );
+            return None;
+        }
+        Err(error) => panic!("running promtool: {error}"),
+    };
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    Some(child.wait_with_output().unwrap())
+}
+
 /// `$KUBECTL`, else the kubectl the test control plane built (the same one
 /// on every machine), else `kubectl` on the PATH; None (after saying so)
 /// when it is not installed.
