@@ -345,7 +345,10 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
         std::fs::read_to_string(&args.file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
     };
-    if let Some(target) = &args.target_namespace
+    // Empty counts as not given, as for `--namespace` and `serve`: what a
+    // templated `IMAGE_REWRITER_TARGET_NAMESPACE: ""` means.
+    let target_namespace = args.target_namespace.as_deref().filter(|ns| !ns.is_empty());
+    if let Some(target) = target_namespace
         && !is_dns_label(target)
     {
         anyhow::bail!(
@@ -353,7 +356,7 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
              name (a lower-case RFC 1123 label, at most 63 characters)"
         );
     }
-    let mutated = mutate_documents(&policy, &input, args.target_namespace.as_deref())?;
+    let mutated = mutate_documents(&policy, &input, target_namespace)?;
     for warning in &mutated.warnings {
         eprintln!("warning: {warning}");
     }

@@ -1039,6 +1039,8 @@ fn mutate_respects_excluded_namespaces() {
     assert_eq!(into(&["--target-namespace", "kube-system"]), untouched);
     assert_ne!(into(&["-n", "shop"]), untouched);
     assert_ne!(into(&[]), untouched);
+    // Empty is not given, as for `--namespace`: a templated env value.
+    assert_ne!(into(&["-n", ""]), untouched);
     let named = run_stdin(
         &["mutate", "--config", s(&config), "-f", "-", "-n", "legacy"],
         POD,
