@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the test control plane -- kube-apiserver and kubectl (k8s.io/kubernetes)
 # and etcd (go.etcd.io/etcd/server/v3) -- from the Go modules pinned in
-# go.mod/go.sum next to this script, into a cache directory keyed by their versions:
+# go.mod/go.sum next to this script, into a cache directory keyed by their versions
+# and by a hash of go.mod, go.sum and this script (any other pin or build flag):
 #
-#   ${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-rewriter}/control-plane/k8s-<ver>-etcd-<ver>/{kube-apiserver,etcd,kubectl}
+#   ${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-rewriter}/control-plane/k8s-<ver>-etcd-<ver>-<hash>/{kube-apiserver,etcd,kubectl}
 #
 # Usage:
 #   tests/control-plane/build.sh               build what is missing (no-op when all three exist)
@@ -33,7 +34,12 @@ mod_version() {
 k8s_version="$(mod_version k8s.io/kubernetes)"
 etcd_version="$(mod_version go.etcd.io/etcd/server/v3)"
 cache_root="${IMAGE_REWRITER_CACHE:-${XDG_CACHE_HOME:-${HOME:?HOME is not set}/.cache}/image-rewriter}"
-out_dir="$cache_root/control-plane/k8s-${k8s_version}-etcd-${etcd_version}"
+# The versions name the build; the hash makes any other change to what is
+# built (a replace, an indirect pin, go.sum, a flag here) a new build, not a
+# stale cache hit. The Go toolchain is left out, so that --print-dir needs none.
+recipe_hash="$(cat "$here/go.mod" "$here/go.sum" "${BASH_SOURCE[0]}" | sha256sum)"
+recipe_hash="${recipe_hash:0:12}"
+out_dir="$cache_root/control-plane/k8s-${k8s_version}-etcd-${etcd_version}-${recipe_hash}"
 
 binaries=(kube-apiserver etcd kubectl)
 
@@ -91,7 +97,12 @@ if [[ -z "$go_bin" ]]; then
         die "no Go toolchain found (need go >= 1.24 on PATH, at /usr/local/go/bin/go, or in \$GO)"
     fi
 fi
-"$go_bin" version >/dev/null 2>&1 || die "'$go_bin version' failed; is Go installed correctly?"
+go_version="$("$go_bin" env GOVERSION 2>/dev/null)" || die "'$go_bin env GOVERSION' failed; is Go installed correctly?"
+# go.mod's `tool` block needs 1.24; an older go would fail on it obscurely, or
+# try to download a newer toolchain.
+if [[ "$go_version" =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] < 24)); then
+    die "$go_bin is $go_version; the control plane needs go >= 1.24"
+fi
 
 mkdir -p "$cache_root/control-plane"
 
@@ -102,6 +113,9 @@ if command -v flock >/dev/null 2>&1; then
     if [[ "$mode" == build ]] && built; then
         exit 0
     fi
+    # Under the lock no other build is running: scratch directories left here
+    # are from one that was killed (SIGKILL runs no EXIT trap).
+    rm -rf "$cache_root/control-plane"/.build.*/
 fi
 
 tmp_dir="$(mktemp -d "$cache_root/control-plane/.build.XXXXXX")"
