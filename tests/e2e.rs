@@ -374,9 +374,17 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
     let stored = pods(&env, "team-a").get("web").await.expect("get pod");
     assert_rewritten(&stored, "team-a, read back");
 
+    // The selectors keep these from the webhook: it is never called for
+    // them (it would leave them untouched itself too, so the pods alone
+    // cannot tell).
     let opted_out = app_pod("web-opted-out", &[(ENABLED_LABEL, "false")]);
-    let created = env.create_pod("team-a", &opted_out).await;
+    let created = never_sent(&env, "team-a", &opted_out).await;
     assert_untouched(&created, &opted_out, "pod labelled enabled=false");
+    for namespace in ["legacy", "kube-system", WEBHOOK_NAMESPACE] {
+        let sent = app_pod("web", &[]);
+        let created = never_sent(&env, namespace, &sent).await;
+        assert_untouched(&created, &sent, namespace);
+    }
 
     // A static pod's mirror, as a kubelet creates it: the matchCondition keeps
     // it from the webhook. Rewritten, it would carry an imagePullSecrets
@@ -398,12 +406,6 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
         reviews_before,
         "a mirror pod was sent to the webhook"
     );
-
-    for namespace in ["legacy", "kube-system", WEBHOOK_NAMESPACE] {
-        let sent = app_pod("web", &[]);
-        let created = env.create_pod(namespace, &sent).await;
-        assert_untouched(&created, &sent, namespace);
-    }
 
     // The apiserver calls the webhook over HTTP/2: the tests' own client of
     // the TLS port (`wait_ready`) speaks HTTP/1.1 only, so an h2 connection
@@ -462,14 +464,28 @@ async fn opt_in_mode_rewrites_only_namespaces_labelled_true() {
     assert_rewritten(&created, "team-a (labelled true)");
 
     let opted_out = app_pod("web-opted-out", &[(ENABLED_LABEL, "false")]);
-    let created = env.create_pod("team-a", &opted_out).await;
+    let created = never_sent(&env, "team-a", &opted_out).await;
     assert_untouched(&created, &opted_out, "pod labelled enabled=false");
 
     for namespace in ["team-b", "legacy", "kube-system", WEBHOOK_NAMESPACE] {
         let sent = app_pod("web", &[]);
-        let created = env.create_pod(namespace, &sent).await;
+        let created = never_sent(&env, namespace, &sent).await;
         assert_untouched(&created, &sent, namespace);
     }
+}
+
+/// Creates `pod` and asserts that the apiserver did not call the webhook
+/// for it: the webhook configuration's selectors left it out.
+async fn never_sent(env: &Env, namespace: &str, pod: &Pod) -> Pod {
+    let reviews_before = admission_requests(&env.webhook.metrics().await);
+    let created = env.create_pod(namespace, pod).await;
+    assert_eq!(
+        admission_requests(&env.webhook.metrics().await),
+        reviews_before,
+        "{namespace}/{}: sent to the webhook, which the selectors should have prevented",
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    created
 }
 
 /// 3. dryRun=All: the answer is the rewritten pod, and nothing is written:
@@ -699,6 +715,12 @@ async fn ephemeral_containers_update_rewrites_only_the_new_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reinvocation_rewrites_a_sidecar_injected_after_us() {
     let env = Env::start(Overlay::ClusterWide).await;
+    // A rule whose `match` covers the other rules' targets, so that the
+    // reinvocation's already rewritten images would be moved again (a
+    // stacked prefix, `harbor.corp.example/cache/dockerhub/...`) were they
+    // not recognised as already under a target.
+    env.add_rule(json!({"match": "harbor.corp.example", "target": "harbor.corp.example/cache"}))
+        .await;
     let (ca, cert, key) = env::loopback_certificate();
     let injector = injector::Injector::start(&cert, &key).await;
     let label = ("sidecar-injection", "enabled");

@@ -279,6 +279,7 @@ pub struct WebhookProcess {
 
 impl WebhookProcess {
     pub fn spawn(
+        cp: &ControlPlane,
         dir: &Path,
         config: &Path,
         cert_pem: &str,
@@ -326,7 +327,9 @@ impl WebhookProcess {
                 cmd.env_remove(name);
             }
         }
-        let mut child = cmd.spawn().expect("start image-rewriter serve");
+        let mut child = cp
+            .spawn_tied_to_test(cmd)
+            .expect("start image-rewriter serve");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
@@ -537,6 +540,7 @@ impl Env {
         let serve_dir = ws.path().join("serve");
         std::fs::create_dir_all(&serve_dir).expect("mkdir serve");
         let webhook = WebhookProcess::spawn(
+            &cp,
             &serve_dir,
             &config,
             &cert_pem,
@@ -595,6 +599,50 @@ impl Env {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Adds `rule` to the running webhook's config file and waits until the
+    /// webhook has reloaded it.
+    pub async fn add_rule(&self, rule: Value) {
+        let path = self.ws.path().join("config.yaml");
+        let text = std::fs::read_to_string(&path).expect("read config.yaml");
+        let mut config: Value = serde_yaml_ng::from_str(&text).expect("config YAML");
+        config["rules"]
+            .as_array_mut()
+            .expect("the config's rules")
+            .push(rule);
+        let reloads = |metrics: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix("image_rewriter_config_reloads_total{result=\"success\"} ")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        };
+        let before = reloads(&self.webhook.metrics().await);
+        // Renamed into place, so that a reload never reads half a file.
+        let written = self.ws.path().join("config.yaml.new");
+        std::fs::write(
+            &written,
+            serde_yaml_ng::to_string(&config).expect("config YAML"),
+        )
+        .expect("write config.yaml.new");
+        std::fs::rename(&written, &path).expect("rename over config.yaml");
+        eventually(
+            "the webhook reloads its config",
+            Duration::from_secs(20),
+            || async {
+                let now = reloads(&self.webhook.metrics().await);
+                if now > before {
+                    Ok(())
+                } else {
+                    Err(format!("{now} successful reloads"))
+                }
+            },
+        )
+        .await;
     }
 
     /// Applies the webhook configuration of `objects` with only its

@@ -363,6 +363,13 @@ impl ControlPlane {
         self.binaries.join("kubectl")
     }
 
+    /// Starts `cmd` as the control plane's own processes are started: it
+    /// is killed when the test process dies, even by SIGKILL, where no Drop
+    /// runs (the webhook under test, say).
+    pub fn spawn_tied_to_test(&self, cmd: Command) -> io::Result<Child> {
+        self.spawner.spawn(cmd)
+    }
+
     /// The bearer token of an identity.
     pub fn token(&self, identity: Identity) -> &str {
         match identity {
