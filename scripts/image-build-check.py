@@ -11,7 +11,12 @@ build context as `.dockerignore` trims it, and runs the stage's instructions
 stands for the stage's root filesystem. Then it checks the binary the final
 stage would copy (`COPY --from=build ...`) the way that stage uses it:
 
-- it is a static executable (no ELF interpreter), as distroless/static needs;
+- it runs on the runtime base: on distroless/cc-debian<N>, it asks for that
+  Debian release's ELF interpreter, only the libraries distroless/cc has
+  (glibc's, libgcc_s) and no glibc symbol version newer than that release
+  ships; on distroless/static or scratch, it is static;
+- the final stage copies it to the path its ENTRYPOINT runs, and has a
+  non-root USER;
 - the final stage's ENTRYPOINT + CMD run it, with that stage's ENV, as its
   USER (65532; when the script runs as root, else as the caller), the files
   the command names (config, certificate, key) read-only at those paths
@@ -22,7 +27,7 @@ stage would copy (`COPY --from=build ...`) the way that stage uses it:
   filesystem read-only).
 
 Not the image, so not covered: the base images (`rust:*-slim`,
-`distroless/static`: the build runs with this machine's toolchain, printed
+`distroless/cc`: the build runs with this machine's toolchain, printed
 beside the image's RUST_VERSION, and the binary runs on this machine's
 filesystem, not distroless's) and the final layers; a RUN that installs
 Debian packages is not run (it would install them on this machine): the
@@ -284,10 +289,52 @@ class Stage:
             fail(f"{keyword} in the build stage is not supported by this check")
 
 
-def static_executable(path):
-    """True when the ELF file has no PT_INTERP program header."""
-    headers = subprocess.run(["readelf", "-lW", str(path)], capture_output=True, text=True, check=True)
-    return "INTERP" not in headers.stdout and "Program Headers" in headers.stdout
+# What distroless/cc-debian<N> holds for a binary to link against: Debian
+# N's glibc (the release's version) and libgcc_s. The interpreters are glibc's.
+DEBIAN_GLIBC = {"12": (2, 36), "13": (2, 41)}
+CC_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
+                "libutil.so.1", "libgcc_s.so.1", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+INTERPRETERS = {"/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"}
+
+
+def elf_needs(path):
+    """The ELF file's interpreter (None when static), the libraries it names
+    (NEEDED) and the newest GLIBC_x.y symbol version it asks for."""
+    def readelf(option):
+        return subprocess.run(["readelf", option, str(path)], capture_output=True, text=True, check=True).stdout
+    headers = readelf("-lW")
+    if "Program Headers" not in headers:
+        fail(f"{path} is not an ELF executable")
+    interpreter = re.search(r"Requesting program interpreter: ([^\]]+)\]", headers)
+    needed = set(re.findall(r"\(NEEDED\).*\[([^\]]+)\]", readelf("-dW")))
+    versions = [tuple(map(int, v.split("."))) for v in re.findall(r"\bGLIBC_([0-9]+(?:\.[0-9]+)+)\b", readelf("-VW"))]
+    return (interpreter.group(1) if interpreter else None), needed, max(versions, default=None)
+
+
+def check_runs_on(runtime_from, binary):
+    """Fails unless the runtime base image has what the binary needs."""
+    image = runtime_from.split()[0]
+    interpreter, needed, newest_glibc = elf_needs(binary)
+    cc = re.fullmatch(r"gcr\.io/distroless/cc-debian(\d+)(?::[\w.-]+)?(?:@sha256:[0-9a-f]{64})?", image)
+    if cc:
+        release = cc.group(1)
+        if release not in DEBIAN_GLIBC:
+            fail(f"{image}: which glibc Debian {release} ships is not known to this check")
+        if interpreter not in INTERPRETERS:
+            fail(f"the binary asks for the interpreter {interpreter}, which {image} lacks")
+        if needed - CC_LIBRARIES:
+            fail(f"the binary needs {sorted(needed - CC_LIBRARIES)}, which {image} lacks")
+        shipped = DEBIAN_GLIBC[release]
+        if newest_glibc and newest_glibc > shipped:
+            fail(f"the binary asks for GLIBC_{'.'.join(map(str, newest_glibc))}, newer than Debian "
+                 f"{release}'s glibc {'.'.join(map(str, shipped))} in {image}: build it on that release")
+        return (f"linked against glibc (newest symbol GLIBC_{'.'.join(map(str, newest_glibc or (0,)))}"
+                f" <= {'.'.join(map(str, shipped))}), needs {', '.join(sorted(needed))}: all in {image}")
+    if image.startswith("gcr.io/distroless/static") or image == "scratch":
+        if interpreter or needed:
+            fail(f"the binary is dynamic ({interpreter}, {sorted(needed)}); {image} has no libc")
+        return f"static executable, as {image} needs"
+    fail(f"runtime base {image}: this check knows distroless/cc-debian<N>, distroless/static and scratch")
 
 
 def signal_each(pids, number):
@@ -339,8 +386,8 @@ def image_command(runtime, files):
     """The final stage's ENTRYPOINT + CMD arguments, with the absolute paths
     in them moved under `files` (where the script puts what the manifests
     mount there)."""
-    entrypoint = next((json.loads(a) for k, a in runtime if k == "ENTRYPOINT"), [])
-    command = next((json.loads(a) for k, a in runtime if k == "CMD"), [])
+    entrypoint = next((json.loads(a) for k, a in reversed(runtime) if k == "ENTRYPOINT"), [])
+    command = next((json.loads(a) for k, a in reversed(runtime) if k == "CMD"), [])
     arguments = (entrypoint + command)[1:]
     return [str(files) + argument if argument.startswith("/") else argument for argument in arguments]
 
@@ -461,7 +508,7 @@ def check_the_checks():
 def main():
     check_the_checks()
     keep = "--keep" in sys.argv[1:]
-    for tool in ["cargo", "rustup", "readelf", "strace", "setpriv", "curl", "dpkg-query", "pgrep"]:
+    for tool in ["cargo", "readelf", "strace", "setpriv", "curl", "dpkg-query", "pgrep"]:
         if shutil.which(tool) is None:
             fail(f"{tool} is missing")
 
@@ -475,8 +522,15 @@ def main():
               if keyword == "COPY" and arguments.startswith(f"--from={stage_name} ")]
     if not copies:
         fail(f"the runtime stage copies nothing from the {stage_name} stage")
-    built_path = shlex.split(copies[0])[1]
-    user = next((arguments for keyword, arguments in runtime if keyword == "USER"), "0")
+    built_path, copied_to = shlex.split(copies[0])[1:3]
+    entrypoint = next((json.loads(a) for k, a in reversed(runtime) if k == "ENTRYPOINT"), [])
+    if entrypoint[:1] != [copied_to]:
+        fail(f"the runtime stage copies the binary to {copied_to}, but its ENTRYPOINT runs {entrypoint[:1]}")
+    # The last USER is the one the image runs as; without one, or with root,
+    # runAsNonRoot refuses the pod.
+    user = next((arguments for keyword, arguments in reversed(runtime) if keyword == "USER"), None)
+    if user is None or user.split(":")[0] in ("0", "root"):
+        fail(f"the runtime stage runs as {user or 'root (no USER)'}; the manifests need a non-root USER")
     runtime_env = {"PATH": "/usr/bin:/bin"}
     for keyword, arguments in runtime:
         if keyword == "ENV":
@@ -514,9 +568,7 @@ def main():
         if not binary.is_file():
             fail(f"the build stage did not produce {built_path}")
         print(f"== the binary the runtime stage ({runtime_from}) copies: {built_path}")
-        if not static_executable(binary):
-            fail(f"{built_path} needs an ELF interpreter (dynamic), distroless/static has none")
-        print(f"static executable ({binary.stat().st_size / 1e6:.1f} MB), no ELF interpreter")
+        print(f"{binary.stat().st_size / 1e6:.1f} MB, {check_runs_on(runtime_from, binary)}")
         shutil.copy2(binary, scratch / "image-rewriter")
         os.chmod(scratch / "image-rewriter", 0o755)
         serve_and_check(scratch / "image-rewriter", user, runtime_env, runtime, scratch)
