@@ -2371,7 +2371,10 @@ mod baseline {
                 if same_transport && tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                     let (io, driver) = coalesce::split(tls);
                     let _ = driver
-                        .run(builder.serve_connection(TokioIo::new(io), service))
+                        .run(
+                            builder.serve_connection(TokioIo::new(io), service),
+                            std::time::Duration::from_secs(15),
+                        )
                         .await;
                 } else {
                     let _ = builder.serve_connection(TokioIo::new(tls), service).await;

@@ -28,7 +28,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// A write that would take the buffer past this many bytes first sends
 /// what is buffered: a connection holds at most this much (or one larger
@@ -116,6 +119,9 @@ pin_project_lite::pin_project! {
         // The connection's result, held while its last bytes are sent.
         finished: Option<F::Output>,
         deferred: bool,
+        last_send_within: Duration,
+        // Started when the connection finishes with bytes still to send.
+        last_send_limit: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -145,12 +151,16 @@ pub struct Driver<T> {
 
 impl<T> Driver<T> {
     /// Wraps the future that serves the connection built on the other half.
-    pub fn run<F: Future>(self, connection: F) -> Coalesced<F, T> {
+    /// Once it has finished, what it left to send gets `last_send_within`
+    /// to leave, then is dropped with the transport.
+    pub fn run<F: Future>(self, connection: F, last_send_within: Duration) -> Coalesced<F, T> {
         Coalesced {
             connection,
             shared: self.shared,
             finished: None,
             deferred: false,
+            last_send_within,
+            last_send_limit: None,
         }
     }
 }
@@ -194,6 +204,21 @@ where
         drop(shared);
         match (this.finished.take(), sent) {
             (Some(output), Poll::Ready(_)) => Poll::Ready(output),
+            (Some(output), Poll::Pending) => {
+                // Bounded: a peer that stopped reading would otherwise hold
+                // this task, the transport and the connection's slot past
+                // the connection's own limits (its finish grace, its idle
+                // close, h2's ping timeout) until the kernel gave up.
+                let within = *this.last_send_within;
+                let limit = this
+                    .last_send_limit
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+                if limit.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(output);
+                }
+                *this.finished = Some(output);
+                Poll::Pending
+            }
             (None, Poll::Ready(Err(_))) if !failed_before => {
                 // The connection learns of the failure at its next read or
                 // write; poll it again (once) so that happens now.
@@ -292,11 +317,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
 #[cfg(test)]
 mod tests {
     use std::task::Waker;
-    use std::time::Duration;
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    /// Ample: these tests' peers read, or are unblocked, well within it.
+    const LAST_SEND: Duration = Duration::from_secs(60);
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Event {
@@ -452,7 +479,7 @@ mod tests {
             }
             io::Result::Ok(())
         };
-        let served = tokio::spawn(driver.run(connection));
+        let served = tokio::spawn(driver.run(connection, LAST_SEND));
 
         eventually("the first burst is sent", || wire.writes() == 1).await;
         assert_eq!(
@@ -490,7 +517,7 @@ mod tests {
             }
             io.shutdown().await
         };
-        let served = tokio::spawn(driver.run(connection));
+        let served = tokio::spawn(driver.run(connection, LAST_SEND));
 
         // Blocked: the writer stops before the buffer would pass HIGH_WATER.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -511,6 +538,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn what_a_finished_connection_left_gets_a_while_to_leave_not_forever() {
+        let wire = MockIo::default();
+        wire.0.lock().expect("wire").blocked = true;
+        let (mut io, driver) = split(wire.clone());
+        let connection = async move {
+            io.write_all(b"last answer").await?;
+            io.flush().await?;
+            io::Result::Ok(())
+        };
+        let started = std::time::Instant::now();
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            driver.run(connection, Duration::from_millis(200)),
+        )
+        .await
+        .expect("the peer never reads; the connection still ends");
+        served.expect("the connection's own result");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "not before its time to send"
+        );
+        assert_eq!(wire.writes(), 0);
+
+        // A peer that reads within the time gets everything.
+        let wire = MockIo::default();
+        wire.0.lock().expect("wire").blocked = true;
+        let (mut io, driver) = split(wire.clone());
+        let connection = async move {
+            io.write_all(b"last answer").await?;
+            io.flush().await?;
+            io::Result::Ok(())
+        };
+        let served = tokio::spawn(driver.run(connection, Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        wire.unblock();
+        served.await.expect("joined").expect("served");
+        assert_eq!(wire.written(), b"last answer");
+    }
+
+    #[tokio::test]
     async fn shutdown_sends_what_is_buffered_first() {
         let wire = MockIo::default();
         let (mut io, driver) = split(wire.clone());
@@ -518,7 +585,7 @@ mod tests {
             io.write_all(b"goaway").await?;
             io.shutdown().await
         };
-        driver.run(connection).await.expect("served");
+        driver.run(connection, LAST_SEND).await.expect("served");
         assert_eq!(
             wire.events(),
             [
@@ -542,9 +609,10 @@ mod tests {
             let mut buf = [0u8; 16];
             io.read(&mut buf).await.map(|_| ())
         };
-        let served = tokio::time::timeout(Duration::from_secs(5), driver.run(connection))
-            .await
-            .expect("the connection ends");
+        let served =
+            tokio::time::timeout(Duration::from_secs(5), driver.run(connection, LAST_SEND))
+                .await
+                .expect("the connection ends");
         assert_eq!(
             served.expect_err("the send failed").kind(),
             io::ErrorKind::BrokenPipe
@@ -569,7 +637,7 @@ mod tests {
         };
         let (wakes, waker) = Wakes::waker();
         let mut cx = Context::from_waker(&waker);
-        let mut served = std::pin::pin!(driver.run(connection));
+        let mut served = std::pin::pin!(driver.run(connection, LAST_SEND));
         for turn in 1..=3 {
             assert!(served.as_mut().poll(&mut cx).is_pending());
             assert_eq!(*read.lock().expect("count"), turn * READ_BUDGET);
@@ -594,7 +662,7 @@ mod tests {
             };
             let (wakes, waker) = Wakes::waker();
             let mut cx = Context::from_waker(&waker);
-            let mut served = std::pin::pin!(driver.run(connection));
+            let mut served = std::pin::pin!(driver.run(connection, LAST_SEND));
             assert!(served.as_mut().poll(&mut cx).is_pending());
             assert_eq!(wire.writes() == 1, sent_in_first_turn, "{size} bytes");
             // Smaller: deferred one turn (a self-wake), then sent.

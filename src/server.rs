@@ -1088,12 +1088,15 @@ impl ConnectionTasks {
                 let (io, driver) = coalesce::split(tls);
                 let connection = http2.serve_connection(TokioIo::new(io), service);
                 driver
-                    .run(connection::serve(
-                        connection,
-                        |connection| connection.graceful_shutdown(),
-                        lifetime,
-                        stopping,
-                    ))
+                    .run(
+                        connection::serve(
+                            connection,
+                            |connection| connection.graceful_shutdown(),
+                            lifetime,
+                            stopping,
+                        ),
+                        finish_grace,
+                    )
                     .await
             } else {
                 let lifetime = Lifetime {

@@ -1761,3 +1761,136 @@ async fn a_silent_metrics_connection_is_cut_off() {
     assert!(!harness.metrics().await.samples.is_empty());
     harness.stop().await;
 }
+
+/// A transport that stops reading, for good, once it has read `limit`
+/// bytes: a peer that no longer reads its socket.
+struct StopsReading<T> {
+    io: T,
+    read: usize,
+    limit: usize,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StopsReading<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.read >= self.limit {
+            return std::task::Poll::Pending;
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        self.read += buf.filled().len() - before;
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StopsReading<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 peer that stops reading while large answers are due: its
+/// connection is closed for idleness and given the finish grace (1 s
+/// here), and then its slot (the only one) is free again, rather than
+/// held until the kernel gives up on the socket (about a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_peer_that_stops_reading_gives_its_slot_back_after_the_grace() {
+    let harness = Harness::start_with(CONFIG, |options| {
+        options.header_read_timeout = Duration::from_secs(1);
+        options.shutdown_grace = Duration::from_secs(1);
+        options.max_connections = 1;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(harness.https_addr).await.unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(root_store(&harness.pki.root_pem))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(SERVICE_HOST).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let stalled = StopsReading {
+        io: tls,
+        read: 0,
+        limit: 64 * 1024,
+    };
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 30)
+        .initial_connection_window_size(1 << 30)
+        .handshake(stalled)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // About 2.5 MB of long image names: each answer is several MB.
+    let image = format!("docker.io/team/{}:v1", "a".repeat(200));
+    let mut object = pod("team-a", &[], &[("c", "nginx")], None);
+    object["spec"]["containers"] = (0..10_000)
+        .map(|i| json!({"name": format!("c{i}"), "image": image}))
+        .collect();
+    let body = bytes::Bytes::from(
+        serde_json::to_vec(&admission_review(object, "CREATE", "team-a")).unwrap(),
+    );
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let request =
+            axum::http::Request::post(format!("https://{SERVICE_HOST}/mutate?timeout=10s"))
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .body(())
+                .unwrap();
+        let (response, mut stream) = client.send_request(request, false).unwrap();
+        stream.reserve_capacity(body.len());
+        stream.send_data(body.clone(), true).unwrap();
+        streams.push((response, stream));
+    }
+    // The answers fill the socket buffers; the peer reads no more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stalled_at = Instant::now();
+    loop {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(2),
+            harness.client(false).get(harness.url("/healthz")).send(),
+        )
+        .await;
+        if let Ok(Ok(response)) = answered {
+            assert_eq!(response.status(), 200);
+            break;
+        }
+        assert!(
+            stalled_at.elapsed() < Duration::from_secs(120),
+            "the slot was never given back"
+        );
+    }
+    let waited = stalled_at.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the stalled connection held the only slot {waited:?} more"
+    );
+    drop(streams);
+    harness.stop().await;
+}
