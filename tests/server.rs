@@ -1894,3 +1894,92 @@ async fn an_h2_peer_that_stops_reading_gives_its_slot_back_after_the_grace() {
     drop(streams);
     harness.stop().await;
 }
+
+/// A review of about `bytes` bytes, its answer about three times that: one
+/// container per 240 bytes, each with a long image name to rewrite.
+fn review_with_long_images(bytes: usize) -> bytes::Bytes {
+    let image = format!("docker.io/team/{}:v1", "a".repeat(200));
+    let mut object = pod("team-a", &[], &[("c", "nginx")], None);
+    object["spec"]["containers"] = (0..bytes / 240)
+        .map(|i| json!({"name": format!("c{i}"), "image": image}))
+        .collect();
+    bytes::Bytes::from(serde_json::to_vec(&admission_review(object, "CREATE", "team-a")).unwrap())
+}
+
+/// A client that reads no answer (HTTP/2, no flow-control window granted)
+/// holds its answers only up to the answer budget (three times the body
+/// limit): past it, its reviews get 503 at once, and once its connection
+/// is gone the budget is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_does_not_read_hold_at_most_the_answer_budget() {
+    let harness = Harness::start(CONFIG).await;
+    let tls = http2_tls_connection(&harness).await;
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let body = review_with_long_images(1_000_000);
+    let (mut answered, mut turned_away, mut answer_bytes) = (0, 0, 0);
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let request =
+            axum::http::Request::post(format!("https://{SERVICE_HOST}/mutate?timeout=10s"))
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .body(())
+                .unwrap();
+        let (response, mut stream) = client.send_request(request, false).unwrap();
+        stream.reserve_capacity(body.len());
+        stream.send_data(body.clone(), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(30), response)
+            .await
+            .expect("answered in time")
+            .unwrap();
+        match response.status().as_u16() {
+            200 => {
+                answered += 1;
+                answer_bytes += response
+                    .headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                    .expect("a Content-Length");
+            }
+            503 => turned_away += 1,
+            other => panic!("status {other}"),
+        }
+        held.push((response, stream));
+    }
+    let budget = 3 * DEFAULT_BODY_LIMIT;
+    assert!(
+        answered >= 2 && answer_bytes <= budget,
+        "{answered} answers of {answer_bytes} bytes held unread (budget {budget})"
+    );
+    assert!(turned_away >= 1, "no review was turned away");
+    let overloaded = metric(
+        &harness.metrics().await,
+        "image_rewriter_admission_requests_total",
+        ("result", "overloaded"),
+    );
+    assert_eq!(overloaded, f64::from(turned_away));
+
+    // The budget comes back with the connection.
+    drop(held);
+    drop(client);
+    connection.abort();
+    let _ = connection.await;
+    let client = harness.client(false);
+    for _ in 0..2 {
+        let response = client
+            .post(harness.url("/mutate?timeout=10s"))
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.bytes().await.unwrap().len() > 2 * body.len());
+    }
+    harness.stop().await;
+}
