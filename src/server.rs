@@ -127,15 +127,6 @@ const MAX_BODIES_WAITING_FOR_BUDGET: usize = 32;
 /// the largest request head accepted (the apiserver's is well under 1 KiB).
 const HTTP1_MAX_BUFFER: usize = 64 * 1024;
 const BODY_BUDGET_UNIT: usize = 1024;
-/// Answers not yet taken by their clients may hold this many times the
-/// body limit in bytes, all together; an answer that finds no room gets 503
-/// at once. The apiserver reads each answer as it comes, so its answers
-/// hold this for microseconds; a client that reads none (on HTTP/2, one that
-/// grants no flow-control window) held every answer of its streams, 32 a
-/// connection and each up to three times its review (a 2.5 MB review of long
-/// image names is answered in 7.4 MB). Three times, so that the largest
-/// review's answer fits.
-const ANSWER_BUDGET_FACTOR: usize = 3;
 
 /// State shared by every request.
 pub struct AppState {
@@ -156,8 +147,6 @@ pub struct AppState {
     waiting_for_budget: Semaphore,
     /// In bytes: what bodies that declare at most the free part received.
     small_body_bytes: Semaphore,
-    /// In units of [`BODY_BUDGET_UNIT`] bytes: answers not yet sent.
-    answer_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -175,23 +164,7 @@ impl AppState {
             free_body_bytes: Semaphore::new(FREE_BODY_BYTES_IN_FLIGHT),
             waiting_for_budget: Semaphore::new(MAX_BODIES_WAITING_FOR_BUDGET),
             small_body_bytes: Semaphore::new(SMALL_BODY_BYTES_IN_FLIGHT),
-            answer_budget: Arc::new(Semaphore::new(
-                max_body_bytes * ANSWER_BUDGET_FACTOR / BODY_BUDGET_UNIT,
-            )),
         }
-    }
-
-    /// The answer budget's hold for an answer of `length` bytes (all of it
-    /// for one larger than the budget), or `None` when it has no room.
-    fn hold_answer(&self, length: usize) -> Option<OwnedSemaphorePermit> {
-        let everything = self.max_body_bytes * ANSWER_BUDGET_FACTOR / BODY_BUDGET_UNIT;
-        let units = length.div_ceil(BODY_BUDGET_UNIT).min(everything);
-        // At most `everything`, which MAX_BODY_LIMIT keeps within u32.
-        let units = u32::try_from(units).unwrap_or(u32::MAX);
-        self.answer_budget
-            .clone()
-            .try_acquire_many_owned(units)
-            .ok()
     }
 
     pub fn set_policy(&self, policy: Policy) {
@@ -555,16 +528,10 @@ async fn answer(
                 planned.add_warning(warning);
             }
             let reviewed = planned.into_response();
-            let Some(hold) = state.hold_answer(reviewed.body.len()) else {
-                return overloaded(metrics, TOO_MANY_ANSWERS_UNREAD);
-            };
             record(state, &reviewed.summary, started, apiserver_timeout);
             (
                 [(header::CONTENT_TYPE, "application/json")],
-                Body::new(HeldAnswer {
-                    bytes: Some(Bytes::from(reviewed.body)),
-                    _hold: hold,
-                }),
+                Body::from(reviewed.body),
             )
                 .into_response()
         }
@@ -576,41 +543,8 @@ async fn answer(
     }
 }
 
-/// An answer, and its hold on the answer budget: given back when hyper
-/// drops the body, once sent or with its stream or connection.
-struct HeldAnswer {
-    bytes: Option<Bytes>,
-    _hold: OwnedSemaphorePermit,
-}
-
-impl hyper::body::Body for HeldAnswer {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(
-            self.bytes
-                .take()
-                .map(|bytes| Ok(hyper::body::Frame::data(bytes))),
-        )
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.bytes.is_none()
-    }
-
-    /// Exact, so that HTTP/1.1 sends a Content-Length, not chunks.
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |bytes| bytes.len() as u64))
-    }
-}
-
 const TOO_MANY_LARGE_BODIES: &str = "too many large AdmissionReviews in flight; retry\n";
 const TOO_MANY_SMALL_BODIES: &str = "too many AdmissionReviews being received at once; retry\n";
-const TOO_MANY_ANSWERS_UNREAD: &str = "too many answers not yet read by their clients; retry\n";
 
 /// Whether a body read failed because its client gave up: an HTTP/2 stream
 /// it reset (what the apiserver's client does at its timeout), or a
