@@ -100,8 +100,9 @@ fi
 go_version="$("$go_bin" env GOVERSION 2>/dev/null)" || die "'$go_bin env GOVERSION' failed; is Go installed correctly?"
 # go.mod's `tool` block needs 1.24; an older go would fail on it obscurely, or
 # try to download a newer toolchain.
-if [[ "$go_version" =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] < 24)); then
-    die "$go_bin is $go_version; the control plane needs go >= 1.24"
+# (Before 1.16 GOVERSION is empty; a development build says `devel go1.N-...`.)
+if [[ ! "$go_version" =~ go1\.([0-9]+) ]] || ((BASH_REMATCH[1] < 24)); then
+    die "$go_bin is ${go_version:-older than go1.16}; the control plane needs go >= 1.24"
 fi
 
 mkdir -p "$cache_root/control-plane"
