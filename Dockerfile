@@ -11,7 +11,7 @@
 # manager. It is built on the Debian release the runtime image is made from
 # (bookworm = debian12), so it asks for no newer glibc than the runtime has
 # (scripts/image-build-check.py checks the symbol versions). Not musl: its
-# memcpy made a review cost ~25% more CPU than the glibc build the benchmarks
+# memcpy made a review cost ~20% more CPU than the glibc build the benchmarks
 # measure. The manifests run it as uid 65532 with a read-only root filesystem;
 # it writes nothing to disk.
 
