@@ -537,23 +537,31 @@ mod tests {
         assert!(last_write < shutdown, "{:?}", (last_write, shutdown));
     }
 
-    #[tokio::test]
-    async fn what_a_finished_connection_left_gets_a_while_to_leave_not_forever() {
+    /// A connection that writes its last answer and finishes, to a peer
+    /// that reads nothing until unblocked.
+    fn last_answer_to_a_blocked_peer(
+        last_send_within: Duration,
+    ) -> (
+        MockIo,
+        Coalesced<impl Future<Output = io::Result<()>>, MockIo>,
+    ) {
         let wire = MockIo::default();
         wire.0.lock().expect("wire").blocked = true;
         let (mut io, driver) = split(wire.clone());
         let connection = async move {
             io.write_all(b"last answer").await?;
-            io.flush().await?;
-            io::Result::Ok(())
+            io.flush().await
         };
+        (wire, driver.run(connection, last_send_within))
+    }
+
+    #[tokio::test]
+    async fn what_a_finished_connection_left_gets_a_while_to_leave_not_forever() {
+        let (wire, served) = last_answer_to_a_blocked_peer(Duration::from_millis(200));
         let started = std::time::Instant::now();
-        let served = tokio::time::timeout(
-            Duration::from_secs(10),
-            driver.run(connection, Duration::from_millis(200)),
-        )
-        .await
-        .expect("the peer never reads; the connection still ends");
+        let served = tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the peer never reads; the connection still ends");
         served.expect("the connection's own result");
         assert!(
             started.elapsed() >= Duration::from_millis(200),
@@ -562,15 +570,8 @@ mod tests {
         assert_eq!(wire.writes(), 0);
 
         // A peer that reads within the time gets everything.
-        let wire = MockIo::default();
-        wire.0.lock().expect("wire").blocked = true;
-        let (mut io, driver) = split(wire.clone());
-        let connection = async move {
-            io.write_all(b"last answer").await?;
-            io.flush().await?;
-            io::Result::Ok(())
-        };
-        let served = tokio::spawn(driver.run(connection, Duration::from_secs(10)));
+        let (wire, served) = last_answer_to_a_blocked_peer(Duration::from_secs(10));
+        let served = tokio::spawn(served);
         tokio::time::sleep(Duration::from_millis(100)).await;
         wire.unblock();
         served.await.expect("joined").expect("served");
