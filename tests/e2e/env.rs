@@ -611,15 +611,11 @@ impl Env {
             .as_array_mut()
             .expect("the config's rules")
             .push(rule);
-        let reloads = |metrics: &str| -> f64 {
-            metrics
-                .lines()
-                .find_map(|line| {
-                    line.strip_prefix("image_rewriter_config_reloads_total{result=\"success\"} ")?
-                        .parse()
-                        .ok()
-                })
-                .unwrap_or(0.0)
+        let reloads = |metrics: &str| {
+            sample(
+                metrics,
+                "image_rewriter_config_reloads_total{result=\"success\"}",
+            )
         };
         let before = reloads(&self.webhook.metrics().await);
         // Renamed into place, so that a reload never reads half a file.
@@ -1035,6 +1031,15 @@ pub fn assert_untouched(pod: &Pod, sent: &Pod, why: &str) {
 
 pub fn namespace_of(meta: &ObjectMeta) -> String {
     meta.namespace.clone().unwrap_or_default()
+}
+
+/// The value of one series of a `/metrics` text, named with its labels as
+/// written there (`name{label="value"}`); 0 when it has no sample.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Polls `check` every 100 ms until it returns Some, or panics after `timeout`.
