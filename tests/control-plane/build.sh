@@ -11,6 +11,9 @@
 #   tests/control-plane/build.sh --print-dir   print the directory; exit 1 unless all three exist
 #   tests/control-plane/build.sh --rebuild     build all three again even if present
 #
+# Each run marks its directory used (its mtime); a build that publishes new
+# binaries removes the sibling directories no run has used for 30 days.
+#
 # Environment: GO (go binary to use; default: `go` on PATH, else /usr/local/go/bin/go),
 # IMAGE_REWRITER_CACHE, XDG_CACHE_HOME; the usual GOMODCACHE/GOCACHE/GOPROXY.
 set -euo pipefail
@@ -67,14 +70,23 @@ case "${1:-}" in
     --print-dir) mode=print ;;
     --rebuild) mode=rebuild ;;
     -h | --help)
-        sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        # The comment block under the shebang, whatever its length.
+        awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
         exit 0
         ;;
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 
+# A directory's mtime is when a run last used it, so that a build can tell
+# stale builds (an older pin, an older recipe) from those another checkout
+# still uses. Best effort: a read-only cache still serves.
+mark_used() {
+    touch "$out_dir" 2>/dev/null || true
+}
+
 if [[ "$mode" == print ]]; then
     if built; then
+        mark_used
         printf '%s\n' "$out_dir"
         exit 0
     fi
@@ -84,6 +96,7 @@ if [[ "$mode" == print ]]; then
 fi
 
 if [[ "$mode" == build ]] && built; then
+    mark_used
     exit 0
 fi
 
@@ -112,6 +125,7 @@ if command -v flock >/dev/null 2>&1; then
     exec 9>"$cache_root/control-plane/.build.lock"
     flock 9
     if [[ "$mode" == build ]] && built; then
+        mark_used
         exit 0
     fi
     # Under the lock no other build is running: scratch directories left here
@@ -188,6 +202,18 @@ for bin in "${todo[@]}"; do
     mv -f "$tmp_dir/$bin" "$out_dir/$bin"
 done
 echo "control-plane/build.sh: done in $((SECONDS - start)) s: $out_dir" >&2
+# Each build is ~180 MB and a pin or recipe change makes a new one. The lock
+# is still held (when flock exists), so no sibling is being built; one a
+# checkout used within 30 days is kept, as that checkout would otherwise
+# have to build it again.
+stale_builds() {
+    find "$cache_root/control-plane" -mindepth 1 -maxdepth 1 -type d \
+        -name 'k8s-*-etcd-*' ! -path "$out_dir" -mtime +30 -print
+}
+while IFS= read -r stale; do
+    echo "control-plane/build.sh: removing $stale (unused for 30 days)" >&2
+    rm -rf -- "$stale"
+done < <(stale_builds)
 # The first line of each version, read whole and not piped into head: a
 # binary still writing when head has exited gets SIGPIPE, and under pipefail
 # that failed this script after a good build (1 run in 5 for kubectl here).
