@@ -442,14 +442,29 @@ impl Inner {
     }
 
     /// Records a Secret just written or read, if its name is still watched
-    /// (a reload may have dropped it while the call was under way).
+    /// (a reload may have dropped it while the call was under way), and
+    /// reports it if it is a user's Secret not known as one before.
     fn remember(&self, name: &str, namespace: &str, cached: Cached) {
+        let managed = cached.managed;
         if let Ok(mut cache) = self.cache.write()
             && let Some(entry) = cache.get_mut(name)
         {
-            entry.namespaces.insert(namespace.to_owned(), cached);
+            let before = entry.namespaces.insert(namespace.to_owned(), cached);
             self.update_cache_size(&cache);
+            drop(cache);
+            if newly_user_owned(before.as_ref(), managed) {
+                self.found_users_own(name, namespace);
+            }
         }
+    }
+
+    /// A Secret image-rewriter did not create stands where a copy would go:
+    /// it is left alone, said once and counted once (at its first sight,
+    /// whether the watch, a create's conflict or a sync found it), not at
+    /// every admission or resync that passes it by.
+    fn found_users_own(&self, name: &str, namespace: &str) {
+        warn!(secret = %name, %namespace, "a Secret image-rewriter did not create has this name; it is left alone, and pods in this namespace use it as it is");
+        self.count("user_owned");
     }
 
     fn update_cache_size(&self, cache: &HashMap<String, NameCache>) {
@@ -481,6 +496,12 @@ fn is_managed(secret: &Secret) -> bool {
         .as_ref()
         .and_then(|labels| labels.get(MANAGED_BY_LABEL))
         .is_some_and(|value| value == MANAGED_BY_VALUE)
+}
+
+/// Whether a Secret of ours, or none, stood where a user's (`managed` false)
+/// is now.
+fn newly_user_owned(before: Option<&Cached>, managed: bool) -> bool {
+    !managed && before.is_none_or(|before| before.managed)
 }
 
 fn cached(secret: &Secret) -> Cached {
@@ -528,10 +549,25 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                     error!(secret = %name, source = ?source_namespace, "source pull secret does not exist; no copies can be made");
                     inner.metrics.pull_secret_sync_errors.inc();
                 }
+                let mut users_own = Vec::new();
                 inner.update_if_current(&name, id, |entry| {
+                    users_own = namespaces
+                        .iter()
+                        .filter(|(namespace, listed)| {
+                            source_namespace.as_deref() != Some(namespace.as_str())
+                                && newly_user_owned(
+                                    entry.namespaces.get(*namespace),
+                                    listed.managed,
+                                )
+                        })
+                        .map(|(namespace, _)| namespace.clone())
+                        .collect();
                     entry.namespaces = namespaces;
                     entry.synced = true;
                 });
+                for namespace in users_own {
+                    inner.found_users_own(&name, &namespace);
+                }
                 inner.request_reconcile(&name).await;
             }
             Ok(Event::Apply(secret)) => {
@@ -540,14 +576,16 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                 };
                 let is_source = source_namespace.as_deref() == Some(namespace.as_str());
                 let entry = cached(&secret);
-                if !is_source && !entry.managed {
-                    warn!(secret = %name, %namespace, "a Secret image-rewriter did not create has this name; it is left alone");
-                }
-                let drifted =
-                    !is_source && entry.managed && inner.differs_from_source(&name, &entry);
+                let managed = entry.managed;
+                let drifted = !is_source && managed && inner.differs_from_source(&name, &entry);
+                let mut users_own = false;
                 inner.update_if_current(&name, id, |cache| {
-                    cache.namespaces.insert(namespace.clone(), entry);
+                    let before = cache.namespaces.insert(namespace.clone(), entry);
+                    users_own = !is_source && newly_user_owned(before.as_ref(), managed);
                 });
+                if users_own {
+                    inner.found_users_own(&name, &namespace);
+                }
                 if is_source || drifted {
                     inner.request_reconcile(&name).await;
                 }
@@ -742,12 +780,12 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             // Someone (a user, or another replica) was first.
             match api_call(api.get_opt(name)).await {
                 Ok(Some(existing)) => {
+                    // A user's Secret is counted by `remember`, once.
                     inner.remember(name, namespace, cached(&existing));
                     if is_managed(&existing) {
                         inner.count("exists");
                         Outcome::Exists
                     } else {
-                        inner.count("user_owned");
                         Outcome::UserOwned
                     }
                 }
@@ -836,7 +874,9 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             }
         };
         if !is_managed(&current) {
-            inner.count("user_owned");
+            // Taken over by a user (our label removed): theirs now, left
+            // alone, and counted once by `remember`.
+            inner.remember(&name, namespace, cached(&current));
             return;
         }
         // A Secret's type cannot change: the apiserver would refuse the

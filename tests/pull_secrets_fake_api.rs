@@ -475,7 +475,9 @@ async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
     users_own["metadata"]["labels"] = json!({"team": "b"});
     fake.put("team-b", users_own.clone(), "ADDED");
     let policy = policy("2s");
-    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    // Found by the first list: counted at once, not when a pod needs it.
+    assert_eq!(user_owned_count(&metrics), 1);
 
     for namespace in ["team-a", "team-c", "team-d"] {
         admit(&sync, &policy, namespace).await;
@@ -495,6 +497,62 @@ async fn rotation_reaches_every_copy_and_user_secrets_are_left_alone() {
         fake.get("team-b", SECRET).unwrap()["data"],
         users_own["data"]
     );
+}
+
+/// `pull_secret_copies_total{result="user_owned"}`: one per Secret of a
+/// user found where a copy would go, whenever it turns up, counted once
+/// however many pods and events pass it by.
+#[tokio::test]
+async fn each_users_secret_is_counted_once_whenever_it_turns_up() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    assert_eq!(user_owned_count(&metrics), 0);
+
+    // Made by a user after the start: seen by the watch.
+    let mut users_own = source_secret("mine");
+    users_own["metadata"]["labels"] = json!({"team": "b"});
+    let users_own = fake.put("team-b", users_own, "ADDED");
+    eventually("the watch counts the user's Secret", || {
+        user_owned_count(&metrics) == 1
+    })
+    .await;
+    let mut edited = users_own.clone();
+    edited["data"] = source_secret("mine, rotated")["data"].clone();
+    fake.put("team-b", edited, "MODIFIED");
+    for _ in 0..3 {
+        admit(&sync, &policy, "team-b").await;
+    }
+
+    // A copy of ours that a user takes over (our label removed) is theirs.
+    admit(&sync, &policy, "team-c").await;
+    let mut taken_over = fake.get("team-c", SECRET).unwrap();
+    taken_over["metadata"]["labels"] = json!({"team": "c"});
+    fake.put("team-c", taken_over, "MODIFIED");
+    eventually("the taken-over copy is counted", || {
+        user_owned_count(&metrics) == 2
+    })
+    .await;
+    // A rotation passes both by, and counts neither again.
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    admit(&sync, &policy, "team-d").await;
+    eventually("the new copy carries the rotated password", || {
+        is_copy_of(&fake, "team-d", &rotated)
+    })
+    .await;
+    assert_eq!(user_owned_count(&metrics), 2);
+    assert_ne!(fake.get("team-c", SECRET).unwrap()["data"], rotated["data"]);
+}
+
+fn user_owned_count(metrics: &Metrics) -> u64 {
+    let text = metrics.encode();
+    let series = "image_rewriter_pull_secret_copies_total{result=\"user_owned\"} ";
+    text.lines()
+        .find_map(|line| line.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .parse()
+        .unwrap()
 }
 
 /// A rotation whose sync met API errors is not lost: the periodic resync
