@@ -165,6 +165,7 @@ fn plan(policy: &Policy, pod: &PodObject) -> usize {
     let view = PodView {
         namespace: Some("team-a"),
         metadata: Some(&pod.metadata),
+        annotations_bytes: pod.annotations_bytes,
         spec: pod.spec.as_ref(),
         location: &[],
     };

@@ -194,6 +194,7 @@ pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError>
                 // none, so the patch adds `/metadata` whole instead of
                 // `/metadata/annotations`.
                 metadata: pod.has_metadata.then_some(&*pod.metadata),
+                annotations_bytes: pod.annotations_bytes,
                 spec: pod.spec.as_ref(),
                 location: &[],
             };

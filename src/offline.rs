@@ -1,12 +1,11 @@
 //! The offline commands: `rewrite` and `mutate` try a policy on images and
 //! manifests before it is deployed. Text in, text out; the CLI does the I/O.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::patch::{PodView, Scope, plan_pod_patch};
-use crate::pod::{PodImages, template_metadata};
+use crate::pod::{PodImages, TemplateMetadata, template_metadata};
 use crate::policy::{Decision, Policy};
 
 /// One line of `rewrite --output json`.
@@ -314,7 +313,7 @@ fn mutate_object(
             .join(".")
     };
     // `null` is as good as absent, for both.
-    let metadata: Option<ObjectMeta> = template
+    let metadata: Option<TemplateMetadata> = template
         .get("metadata")
         .filter(|m| !m.is_null())
         .map(template_metadata)
@@ -339,7 +338,8 @@ fn mutate_object(
         policy,
         PodView {
             namespace,
-            metadata: metadata.as_ref(),
+            metadata: metadata.as_ref().map(|m| &m.meta),
+            annotations_bytes: metadata.as_ref().map_or(0, |m| m.annotations_bytes),
             spec: spec.as_ref(),
             location: &tokens,
         },

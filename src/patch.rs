@@ -70,6 +70,9 @@ pub struct PodView<'a> {
     /// The namespace the pod is created in, when known.
     pub namespace: Option<&'a str>,
     pub metadata: Option<&'a ObjectMeta>,
+    /// The bytes of all the pod's annotations' keys and values, `metadata`
+    /// holding only those the policy reads: see [`annotations_bytes`].
+    pub annotations_bytes: usize,
     pub spec: Option<&'a PodImages>,
     /// JSON Pointer tokens from the document root to the object holding
     /// `metadata` and `spec`: empty for a Pod, `["spec", "template"]` for a
@@ -180,9 +183,13 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             .and_then(|m| m.annotations.as_ref())
             .is_some_and(|a| a.contains_key(ORIGINAL_IMAGES_ANNOTATION));
         if !plan.rewritten.is_empty() {
-            let (operation, warning) =
-                original_images_operation(pod.metadata, &plan.rewritten, &pointer);
-            plan.operations.push(operation);
+            let (operation, warning) = original_images_operation(
+                pod.metadata,
+                pod.annotations_bytes,
+                &plan.rewritten,
+                &pointer,
+            );
+            plan.operations.extend(operation);
             plan.warnings.extend(warning);
         }
     }
@@ -390,13 +397,30 @@ fn pull_secret_operations(
     }
 }
 
+/// The apiserver's bound on the bytes of a pod's annotations, keys and
+/// values together (`TotalAnnotationSizeLimitB`): past it the pod is refused.
+pub const ANNOTATIONS_BYTES_LIMIT: usize = 256 * 1024;
+
+/// The bytes of `annotations` as the apiserver counts them against
+/// [`ANNOTATIONS_BYTES_LIMIT`], for a caller holding the whole map.
+pub fn annotations_bytes(annotations: &BTreeMap<String, String>) -> usize {
+    annotations
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
+}
+
 /// Sets the original-images entries of the containers rewritten now, keeping
-/// the others (a reinvocation after another webhook added a container).
+/// the others (a reinvocation after another webhook added a container). Not
+/// when that would take the pod's annotations past the apiserver's limit:
+/// the pod would be refused for a record of ours, so the rewrite goes
+/// without it, and the user is told.
 fn original_images_operation(
     metadata: Option<&ObjectMeta>,
+    annotations_bytes: usize,
     rewritten: &[RewrittenImage],
     pointer: &impl Fn(&[&str]) -> PointerBuf,
-) -> (PatchOperation, Option<String>) {
+) -> (Option<PatchOperation>, Option<String>) {
     let annotations = metadata.and_then(|m| m.annotations.as_ref());
     let existing = annotations.and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION));
     let mut warning = None;
@@ -410,7 +434,20 @@ fn original_images_operation(
         }
         None => Map::new(),
     };
-    let value = Value::String(originals_text(originals, rewritten));
+    let text = originals_text(originals, rewritten);
+    let bytes_after = annotations_bytes
+        .saturating_sub(existing.map_or(0, |old| ORIGINAL_IMAGES_ANNOTATION.len() + old.len()))
+        + ORIGINAL_IMAGES_ANNOTATION.len()
+        + text.len();
+    if bytes_after > ANNOTATIONS_BYTES_LIMIT {
+        let warning = format!(
+            "annotation {ORIGINAL_IMAGES_ANNOTATION} not written: it would take the pod's \
+             annotations to {bytes_after} bytes, past the apiserver's limit of \
+             {ANNOTATIONS_BYTES_LIMIT}; the images were rewritten without a record of the originals"
+        );
+        return (None, Some(warning));
+    }
+    let value = Value::String(text);
     let operation = match (
         metadata.is_some(),
         annotations.is_some(),
@@ -433,7 +470,7 @@ fn original_images_operation(
             value,
         }),
     };
-    (operation, warning)
+    (Some(operation), warning)
 }
 
 #[cfg(test)]

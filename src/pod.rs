@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use crate::patch::{ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION};
@@ -31,6 +31,9 @@ pub struct PodObject {
     /// Whether the object had a `metadata` object at all (`null` or absent
     /// is none: a patch must then add `/metadata` whole).
     pub has_metadata: bool,
+    /// The bytes of all its annotations' keys and values, the size the
+    /// apiserver limits (256 KiB in all): the policy keeps only two.
+    pub annotations_bytes: usize,
     pub spec: Option<PodImages>,
 }
 
@@ -101,33 +104,45 @@ struct MetadataFields {
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default, deserialize_with = "enabled_label")]
-    labels: Option<BTreeMap<String, String>>,
+    labels: Option<MapEntries>,
     #[serde(default, deserialize_with = "annotations_read")]
-    annotations: Option<BTreeMap<String, String>>,
+    annotations: Option<MapEntries>,
 }
 
 fn enabled_label<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+) -> Result<Option<MapEntries>, D::Error> {
     deserializer.deserialize_option(OnlyEntries(&[ENABLED_LABEL]))
 }
 
 fn annotations_read<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+) -> Result<Option<MapEntries>, D::Error> {
     deserializer.deserialize_option(OnlyEntries(&[
         ORIGINAL_IMAGES_ANNOTATION,
         MIRROR_POD_ANNOTATION,
     ]))
 }
 
+/// What is read of a label or annotation map.
+struct MapEntries {
+    /// The entries the policy reads.
+    kept: BTreeMap<String, String>,
+    /// The bytes of every key and value (UTF-8, unescaped), the size the
+    /// apiserver bounds a pod's annotations by (256 KiB in all), so that
+    /// the patch does not add an annotation past it. A `null` or non-string
+    /// value counts as `""`.
+    bytes: usize,
+}
+
 /// A label or annotation map reduced to the entries the policy reads: the
-/// others (an annotation can hold a whole last-applied manifest) are skipped,
-/// not copied. `null` is `None`; a map without those entries is an empty map.
+/// others (an annotation can hold a whole last-applied manifest) are
+/// measured and skipped, not copied. `null` is `None`; a map without those
+/// entries has none kept.
 struct OnlyEntries(&'static [&'static str]);
 
 impl<'de> Visitor<'de> for OnlyEntries {
-    type Value = Option<BTreeMap<String, String>>;
+    type Value = Option<MapEntries>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("a map of strings, or null")
@@ -147,15 +162,59 @@ impl<'de> Visitor<'de> for OnlyEntries {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut kept = BTreeMap::new();
+        let mut bytes = 0;
         while let Some(Key(key)) = map.next_key()? {
+            bytes += key.len();
             if self.0.contains(&key.as_ref()) {
                 let value = map.next_value::<Option<String>>()?.unwrap_or_default();
+                bytes += value.len();
                 kept.insert(key.into_owned(), value);
             } else {
-                map.next_value::<IgnoredAny>()?;
+                bytes += map.next_value::<StringBytes>()?.0;
             }
         }
-        Ok(Some(kept))
+        Ok(Some(MapEntries { kept, bytes }))
+    }
+}
+
+/// The length of a string value, read without copying it when it has no
+/// escapes; any other value is skipped and counts 0.
+struct StringBytes(usize);
+
+impl<'de> Deserialize<'de> for StringBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LengthVisitor;
+        impl<'de> Visitor<'de> for LengthVisitor {
+            type Value = StringBytes;
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("any value")
+            }
+            fn visit_str<E>(self, value: &str) -> Result<StringBytes, E> {
+                Ok(StringBytes(value.len()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StringBytes, E> {
+                Ok(StringBytes(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StringBytes, E> {
+                Ok(StringBytes(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StringBytes, E> {
+                Ok(StringBytes(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StringBytes, E> {
+                Ok(StringBytes(0))
+            }
+            fn visit_unit<E>(self) -> Result<StringBytes, E> {
+                Ok(StringBytes(0))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StringBytes, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| StringBytes(0))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<StringBytes, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| StringBytes(0))
+            }
+        }
+        deserializer.deserialize_any(LengthVisitor)
     }
 }
 
@@ -186,19 +245,31 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// A pod template's `metadata` (a Deployment's, say) read as
 /// [`PodObject`] reads a Pod's, so that `mutate` plans as `/mutate` does.
-pub fn template_metadata(value: &serde_json::Value) -> Result<ObjectMeta, serde_json::Error> {
-    MetadataFields::deserialize(value).map(ObjectMeta::from)
+pub fn template_metadata(value: &serde_json::Value) -> Result<TemplateMetadata, serde_json::Error> {
+    MetadataFields::deserialize(value).map(MetadataFields::into_template)
 }
 
-impl From<MetadataFields> for ObjectMeta {
-    fn from(fields: MetadataFields) -> Self {
-        ObjectMeta {
-            name: fields.name,
-            generate_name: fields.generate_name,
-            namespace: fields.namespace,
-            labels: fields.labels,
-            annotations: fields.annotations,
-            ..ObjectMeta::default()
+/// What is read of a pod template's `metadata`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TemplateMetadata {
+    pub meta: ObjectMeta,
+    /// As [`PodObject::annotations_bytes`].
+    pub annotations_bytes: usize,
+}
+
+impl MetadataFields {
+    fn into_template(self) -> TemplateMetadata {
+        let annotations_bytes = self.annotations.as_ref().map_or(0, |a| a.bytes);
+        TemplateMetadata {
+            meta: ObjectMeta {
+                name: self.name,
+                generate_name: self.generate_name,
+                namespace: self.namespace,
+                labels: self.labels.map(|labels| labels.kept),
+                annotations: self.annotations.map(|annotations| annotations.kept),
+                ..ObjectMeta::default()
+            },
+            annotations_bytes,
         }
     }
 }
@@ -213,9 +284,15 @@ impl<'de> Deserialize<'de> for PodObject {
             spec: Option<PodImages>,
         }
         let fields = Fields::deserialize(deserializer)?;
+        let has_metadata = fields.metadata.is_some();
+        let metadata = fields
+            .metadata
+            .map(MetadataFields::into_template)
+            .unwrap_or_default();
         Ok(PodObject {
-            has_metadata: fields.metadata.is_some(),
-            metadata: Box::new(fields.metadata.map(ObjectMeta::from).unwrap_or_default()),
+            has_metadata,
+            metadata: Box::new(metadata.meta),
+            annotations_bytes: metadata.annotations_bytes,
             spec: fields.spec,
         })
     }
@@ -239,5 +316,36 @@ impl k8s_openapi::Metadata for PodObject {
 
     fn metadata_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_are_measured_as_the_apiserver_counts_them_and_never_refused() {
+        // Go decodes `null` as ""; a non-string value never reaches a
+        // webhook from the apiserver, and is read as "" rather than refused.
+        let pod: PodObject = serde_json::from_str(
+            r#"{"metadata": {"annotations": {
+                "a": "b\"\u00e9", "k": null, "n": 5, "o": {"x": "yyyy"}, "s": ["zz"],
+                "image-rewriter.io/original-images": "{}"
+            }}}"#,
+        )
+        .unwrap();
+        assert_eq!(pod.annotations_bytes, (1 + 4) + 1 + 1 + 1 + 1 + (33 + 2));
+        let kept = pod.metadata.annotations.unwrap();
+        assert_eq!(
+            kept.keys().collect::<Vec<_>>(),
+            [ORIGINAL_IMAGES_ANNOTATION]
+        );
+
+        let bare: PodObject =
+            serde_json::from_str(r#"{"metadata": {"annotations": null}}"#).unwrap();
+        assert_eq!(
+            (bare.annotations_bytes, bare.metadata.annotations),
+            (0, None)
+        );
     }
 }

@@ -376,3 +376,76 @@ fn deeply_nested_bodies_do_not_overflow_the_stack() {
         .join()
         .expect("no panic");
 }
+
+/// The apiserver refuses a pod whose annotations, keys and values together,
+/// pass 256 KiB (`TotalAnnotationSizeLimitB`, counted in UTF-8 bytes). The
+/// original-images record must never be what takes a pod there: where it
+/// would, the images are still rewritten, the record is left out, and the
+/// user is told.
+#[test]
+fn the_original_images_record_is_left_out_where_it_would_pass_the_annotations_limit() {
+    const LIMIT: usize = 256 * 1024;
+    const RECORD: &str = "image-rewriter.io/original-images";
+    const FILLER: &str = "example.com/blob";
+    let bytes = |annotations: &Value| -> usize {
+        annotations
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(key, value)| key.len() + value.as_str().unwrap().len())
+            .sum()
+    };
+    let review = fixture("pod-create.json");
+    let (plain, _, _) = answer(&review);
+    let record_bytes = RECORD.len()
+        + plain["metadata"]["annotations"][RECORD]
+            .as_str()
+            .unwrap()
+            .len();
+    let others = bytes(&review["request"]["object"]["metadata"]["annotations"]);
+
+    // The filler is sent with escapes (`\"`, `\n`) and two-byte characters
+    // (`é`): what counts is the bytes of the decoded text, as in Go.
+    let filler_of = |len: usize| {
+        let unit = "\"é\n";
+        let mut text = unit.repeat(len / unit.len());
+        text.push_str(&"x".repeat(len - text.len()));
+        assert_eq!(text.len(), len);
+        text
+    };
+    for (over, recorded) in [(0, true), (1, false)] {
+        let filler = LIMIT - others - FILLER.len() - record_bytes + over;
+        let mut review = review.clone();
+        review["request"]["object"]["metadata"]["annotations"][FILLER] = json!(filler_of(filler));
+        let (patched, response, _) = answer(&review);
+        let annotations = &patched["metadata"]["annotations"];
+        assert_eq!(
+            annotations.get(RECORD).is_some(),
+            recorded,
+            "{over} byte(s) over"
+        );
+        assert!(
+            bytes(annotations) <= LIMIT,
+            "{over} byte(s) over: {}",
+            bytes(annotations)
+        );
+        assert_eq!(
+            images(&patched, "containers"),
+            images(&plain, "containers"),
+            "rewritten either way"
+        );
+        let warnings = response["warnings"].as_array().cloned().unwrap_or_default();
+        if recorded {
+            assert!(warnings.is_empty(), "{warnings:?}");
+        } else {
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            let warning = warnings[0].as_str().unwrap();
+            assert!(
+                warning.contains(RECORD)
+                    && warning.contains(&format!("{} bytes", LIMIT + 1))
+                    && warning.contains("262144"),
+                "{warning}"
+            );
+        }
+    }
+}

@@ -9,7 +9,9 @@ mod common;
 use common::*;
 use image_rewriter::admission::{ReviewError, review};
 use image_rewriter::config::ConfigFile;
-use image_rewriter::patch::{ORIGINAL_IMAGES_ANNOTATION, PodView, Scope, plan_pod_patch};
+use image_rewriter::patch::{
+    ORIGINAL_IMAGES_ANNOTATION, PodView, Scope, annotations_bytes, plan_pod_patch,
+};
 use image_rewriter::policy::Policy;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
@@ -1180,6 +1182,10 @@ fn plan_on_a_deployment_template_applies_at_its_location() {
             PodView {
                 namespace: Some(NS),
                 metadata: metadata.as_ref(),
+                annotations_bytes: metadata
+                    .as_ref()
+                    .and_then(|m| m.annotations.as_ref())
+                    .map_or(0, annotations_bytes),
                 spec: Some(&spec),
                 location: &["spec", "template"],
             },
