@@ -98,17 +98,29 @@ pub struct Planned {
     pub summary: ReviewSummary,
 }
 
+/// The pull secrets a pod will reference, and where.
+#[derive(Debug, Clone, Copy)]
+pub struct PullSecretsNeeded<'a> {
+    pub namespace: &'a str,
+    pub names: &'a [String],
+    /// A dry run must have no side effects: no copy is made for it, but it
+    /// is told what the real request would be told of secrets known missing.
+    pub dry_run: bool,
+}
+
 impl Planned {
     /// The namespace of a pod the policy examined, and the pull secrets it
-    /// must find there; `None` for requests that change nothing or are dry
-    /// runs (which must have no side effects).
-    pub fn pull_secrets_needed(&self) -> Option<(&str, &[String])> {
+    /// must find there; `None` for requests that need none.
+    pub fn pull_secrets_needed(&self) -> Option<PullSecretsNeeded<'_>> {
         let plan = self.plan.as_ref()?;
-        if self.summary.dry_run || plan.pull_secrets.is_empty() || self.summary.namespace.is_empty()
-        {
+        if plan.pull_secrets.is_empty() || self.summary.namespace.is_empty() {
             return None;
         }
-        Some((&self.summary.namespace, &plan.pull_secrets))
+        Some(PullSecretsNeeded {
+            namespace: &self.summary.namespace,
+            names: &plan.pull_secrets,
+            dry_run: self.summary.dry_run,
+        })
     }
 
     pub fn add_warning(&mut self, warning: String) {

@@ -263,6 +263,35 @@ impl PullSecretSync {
             .unwrap_or(false)
     }
 
+    /// What a dry run of a pod that will reference `names` in `namespace`
+    /// is told, from the cache alone and writing nothing: the warning the
+    /// real request would get for a secret known missing with sync
+    /// disabled. A copy the real request would make (and that could fail)
+    /// is not tried.
+    pub fn warnings_without_copying(
+        &self,
+        policy: &Policy,
+        namespace: &str,
+        names: &[String],
+    ) -> Vec<String> {
+        let settings = policy.pull_secret_sync();
+        // As `ensure_for_pod` decides: no source, or the source's own
+        // namespace, needs nothing.
+        if settings.enabled
+            || settings
+                .source_namespace
+                .as_deref()
+                .is_none_or(|source| source == namespace)
+        {
+            return Vec::new();
+        }
+        names
+            .iter()
+            .filter(|name| matches!(self.inner.lookup(name, namespace), Lookup::Absent))
+            .map(|name| missing_without_sync(name, namespace))
+            .collect()
+    }
+
     /// Makes sure `names` exist in `namespace` for a pod being admitted:
     /// no API call when the cache has them, otherwise a copy requested and
     /// awaited at most `waitForCopy`, and not past `stop_waiting_by` (where
@@ -287,10 +316,9 @@ impl PullSecretSync {
         for name in names {
             match self.inner.lookup(name, namespace) {
                 Lookup::Present => continue,
-                Lookup::Absent if !settings.enabled => warnings.push(format!(
-                    "imagePullSecret {name:?} does not exist in namespace {namespace:?} and \
-                     pullSecretSync is disabled: pulls that need it will fail"
-                )),
+                Lookup::Absent if !settings.enabled => {
+                    warnings.push(missing_without_sync(name, namespace));
+                }
                 Lookup::Absent | Lookup::Unknown if settings.enabled => {
                     match self.inner.request_copy(namespace, name) {
                         Some(outcome) => pending.push((name, outcome)),
@@ -333,6 +361,13 @@ impl PullSecretSync {
         }
         warnings
     }
+}
+
+fn missing_without_sync(name: &str, namespace: &str) -> String {
+    format!(
+        "imagePullSecret {name:?} does not exist in namespace {namespace:?} and \
+         pullSecretSync is disabled: pulls that need it will fail"
+    )
 }
 
 enum Lookup {

@@ -509,15 +509,17 @@ async fn answer(
     match planned {
         Ok(mut planned) => {
             let warnings = match (state.pull_secrets.get(), planned.pull_secrets_needed()) {
-                (Some(sync), Some((namespace, names))) => {
-                    sync.ensure_for_pod(&policy, namespace, names, stop_waiting_by)
+                (Some(sync), Some(needed)) if needed.dry_run => {
+                    sync.warnings_without_copying(&policy, needed.namespace, needed.names)
+                }
+                (Some(sync), Some(needed)) => {
+                    sync.ensure_for_pod(&policy, needed.namespace, needed.names, stop_waiting_by)
                         .await
                 }
-                (None, Some((namespace, names)))
-                    if state.api_missing_in_pod.load(Ordering::Relaxed) =>
-                {
-                    let warnings = pullsecrets::warnings_without_api(&policy, namespace, names);
-                    if !warnings.is_empty() {
+                (None, Some(needed)) if state.api_missing_in_pod.load(Ordering::Relaxed) => {
+                    let warnings =
+                        pullsecrets::warnings_without_api(&policy, needed.namespace, needed.names);
+                    if !warnings.is_empty() && !needed.dry_run {
                         metrics.pull_secret_sync_errors.inc();
                     }
                     warnings

@@ -923,6 +923,28 @@ async fn with_sync_disabled_a_missing_secret_is_a_warning() {
         calls,
         "nothing is created"
     );
+    // A dry run is told the same, from the cache alone.
+    assert_eq!(
+        sync.warnings_without_copying(&policy, "team-a", &[SECRET.into()]),
+        warnings
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), calls);
+}
+
+/// A dry run makes no copy (`sideEffects: NoneOnDryRun`) and warns of none it
+/// would make: the real request makes it.
+#[tokio::test]
+async fn a_dry_run_with_sync_enabled_copies_nothing_and_warns_of_nothing() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let warnings = sync.warnings_without_copying(&policy, "team-a", &[SECRET.into()]);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.calls.load(Ordering::SeqCst), calls, "no API call");
+    assert!(fake.get("team-a", SECRET).is_none());
 }
 
 /// Whether the copy in `namespace` holds `source`'s data and names it.

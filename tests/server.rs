@@ -1082,8 +1082,9 @@ async fn certificate_rotation_under_live_traffic_fails_no_request() {
 
 /// In a pod whose API configuration did not load, every admission that
 /// gives a pod a pull secret says it is unchecked, and counts a sync error
-/// (what the shipped alert watches); a dry run has no side effects to warn
-/// of, and with the sync turned off the secrets are someone else's.
+/// (what the shipped alert watches); a dry run is told the same, as it
+/// shows what the request would get, but counts nothing. With the sync
+/// turned off the secrets are someone else's.
 #[tokio::test]
 async fn without_api_access_in_a_pod_each_pull_secret_given_is_a_warning() {
     for (config, warned) in [
@@ -1116,7 +1117,14 @@ async fn without_api_access_in_a_pod_each_pull_secret_given_is_a_warning() {
         let mut dry_run = sample_review();
         dry_run["request"]["dryRun"] = json!(true);
         let body = harness.answer(&client, &dry_run).await;
-        assert!(!common::warnings_of(&body).iter().any(unchecked), "dry run");
+        assert_eq!(
+            common::warnings_of(&body)
+                .iter()
+                .filter(|w| unchecked(w))
+                .count(),
+            usize::from(warned),
+            "{config}: dry run"
+        );
         assert_eq!(
             harness
                 .metric("image_rewriter_pull_secret_sync_errors_total", ("", ""))
