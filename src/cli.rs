@@ -368,23 +368,26 @@ fn mutate(args: &MutateArgs) -> anyhow::Result<ExitCode> {
 
 fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     let text = config::read_config(&args.config)?;
-    let parsed = ConfigFile::parse(&text)?;
-    let blank = parsed.is_none();
-    let policy = parsed.unwrap_or_default().into_policy(None)?;
+    // A server already running refuses a file with no value rather than
+    // drop its rules, so a gate that passed one would pass a ConfigMap
+    // emptied by mistake.
+    let Some(parsed) = ConfigFile::parse(&text)? else {
+        anyhow::bail!(
+            "{}: the file holds no value (blank lines and comments only): a server already \
+             running refuses it and keeps its config, and one starting with it rewrites nothing; \
+             write `rules: []` to remove every rule",
+            args.config.display()
+        );
+    };
+    // The webhook's own namespace comes from where `serve` runs, not from the file.
+    let policy = parsed.into_policy(None)?;
     println!(
-        "{}: OK, {} rule(s); never touched: namespaces {}",
+        "{}: OK, {} rule(s); never touched: namespaces {} and the webhook's own namespace",
         args.config.display(),
         policy.rules().len(),
         policy.excluded_namespaces().collect::<Vec<_>>().join(", ")
     );
-    // What `serve` would say of it: a server already running refuses a
-    // file with no value rather than drop its rules.
-    if blank {
-        eprintln!(
-            "warning: the file holds no value: a server starting with it rewrites nothing, and \
-             one already running keeps the config in force; write `rules: []` to remove every rule"
-        );
-    } else if policy.rules().is_empty() {
+    if policy.rules().is_empty() {
         eprintln!("warning: no rules: no image is rewritten");
     }
     for warning in policy.warnings() {

@@ -340,21 +340,18 @@ fn check_config_accepts_valid_configs() {
     let text = stdout(&output);
     assert!(text.contains("OK"), "{text}");
     assert!(text.contains("3 rule"), "{text}");
+    // The webhook's own namespace is not the file's to say, but `serve`
+    // leaves it out all the same.
     assert!(
-        text.contains("kube-system") && text.contains("legacy"),
+        text.contains(
+            "never touched: namespaces kube-node-lease, kube-public, kube-system, legacy \
+             and the webhook's own namespace\n"
+        ),
         "{text}"
     );
 
     let example = root().join("examples/config.yaml");
     assert_success(&run(&["check-config", "--config", s(&example)]));
-    let empty = dir.file("empty.yaml", "# rules to come\n");
-    let output = run(&["check-config", "--config", s(&empty)]);
-    assert_success(&output);
-    assert!(
-        stderr(&output).contains("one already running keeps the config in force"),
-        "{}",
-        stderr(&output)
-    );
     let no_rules = dir.file("no-rules.yaml", "rules: []\n");
     let output = run(&["check-config", "--config", s(&no_rules)]);
     assert_success(&output);
@@ -408,6 +405,26 @@ fn check_config_accepts_valid_configs() {
             ),
         ]
     );
+}
+
+/// A server already running refuses a file with no value and keeps its
+/// config, so a CI gate must not pass a ConfigMap emptied by mistake.
+#[test]
+fn check_config_refuses_a_file_with_no_value() {
+    let dir = Dir::new();
+    for blank in ["", "\n\n", "# rules to come\n", "---\n", "~\n"] {
+        let config = dir.file("blank.yaml", blank);
+        let output = run(&["check-config", "--config", s(&config)]);
+        assert_exit_1(&output);
+        assert_eq!(stdout(&output), "", "{blank:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("holds no value")
+                && err.contains("refuses it")
+                && err.contains("write `rules: []` to remove every rule"),
+            "{blank:?}: {err}"
+        );
+    }
 }
 
 #[test]
