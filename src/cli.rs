@@ -118,6 +118,20 @@ fn parse_worker_threads(text: &str) -> Result<usize, String> {
     Ok(threads)
 }
 
+/// Connection slots are semaphore permits, all taken back at once (as a
+/// `u32`) to see the drain done.
+const MAX_CONNECTIONS: usize = u32::MAX as usize;
+
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    let connections: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if !(1..=MAX_CONNECTIONS).contains(&connections) {
+        return Err(format!(
+            "must be from 1 to {MAX_CONNECTIONS} (with 0, no connection would be accepted)"
+        ));
+    }
+    Ok(connections)
+}
+
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, usize::from)
@@ -180,7 +194,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_REWRITER_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub body_read_timeout: Duration,
     /// Open connections at most; more wait to be accepted.
-    #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(long, env = "IMAGE_REWRITER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = parse_max_connections)]
     pub max_connections: usize,
     /// Threads serving requests [default: one per CPU the process may use,
     /// at most 2].

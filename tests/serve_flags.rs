@@ -131,8 +131,9 @@ fn mutate_refuses_a_namespace_that_is_no_namespace_name() {
 
 /// A zero timeout would cut every client off, a reload interval of a few
 /// milliseconds would read the files in a loop, a body limit under an
-/// UPDATE review's size would refuse some, one past 1 GiB is no review's:
-/// refused as usage errors (exit 2) naming the flag.
+/// UPDATE review's size would refuse some, one past 1 GiB is no review's,
+/// no connection slot would accept no connection: refused as usage errors
+/// (exit 2) naming the flag.
 #[test]
 fn serve_refuses_flag_values_that_cannot_work() {
     for (flag, value, why) in [
@@ -144,6 +145,8 @@ fn serve_refuses_flag_values_that_cannot_work() {
         ("--max-body-bytes", "1073741825", "at most 1073741824"),
         ("--worker-threads", "0", "from 1 to 256"),
         ("--worker-threads", "257", "from 1 to 256"),
+        ("--max-connections", "0", "from 1 to 4294967295"),
+        ("--max-connections", "4294967296", "from 1 to 4294967295"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let child = serve(dir.path()).args([flag, value]).spawn().unwrap();
