@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -618,11 +618,44 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     for path in written {
         println!("wrote {}", path.display());
     }
-    println!(
-        "next: kubectl apply -k manifests/overlays/cluster-wide (or opt-in); it reads {}",
-        args.out.display()
-    );
+    match certs_overlay_reading(&args.out) {
+        Some(overlay) => println!(
+            "next: kubectl apply -k {} (or opt-in); it reads {}",
+            overlay.display(),
+            args.out.display()
+        ),
+        None => println!(
+            "next: the overlays {CERTS_OVERLAY} and opt-in read the repository's certs/, not {}: \
+             copy secret.yaml and webhook-ca-bundle.yaml there (or run again with --out certs/ \
+             from the repository's root), then kubectl apply -k {CERTS_OVERLAY} (or opt-in)",
+            args.out.display()
+        ),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An overlay that takes the serving certificate from `image-rewriter
+/// certs`, as the repository's root names it; it reads `../../../certs`.
+const CERTS_OVERLAY: &str = "manifests/overlays/cluster-wide";
+
+/// The overlay that reads the files `certs` wrote to `out`, when `out` is a
+/// repository's `certs` directory; named from the repository's root when
+/// that is the working directory, else in full.
+fn certs_overlay_reading(out: &Path) -> Option<PathBuf> {
+    let certs = out.canonicalize().ok()?;
+    let repository = certs.parent()?;
+    let overlay = repository.join(CERTS_OVERLAY);
+    if certs.file_name()? != "certs" || !overlay.join("kustomization.yaml").is_file() {
+        return None;
+    }
+    let at_root = std::env::current_dir()
+        .and_then(|dir| dir.canonicalize())
+        .is_ok_and(|dir| dir == repository);
+    Some(if at_root {
+        PathBuf::from(CERTS_OVERLAY)
+    } else {
+        overlay
+    })
 }
 
 #[cfg(test)]

@@ -194,3 +194,72 @@ fn service_and_secret_names_kubernetes_would_not_take_are_refused() {
         assert_refused(&[flag, value], &[flag]);
     }
 }
+
+/// The last line `certs --out OUT` prints, run from `dir`.
+fn next_step(dir: &Path, out: &Path) -> String {
+    let output = common::binary()
+        .current_dir(dir)
+        .arg("certs")
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    stdout.lines().last().unwrap_or_default().to_owned()
+}
+
+/// The overlays read the repository's `certs/` and nothing else: the hint
+/// to apply one is given only for that directory, and for any other the
+/// files are to be copied there.
+#[test]
+fn the_next_step_names_the_overlay_only_when_it_reads_the_files_written() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays");
+    for overlay in ["cluster-wide", "opt-in"] {
+        let kustomization: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+            &std::fs::read_to_string(shipped.join(overlay).join("kustomization.yaml")).unwrap(),
+        )
+        .unwrap();
+        let components = kustomization["components"].as_sequence().unwrap();
+        assert!(
+            components.iter().any(|c| c == "../../../certs"),
+            "{overlay} no longer reads the repository's certs/: {components:?}"
+        );
+    }
+
+    let scratch = tempfile::tempdir().unwrap();
+    let repository = scratch.path().join("repository");
+    let overlay = repository.join("manifests/overlays/cluster-wide");
+    std::fs::create_dir_all(&overlay).unwrap();
+    std::fs::write(overlay.join("kustomization.yaml"), "").unwrap();
+
+    assert_eq!(
+        next_step(&repository, Path::new("certs/")),
+        "next: kubectl apply -k manifests/overlays/cluster-wide (or opt-in); it reads certs/"
+    );
+    let certs = repository.join("certs");
+    assert_eq!(
+        next_step(scratch.path(), &certs),
+        format!(
+            "next: kubectl apply -k {} (or opt-in); it reads {}",
+            overlay.canonicalize().unwrap().display(),
+            certs.display()
+        )
+    );
+    for (dir, out) in [
+        (repository.as_path(), Path::new("c8")),
+        (repository.as_path(), Path::new("manifests/certs")),
+        (scratch.path(), &scratch.path().join("elsewhere/certs")),
+    ] {
+        let next = next_step(dir, out);
+        assert!(
+            next.contains(&format!(
+                "read the repository's certs/, not {}: copy secret.yaml and \
+                 webhook-ca-bundle.yaml there",
+                out.display()
+            )) && !next.contains("it reads"),
+            "--out {}: {next}",
+            out.display()
+        );
+    }
+}
