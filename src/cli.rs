@@ -429,8 +429,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok()
     })?;
     init_logging(args.log_format);
-    let (config, tls_cert, tls_key) = match given_files {
-        Some(files) => files,
+    let ((config, tls_cert, tls_key), own_dev_dir) = match given_files {
+        Some(files) => (files, None),
         None => dev_files(&args)?,
     };
     let options = ServeOptions {
@@ -455,9 +455,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(args.worker_threads.unwrap_or_else(default_worker_threads))
         .enable_all()
         .build()?;
-    runtime.block_on(crate::server::serve_until_signal(options))?;
+    let served = runtime.block_on(crate::server::serve_until_signal(options));
+    // Only once no task is left to read the files.
+    drop(runtime);
+    drop(own_dev_dir);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// The config, certificate and key `serve` serves.
+type ServedFiles = (PathBuf, PathBuf, PathBuf);
 
 impl ServeArgs {
     /// The config, certificate and key to serve; `None` for a development
@@ -465,7 +472,7 @@ impl ServeArgs {
     /// its variable counts as present even when the variable says false, so
     /// `IMAGE_REWRITER_DEV_SELF_SIGNED=false` alone would stand in for all
     /// three files and start a development server.
-    fn given_files(&self) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, clap::Error> {
+    fn given_files(&self) -> Result<Option<ServedFiles>, clap::Error> {
         use clap::Args as _;
         let usage = |kind, message: &str| {
             ServeArgs::augment_args(clap::Command::new("image-rewriter serve")).error(kind, message)
@@ -537,12 +544,37 @@ fn own_namespace(
     }
 }
 
+/// The directory `--dev-self-signed` chose for itself, without `--dev-dir`:
+/// removed when dropped, as serving ends, since nobody asked to keep its CA
+/// key.
+struct OwnDevDir(PathBuf);
+
+impl Drop for OwnDevDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                dir = %self.0.display(),
+                %error,
+                "cannot remove the development files, a throwaway CA key among them: \
+                 remove the directory by hand"
+            ),
+            _ => {}
+        }
+    }
+}
+
 /// `--dev-self-signed`: a throwaway CA and localhost certificate, and the
 /// sample config when none was given. Prints where the CA is for `curl`.
-fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
-    let dir = args.dev_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("image-rewriter-dev-{}", std::process::id()))
-    });
+fn dev_files(args: &ServeArgs) -> anyhow::Result<(ServedFiles, Option<OwnDevDir>)> {
+    let (dir, own_dir) = match &args.dev_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir =
+                std::env::temp_dir().join(format!("image-rewriter-dev-{}", std::process::id()));
+            // Before anything is written, so a failed start leaves nothing either.
+            (dir.clone(), Some(OwnDevDir(dir)))
+        }
+    };
     let mut names = vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
@@ -568,8 +600,14 @@ fn dev_files(args: &ServeArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     println!("development mode: throwaway certificate for localhost");
     println!("CA certificate: {}", dir.join("ca.crt").display());
     println!("config: {}", config.display());
+    if own_dir.is_some() {
+        println!(
+            "{} is removed at exit; --dev-dir DIR keeps the files",
+            dir.display()
+        );
+    }
     std::io::stdout().flush()?;
-    Ok((config, dir.join("tls.crt"), dir.join("tls.key")))
+    Ok(((config, dir.join("tls.crt"), dir.join("tls.key")), own_dir))
 }
 
 /// Whether a subject alternative name is one a TLS client can match: an IP

@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,22 @@ impl Drop for Process {
 }
 
 fn spawn(config: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_image-rewriter"))
+    let mut command = serve();
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .args(extra);
+    start(command)
+}
+
+/// `serve` on ports the kernel chooses, logging JSON, without its files.
+fn serve() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_image-rewriter"));
+    command
         .args(["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
         .args([
             "--metrics-listen",
@@ -44,20 +59,17 @@ fn spawn(config: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Process {
             "--namespace",
             "image-rewriter",
         ])
-        .arg("--config")
-        .arg(config)
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .args(extra)
         // Outside a cluster wherever the tests run: in a pod, serve would
         // want that pod's API access.
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
+        .stderr(Stdio::null());
+    command
+}
+
+/// Runs `serve` until it logs that it listens.
+fn start(mut command: Command) -> Process {
+    let mut child = command.spawn().expect("the binary starts");
     // The JSON log's "listening" line says which port the kernel gave us.
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -167,27 +179,72 @@ async fn sigterm_turns_readiness_off_then_exits_cleanly() {
     let client = client(&process, &std::fs::read(fixture("ec.crt")).unwrap());
     wait_for_status(&client, &process, "/readyz", 200).await;
 
+    sigterm(&process);
+    // Within the shutdown delay: still serving, but not ready.
+    wait_for_status(&client, &process, "/readyz", 503).await;
+    assert_eq!(status(&client, &process, "/healthz").await, Some(200));
+
+    let exit = exit_after_sigterm(&mut process).await;
+    assert!(exit.success(), "exit status {exit}");
+}
+
+fn sigterm(process: &Process) {
     let killed = Command::new("kill")
         .args(["-TERM", &process.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    // Within the shutdown delay: still serving, but not ready.
-    wait_for_status(&client, &process, "/readyz", 503).await;
-    assert_eq!(status(&client, &process, "/healthz").await, Some(200));
+}
 
+async fn exit_after_sigterm(process: &mut Process) -> ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
+    loop {
         if let Some(exit) = process.child.try_wait().unwrap() {
-            break exit;
+            return exit;
         }
         assert!(
             Instant::now() < deadline,
             "the server did not exit after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "exit status {exit}");
+    }
+}
+
+/// `--dev-self-signed` writes a throwaway CA key: to a directory of its own
+/// choosing without `--dev-dir`, which a clean exit removes; `--dev-dir`'s
+/// is the user's and stays.
+#[tokio::test]
+async fn a_development_run_removes_the_directory_it_chose_at_exit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let temp_dir = scratch.path().join("tmp");
+    std::fs::create_dir(&temp_dir).unwrap();
+    let given = scratch.path().join("given");
+    for dev_dir in [None, Some(&given)] {
+        let mut command = serve();
+        command
+            .args(["--dev-self-signed", "--shutdown-delay", "0s"])
+            .env("TMPDIR", &temp_dir);
+        if let Some(dir) = dev_dir {
+            command.arg("--dev-dir").arg(dir);
+        }
+        let mut process = start(command);
+        let written = dev_dir
+            .cloned()
+            .unwrap_or_else(|| temp_dir.join(format!("image-rewriter-dev-{}", process.child.id())));
+        assert!(written.join("ca.key").is_file(), "{dev_dir:?}: no CA key");
+
+        sigterm(&process);
+        let exit = exit_after_sigterm(&mut process).await;
+        assert!(exit.success(), "{dev_dir:?}: exit status {exit}");
+        let left: Vec<_> = std::fs::read_dir(&temp_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert_eq!(left, Vec::<PathBuf>::new(), "{dev_dir:?}: left behind");
+        if let Some(dir) = dev_dir {
+            assert!(dir.join("ca.key").is_file(), "--dev-dir's files removed");
+        }
+    }
 }
 
 /// `image-rewriter certs` output, end to end: the server serves the pair it
