@@ -563,14 +563,36 @@ impl Drop for OwnDevDir {
     }
 }
 
+/// A directory made for this process alone under `parent` (often a shared
+/// /tmp): created afresh, never one that was there (which someone else
+/// could read, or have made to catch the CA key), and readable by its owner
+/// only.
+fn new_private_dir(parent: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let pid = std::process::id();
+    for attempt in 0..100 {
+        let dir = parent.join(format!("{prefix}-{pid}-{attempt}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                anyhow::bail!("cannot create a directory in {}: {error}", parent.display())
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot create a directory in {}: {prefix}-{pid}-0 to -99 all exist; pass --dev-dir DIR",
+        parent.display()
+    )
+}
+
 /// `--dev-self-signed`: a throwaway CA and localhost certificate, and the
 /// sample config when none was given. Prints where the CA is for `curl`.
 fn dev_files(args: &ServeArgs) -> anyhow::Result<(ServedFiles, Option<OwnDevDir>)> {
     let (dir, own_dir) = match &args.dev_dir {
         Some(dir) => (dir.clone(), None),
         None => {
-            let dir =
-                std::env::temp_dir().join(format!("image-rewriter-dev-{}", std::process::id()));
+            let dir = new_private_dir(&std::env::temp_dir(), "image-rewriter-dev")?;
             // Before anything is written, so a failed start leaves nothing either.
             (dir.clone(), Some(OwnDevDir(dir)))
         }
@@ -699,6 +721,23 @@ fn certs_overlay_reading(out: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_development_directory_is_made_afresh_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let taken = parent
+            .path()
+            .join(format!("image-rewriter-dev-{}-0", std::process::id()));
+        std::fs::create_dir(&taken).unwrap();
+        std::fs::write(taken.join("theirs"), "").unwrap();
+
+        let made = new_private_dir(parent.path(), "image-rewriter-dev").unwrap();
+        assert_ne!(made, taken, "a directory that was there is never used");
+        assert!(taken.join("theirs").exists());
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
 
     fn from_service_account() -> Option<String> {
         Some("from-sa\n".to_owned())

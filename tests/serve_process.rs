@@ -228,9 +228,9 @@ async fn a_development_run_removes_the_directory_it_chose_at_exit() {
             command.arg("--dev-dir").arg(dir);
         }
         let mut process = start(command);
-        let written = dev_dir
-            .cloned()
-            .unwrap_or_else(|| temp_dir.join(format!("image-rewriter-dev-{}", process.child.id())));
+        let written = dev_dir.cloned().unwrap_or_else(|| {
+            temp_dir.join(format!("image-rewriter-dev-{}-0", process.child.id()))
+        });
         assert!(written.join("ca.key").is_file(), "{dev_dir:?}: no CA key");
 
         sigterm(&process);
