@@ -6,18 +6,21 @@
 #   docker build --build-arg RUST_VERSION=1.95 --build-arg VERSION=0.1.0 \
 #                --build-arg REVISION="$(git rev-parse HEAD)" -t image-rewriter:0.1.0 .
 #
-# The binary is linked against glibc and runs on distroless/cc: glibc, libgcc,
-# CA certificates and a passwd entry for uid 65532; no shell, no package
-# manager. It is built on the Debian release the runtime image is made from
-# (bookworm = debian12), so it asks for no newer glibc than the runtime has
-# (scripts/image-build-check.py checks the symbol versions). Not musl: its
-# memcpy made a review cost ~20% more CPU than the glibc build the benchmarks
-# measure. The manifests run it as uid 65532 with a read-only root filesystem;
-# it writes nothing to disk.
+# The binary is static, glibc linked in (`+crt-static`), and runs on
+# distroless/static: CA certificates, /etc/nsswitch.conf and a passwd entry for
+# uid 65532; no libc, no shell, no package manager. glibc, not musl: musl's
+# memcpy made a review cost ~20% more CPU, where the static glibc build costs
+# what the dynamic one the benchmarks measure does (BENCHMARKS.md). Of glibc's
+# name service it has the built-in `files` and `dns` (what distroless's
+# nsswitch.conf asks for; it can load no other module), which is all a name
+# lookup here needs: in a cluster the API server is reached at the address in
+# KUBERNETES_SERVICE_HOST. scripts/image-build-check.py checks that the binary
+# is static. The manifests run it as uid 65532 with a read-only root
+# filesystem; it writes nothing to disk.
 
 # Rust toolchain of the build stage (edition 2024 needs 1.85 or later).
 ARG RUST_VERSION=1.95
-# Keep in step with the runtime's distroless/cc-debian<N> below.
+# The build image's Debian release; the static binary runs on any runtime.
 ARG DEBIAN_SUITE=bookworm
 
 # Native builds: amd64 on amd64 hosts, arm64 on arm64 hosts (or under emulation
@@ -26,9 +29,13 @@ ARG DEBIAN_SUITE=bookworm
 FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_SUITE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Keep symbol names (panic backtraces), drop debug info.
+# Keep symbol names (panic backtraces), drop debug info. Static: with RUSTFLAGS,
+# every cargo build names its --target (the build's own platform), so that the
+# flag reaches the binary only, not the proc-macros and build scripts, which
+# cannot be static.
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-    CARGO_TERM_COLOR=never
+    CARGO_TERM_COLOR=never \
+    RUSTFLAGS="-C target-feature=+crt-static"
 WORKDIR /src
 
 # Dependencies first, against stand-in sources: this layer is rebuilt only when
@@ -54,7 +61,7 @@ RUN mkdir -p src \
     | while read -r stub; do \
         mkdir -p "$(dirname "$stub")" && { [ -e "$stub" ] || echo 'fn main() {}' > "$stub"; }; \
       done \
- && cargo build --release --locked \
+ && cargo build --release --locked --target "$(rustc -vV | sed -n 's/^host: //p')" \
  && rm -rf src
 
 # The real sources: the whole (.dockerignore-trimmed) context, since the crate
@@ -66,12 +73,13 @@ RUN mkdir -p src \
 COPY . .
 RUN touch src/main.rs \
  && if [ -f src/lib.rs ]; then touch src/lib.rs; fi \
- && cargo build --release --locked --bin image-rewriter \
+ && target="$(rustc -vV | sed -n 's/^host: //p')" \
+ && cargo build --release --locked --target "$target" --bin image-rewriter \
  && mkdir -p /out \
- && cp target/release/image-rewriter /out/image-rewriter \
+ && cp "target/$target/release/image-rewriter" /out/image-rewriter \
  && /out/image-rewriter --help | grep -q serve
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/static-debian12:nonroot
 
 ARG VERSION=0.1.0
 ARG REVISION=unknown

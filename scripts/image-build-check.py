@@ -21,15 +21,19 @@ stage would copy (`COPY --from=build ...`) the way that stage uses it:
   USER (65532; when the script runs as root, else as the caller), the files
   the command names (config, certificate, key) read-only at those paths
   under the scratch directory, the ports moved; it serves `/mutate` and
-  rewrites a pod;
+  rewrites a pod. On distroless/static or scratch, run as root, it runs
+  chrooted into a read-only root that holds only what distroless/static
+  does (passwd, group, nsswitch.conf, CA certificates, /tmp) besides the
+  binary and those files, so it can lean on no library or file of this
+  machine's;
 - under strace (every file syscall), it opens no file for writing and
   creates, removes, renames or changes none (the manifests mount the root
   filesystem read-only).
 
-Not the image, so not covered: the base images (`rust:*-slim`,
-`distroless/cc`: the build runs with this machine's toolchain, printed
-beside the image's RUST_VERSION, and the binary runs on this machine's
-filesystem, not distroless's) and the final layers; a RUN that installs
+Not the image, so not covered: the base images themselves (`rust:*-slim`:
+the build runs with this machine's toolchain, printed beside the image's
+RUST_VERSION; distroless: the root above is made here, from what its image
+is documented to hold) and the final layers; a RUN that installs
 Debian packages is not run (it would install them on this machine): the
 script checks that they are installed instead. Exits non-zero, saying why,
 on the first failure.
@@ -392,10 +396,32 @@ def image_command(runtime, files):
     return [str(files) + argument if argument.startswith("/") else argument for argument in arguments]
 
 
-def serve_and_check(binary, user, env, runtime, scratch):
+# What distroless/static holds besides the binary: a passwd and group entry
+# for its users, nsswitch.conf, CA certificates and /tmp. No libc, no shell.
+def distroless_static_root(root, binary, entrypoint_path):
+    """A root filesystem with what distroless/static has and the binary at
+    `entrypoint_path`, read-only as the manifests mount it."""
+    (root / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nnonroot:x:65532:\n")
+    (root / "etc/nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files dns\n")
+    shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+    for directory in ["tmp", "home/nonroot"]:
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    placed = root / entrypoint_path.lstrip("/")
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, placed)
+
+
+def serve_and_check(binary, user, env, runtime, scratch, empty_root):
     """Runs the image's command as the image would, its ports moved, and
-    checks a rewrite and that nothing was written to disk."""
-    files = scratch / "mounted"
+    checks a rewrite and that nothing was written to disk. With `empty_root`
+    (a static binary, for a base with no libc, and the script running as
+    root), it runs chrooted into a root holding only what distroless/static
+    has: no library or file of this machine's is there to lean on."""
+    files = scratch / ("runtime-root" if empty_root else "mounted")
     certificates = scratch / "certificates"
     subprocess.run(
         [str(binary), "certs", "--out", str(certificates), "--extra-san", "localhost"],
@@ -414,15 +440,25 @@ def serve_and_check(binary, user, env, runtime, scratch):
         target = Path(arguments[arguments.index(flag) + 1])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
-    # Mounted ConfigMaps and Secrets are read-only to the pod.
+    entrypoint = next((json.loads(a) for k, a in reversed(runtime) if k == "ENTRYPOINT"), [])
+    if empty_root:
+        distroless_static_root(files, binary, entrypoint[0])
+    # Mounted ConfigMaps and Secrets are read-only to the pod (and so is the
+    # root filesystem, in the manifests).
     for directory, _, names in os.walk(files, topdown=False):
         for name in names:
             os.chmod(os.path.join(directory, name), 0o444)
         os.chmod(directory, 0o555)
+    if empty_root:
+        os.chmod(files / entrypoint[0].lstrip("/"), 0o555)
     port, metrics_port = free_port(), free_port()
     trace = scratch / "strace.txt"
     uid, _, gid = user.partition(":")
-    if os.geteuid() == 0:
+    if empty_root:
+        as_user = [shutil.which("chroot"), f"--userspec={uid}:{gid or uid}", "--groups=", str(files)]
+        binary = entrypoint[0]
+        arguments = image_command(runtime, "")
+    elif os.geteuid() == 0:
         as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups"]
     else:
         print(f"not root: serve runs as uid {os.geteuid()}, not the image's {user}")
@@ -433,7 +469,8 @@ def serve_and_check(binary, user, env, runtime, scratch):
         *as_user, str(binary), *arguments,
         "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
     ]
-    print(f"serve: the image's command {' '.join(arguments)} (paths under {files}), ports moved")
+    where = f"chrooted into {files}, a distroless/static root" if empty_root else f"paths under {files}"
+    print(f"serve: the image's command {' '.join(arguments)} ({where}), ports moved")
     log = open(scratch / "server.log", "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -508,7 +545,7 @@ def check_the_checks():
 def main():
     check_the_checks()
     keep = "--keep" in sys.argv[1:]
-    for tool in ["cargo", "readelf", "strace", "setpriv", "curl", "dpkg-query", "pgrep"]:
+    for tool in ["cargo", "readelf", "strace", "setpriv", "chroot", "curl", "dpkg-query", "pgrep"]:
         if shutil.which(tool) is None:
             fail(f"{tool} is missing")
 
@@ -571,7 +608,12 @@ def main():
         print(f"{binary.stat().st_size / 1e6:.1f} MB, {check_runs_on(runtime_from, binary)}")
         shutil.copy2(binary, scratch / "image-rewriter")
         os.chmod(scratch / "image-rewriter", 0o755)
-        serve_and_check(scratch / "image-rewriter", user, runtime_env, runtime, scratch)
+        base = runtime_from.split()[0]
+        static_base = base.startswith("gcr.io/distroless/static") or base == "scratch"
+        if static_base and os.geteuid() != 0:
+            print("not root: serve runs on this machine's root filesystem, not chrooted into a distroless/static one")
+        serve_and_check(scratch / "image-rewriter", user, runtime_env, runtime, scratch,
+                        empty_root=static_base and os.geteuid() == 0)
         print("image-build-check: ok")
     finally:
         if keep:
