@@ -1192,6 +1192,85 @@ async fn webhook_down_pods_are_created_unrewritten_within_the_timeout() {
     );
 }
 
+/// 7b. The optional fail-closed component, applied over the running install:
+/// the apiserver accepts its PriorityClass (a user-defined class may not pass
+/// 1e9) and the Deployment naming it; with the webhook gone, a pod in a
+/// covered namespace is refused, while the namespaces the webhook's own
+/// pods depend on, its own and cert-manager's, still create theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_covered_pods_while_the_webhook_is_down_but_not_its_own() {
+    let mut env = Env::start(Overlay::ClusterWide).await;
+    let overlay = "e2e-cluster-wide-fail-closed";
+    env.ws.write_overlay(
+        overlay,
+        &[
+            "../../components/cluster-wide",
+            "../../components/fail-closed",
+            "../../../certs",
+        ],
+    );
+    let objects = env.ws.render_dir(&env.kubectl, overlay);
+    let applied = env.apply_all(&objects);
+    assert_eq!(
+        applied.lines().filter(|l| !l.trim().is_empty()).count(),
+        objects.len(),
+        "kubectl applied fewer objects than rendered: {applied}"
+    );
+    let class: Value = serde_json::from_str(&env.kubectl_as_admin(&[
+        "get",
+        "priorityclass",
+        "image-rewriter",
+        "-o",
+        "json",
+    ]))
+    .expect("kubectl get -o json");
+    let template_class = env.kubectl_as_admin(&[
+        "get",
+        "deployment",
+        "image-rewriter",
+        "-n",
+        WEBHOOK_NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.priorityClassName}",
+    ]);
+    assert_eq!(
+        (class["value"].as_i64(), template_class.as_str()),
+        (Some(1_000_000_000), "image-rewriter")
+    );
+    env.namespace("team-a", &[]).await;
+    env.namespace("cert-manager", &[]).await;
+
+    env.webhook.kill();
+    // The apiserver's webhook configuration cache sees `Fail` a moment
+    // after the apply: until then a pod is created un-rewritten.
+    let attempts = AtomicUsize::new(0);
+    let refusal = eventually(
+        "a covered pod refused with the webhook down",
+        Duration::from_secs(20),
+        || async {
+            let name = format!("covered-{}", attempts.fetch_add(1, Ordering::Relaxed));
+            match pods(&env, "team-a")
+                .create(&PostParams::default(), &app_pod(&name, &[]))
+                .await
+            {
+                Ok(_) => Err("created (the configuration still says Ignore)".to_owned()),
+                Err(error) => Ok(error.to_string()),
+            }
+        },
+    )
+    .await;
+    println!("fail-closed, webhook down: team-a refused: {refusal}");
+    assert!(
+        refusal.contains(WEBHOOK_NAME) && refusal.contains("failed calling webhook"),
+        "{refusal}"
+    );
+    for namespace in [WEBHOOK_NAMESPACE, "cert-manager"] {
+        let sent = app_pod("left-out", &[]);
+        let created = env.create_pod(namespace, &sent).await;
+        assert_untouched(&created, &sent, namespace);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Benchmark
 

@@ -39,6 +39,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize as _;
@@ -143,11 +144,13 @@ fn overlay_opt_in_cert_manager() {
     );
 }
 
-/// The optional fail-closed component flips the failure policy and leaves
-/// the cert-manager namespace out.
+/// The optional fail-closed component flips the failure policy, leaves
+/// the cert-manager namespace out, and puts the webhook's pods in a
+/// PriorityClass of their own, the highest a user-defined class may have, so
+/// that they are not preempted while every pod creation waits on them.
 #[test]
 fn fail_closed_component_switches_to_fail() {
-    check_overlay_with_components(
+    let Some(rendered) = check_overlay_with_components(
         "test-opt-in-fail-closed",
         &["../../components/opt-in", "../../components/fail-closed"],
         &Expect {
@@ -155,7 +158,19 @@ fn fail_closed_component_switches_to_fail() {
             certs: CertSource::Generated,
             failure_policy: "Fail",
         },
-    );
+    ) else {
+        return;
+    };
+    let deployment: Deployment = rendered.one(DEPLOYMENT);
+    let class_name = deployment
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .and_then(|pod| pod.priority_class_name)
+        .expect("the webhook's pods name a PriorityClass");
+    let class: PriorityClass = rendered.one(&class_name);
+    // The apiserver refuses a user-defined class above 1e9.
+    assert_eq!(class.value, 1_000_000_000);
+    assert_ne!(class.global_default, Some(true), "only the webhook's pods");
 }
 
 /// The optional ipv6 component moves both listeners to `[::]`, ports kept,
@@ -887,8 +902,9 @@ fn check_secret_writes_policy(
 /// The webhook's own objects live in its namespace: a namespaced object
 /// without one would land in whatever namespace kubectl's context says.
 fn check_namespaces(r: &Rendered) {
-    const CLUSTER_SCOPED: [&str; 6] = [
+    const CLUSTER_SCOPED: [&str; 7] = [
         "Namespace",
+        "PriorityClass",
         "MutatingWebhookConfiguration",
         "ClusterRole",
         "ClusterRoleBinding",
