@@ -154,16 +154,17 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) else {
                 continue;
             };
-            // Once per missing secret, at the first container that needs it.
+            // Once per missing secret, at the first container that needs it,
+            // and without the image: a reinvocation sees it rewritten, and
+            // only the same words are shown to the user once.
             if matches!(scope, Scope::NewEphemeralContainers { .. })
                 && !existing_secrets.contains(secret)
                 && !needed_secrets.contains(secret)
             {
                 plan.warnings.push(format!(
-                    "{kind} {}: the pod has no imagePullSecret {secret:?}, which image {} needs \
-                     from its registry; ephemeral containers cannot add one, so the pull may fail",
+                    "{kind} {}: the pod has no imagePullSecret {secret:?}, which its image's \
+                     registry needs; ephemeral containers cannot add one, so the pull may fail",
                     quoted_for_warning(name, NAME_CHARS_IN_WARNING),
-                    quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
                 ));
             }
             needed_secrets.insert(secret);

@@ -236,9 +236,13 @@ fn kubectl_debug() {
     assert!(response.get("warnings").is_none(), "{response}");
 }
 
+/// The missing pull secret is said once: a reinvocation (the rewritten
+/// image sent back) says it in the very same words, which the apiserver
+/// shows the user once, as it drops repeated warnings.
 #[test]
 fn kubectl_debug_without_the_pull_secret_warns() {
-    let (_, response, patch) = answer(&fixture("ephemeral-containers-update-no-secret.json"));
+    let review = fixture("ephemeral-containers-update-no-secret.json");
+    let (patched, response, patch) = answer(&review);
     let ops = patch.unwrap();
     assert_eq!(ops.as_array().unwrap().len(), 1);
     let warnings = response["warnings"].as_array().unwrap();
@@ -248,6 +252,11 @@ fn kubectl_debug_without_the_pull_secret_warns() {
         warning.contains("\"harbor-pull\"") && warning.contains("debugger-m4t9z"),
         "{warning}"
     );
+
+    let mut again = review.clone();
+    again["request"]["object"] = patched;
+    let (body, _) = review_in_process(&example_policy(), &again);
+    assert_eq!(response_of(&body)["warnings"], response["warnings"]);
 }
 
 #[test]
