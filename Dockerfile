@@ -11,11 +11,13 @@
 # uid 65532; no libc, no shell, no package manager. glibc, not musl: musl's
 # memcpy made a review cost ~20% more CPU, where the static glibc build costs
 # what the dynamic one the benchmarks measure does (BENCHMARKS.md). Of glibc's
-# name service it has the built-in `files` and `dns` (what distroless's
-# nsswitch.conf asks for; it can load no other module), which is all a name
-# lookup here needs: in a cluster the API server is reached at the address in
-# KUBERNETES_SERVICE_HOST. scripts/image-build-check.py checks that the binary
-# is static. The manifests run it as uid 65532 with a read-only root
+# name services it has only the built-in `files` and `dns`, and can load no
+# other: they serve distroless's `hosts: files dns` (/etc/hosts, then DNS),
+# while its `passwd: compat` finds no user. The server looks up none: kube's
+# search for a kubeconfig asks for the user's home only when HOME is unset
+# (container runtimes set it), and goes on to the in-cluster config if that
+# finds nothing. scripts/image-build-check.py checks that the binary is static
+# and runs it chrooted into such a root. The manifests run it as uid 65532 with a read-only root
 # filesystem; it writes nothing to disk.
 
 # Rust toolchain of the build stage (edition 2024 needs 1.85 or later).

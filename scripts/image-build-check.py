@@ -398,6 +398,12 @@ def image_command(runtime, files):
 
 # What distroless/static holds besides the binary: a passwd and group entry
 # for its users, nsswitch.conf, CA certificates and /tmp. No libc, no shell.
+# The lines of its nsswitch.conf that matter here: users through `compat`,
+# which a static glibc binary cannot load (so it finds none), and hosts from
+# its built-in `files` and `dns`.
+DISTROLESS_NSSWITCH = "passwd: compat\ngroup: compat\nhosts: files dns\n"
+
+
 def distroless_static_root(root, binary, entrypoint_path):
     """A root filesystem with what distroless/static has and the binary at
     `entrypoint_path`, read-only as the manifests mount it."""
@@ -406,7 +412,7 @@ def distroless_static_root(root, binary, entrypoint_path):
         "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
     )
     (root / "etc/group").write_text("root:x:0:\nnonroot:x:65532:\n")
-    (root / "etc/nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files dns\n")
+    (root / "etc/nsswitch.conf").write_text(DISTROLESS_NSSWITCH)
     shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
     for directory in ["tmp", "home/nonroot"]:
         (root / directory).mkdir(parents=True, exist_ok=True)
