@@ -11,21 +11,18 @@ build context as `.dockerignore` trims it, and runs the stage's instructions
 stands for the stage's root filesystem. Then it checks the binary the final
 stage would copy (`COPY --from=build ...`) the way that stage uses it:
 
-- it runs on the runtime base: on distroless/cc-debian<N>, it asks for that
-  Debian release's ELF interpreter, only the libraries distroless/cc has
-  (glibc's, libgcc_s) and no glibc symbol version newer than that release
-  ships; on distroless/static or scratch, it is static;
+- it runs on the runtime base, distroless/static or scratch, which has no
+  libc: it is static (no ELF interpreter, no shared library);
 - the final stage copies it to the path its ENTRYPOINT runs, and has a
   non-root USER;
 - the final stage's ENTRYPOINT + CMD run it, with that stage's ENV, as its
   USER (65532; when the script runs as root, else as the caller), the files
   the command names (config, certificate, key) read-only at those paths
   under the scratch directory, the ports moved; it serves `/mutate` and
-  rewrites a pod. On distroless/static or scratch, run as root, it runs
-  chrooted into a read-only root that holds only what distroless/static
-  does (passwd, group, nsswitch.conf, CA certificates, /tmp) besides the
-  binary and those files, so it can lean on no library or file of this
-  machine's;
+  rewrites a pod. Run as root, the script runs it chrooted into a
+  read-only root that holds only what distroless/static does (passwd,
+  group, nsswitch.conf, CA certificates, /tmp) besides the binary and those
+  files, so it can lean on no library or file of this machine's;
 - under strace (every file syscall), it opens no file for writing and
   creates, removes, renames or changes none (the manifests mount the root
   filesystem read-only).
@@ -293,17 +290,9 @@ class Stage:
             fail(f"{keyword} in the build stage is not supported by this check")
 
 
-# What distroless/cc-debian<N> holds for a binary to link against: Debian
-# N's glibc (the release's version) and libgcc_s. The interpreters are glibc's.
-DEBIAN_GLIBC = {"12": (2, 36), "13": (2, 41)}
-CC_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
-                "libutil.so.1", "libgcc_s.so.1", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
-INTERPRETERS = {"/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"}
-
-
 def elf_needs(path):
-    """The ELF file's interpreter (None when static), the libraries it names
-    (NEEDED) and the newest GLIBC_x.y symbol version it asks for."""
+    """The ELF file's interpreter (None when static) and the libraries it
+    names (NEEDED)."""
     def readelf(option):
         return subprocess.run(["readelf", option, str(path)], capture_output=True, text=True, check=True).stdout
     headers = readelf("-lW")
@@ -311,34 +300,19 @@ def elf_needs(path):
         fail(f"{path} is not an ELF executable")
     interpreter = re.search(r"Requesting program interpreter: ([^\]]+)\]", headers)
     needed = set(re.findall(r"\(NEEDED\).*\[([^\]]+)\]", readelf("-dW")))
-    versions = [tuple(map(int, v.split("."))) for v in re.findall(r"\bGLIBC_([0-9]+(?:\.[0-9]+)+)\b", readelf("-VW"))]
-    return (interpreter.group(1) if interpreter else None), needed, max(versions, default=None)
+    return (interpreter.group(1) if interpreter else None), needed
 
 
 def check_runs_on(runtime_from, binary):
-    """Fails unless the runtime base image has what the binary needs."""
+    """Fails unless the runtime base image has what the binary needs: a base
+    with no libc (the one tests/manifests.rs allows), so a static binary."""
     image = runtime_from.split()[0]
-    interpreter, needed, newest_glibc = elf_needs(binary)
-    cc = re.fullmatch(r"gcr\.io/distroless/cc-debian(\d+)(?::[\w.-]+)?(?:@sha256:[0-9a-f]{64})?", image)
-    if cc:
-        release = cc.group(1)
-        if release not in DEBIAN_GLIBC:
-            fail(f"{image}: which glibc Debian {release} ships is not known to this check")
-        if interpreter not in INTERPRETERS:
-            fail(f"the binary asks for the interpreter {interpreter}, which {image} lacks")
-        if needed - CC_LIBRARIES:
-            fail(f"the binary needs {sorted(needed - CC_LIBRARIES)}, which {image} lacks")
-        shipped = DEBIAN_GLIBC[release]
-        if newest_glibc and newest_glibc > shipped:
-            fail(f"the binary asks for GLIBC_{'.'.join(map(str, newest_glibc))}, newer than Debian "
-                 f"{release}'s glibc {'.'.join(map(str, shipped))} in {image}: build it on that release")
-        return (f"linked against glibc (newest symbol GLIBC_{'.'.join(map(str, newest_glibc or (0,)))}"
-                f" <= {'.'.join(map(str, shipped))}), needs {', '.join(sorted(needed))}: all in {image}")
-    if image.startswith("gcr.io/distroless/static") or image == "scratch":
-        if interpreter or needed:
-            fail(f"the binary is dynamic ({interpreter}, {sorted(needed)}); {image} has no libc")
-        return f"static executable, as {image} needs"
-    fail(f"runtime base {image}: this check knows distroless/cc-debian<N>, distroless/static and scratch")
+    if not (image.startswith("gcr.io/distroless/static") or image == "scratch"):
+        fail(f"runtime base {image}: this check knows distroless/static and scratch")
+    interpreter, needed = elf_needs(binary)
+    if interpreter or needed:
+        fail(f"the binary is dynamic ({interpreter}, {sorted(needed)}); {image} has no libc")
+    return f"static executable, as {image} needs"
 
 
 def signal_each(pids, number):
@@ -424,9 +398,9 @@ def distroless_static_root(root, binary, entrypoint_path):
 def serve_and_check(binary, user, env, runtime, scratch, empty_root):
     """Runs the image's command as the image would, its ports moved, and
     checks a rewrite and that nothing was written to disk. With `empty_root`
-    (a static binary, for a base with no libc, and the script running as
-    root), it runs chrooted into a root holding only what distroless/static
-    has: no library or file of this machine's is there to lean on."""
+    (the script running as root), it runs chrooted into a root holding only
+    what distroless/static has: no library or file of this machine's is
+    there to lean on."""
     files = scratch / ("runtime-root" if empty_root else "mounted")
     certificates = scratch / "certificates"
     subprocess.run(
@@ -614,12 +588,11 @@ def main():
         print(f"{binary.stat().st_size / 1e6:.1f} MB, {check_runs_on(runtime_from, binary)}")
         shutil.copy2(binary, scratch / "image-rewriter")
         os.chmod(scratch / "image-rewriter", 0o755)
-        base = runtime_from.split()[0]
-        static_base = base.startswith("gcr.io/distroless/static") or base == "scratch"
-        if static_base and os.geteuid() != 0:
+        # check_runs_on passed: the base has no libc, and the binary is static.
+        if os.geteuid() != 0:
             print("not root: serve runs on this machine's root filesystem, not chrooted into a distroless/static one")
         serve_and_check(scratch / "image-rewriter", user, runtime_env, runtime, scratch,
-                        empty_root=static_base and os.geteuid() == 0)
+                        empty_root=os.geteuid() == 0)
         print("image-build-check: ok")
     finally:
         if keep:
