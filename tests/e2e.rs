@@ -546,6 +546,67 @@ async fn dry_run_returns_the_rewritten_pod_and_copies_no_secret() {
     .await;
 }
 
+/// 3b. A pod whose annotations fill the apiserver's 256 KiB exactly: the
+/// webhook's original-images record would take it past, and the apiserver
+/// would refuse the pod (shown by a pod one byte over, which the webhook
+/// never sees). So the images are rewritten, the record is left out, and
+/// the user is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_at_the_annotation_limit_is_rewritten_without_the_record() {
+    const LIMIT: usize = 256 * 1024;
+    const FILLER: &str = "example.com/blob";
+    let env = Env::start(Overlay::ClusterWide).await;
+    env.namespace("team-a", &[]).await;
+    let post = |name: &str, annotation_bytes: usize, labels: &[(&str, &str)]| {
+        let mut pod = serde_json::to_value(app_pod(name, labels)).unwrap();
+        pod["metadata"]["annotations"] =
+            json!({ FILLER: "x".repeat(annotation_bytes - FILLER.len()) });
+        let request = env
+            .cp
+            .http_client()
+            .post(format!(
+                "{}/api/v1/namespaces/team-a/pods",
+                env.cp.base_url()
+            ))
+            .bearer_auth(env.cp.token(Identity::Admin))
+            .json(&pod);
+        async move {
+            let response = request.send().await.expect("POST pod");
+            let status = response.status();
+            let warnings: Vec<String> = response
+                .headers()
+                .get_all("warning")
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .collect();
+            (status, response.text().await.expect("body"), warnings)
+        }
+    };
+
+    let (status, body, _) = post("over", LIMIT + 1, &[(ENABLED_LABEL, "false")]).await;
+    assert_eq!(status, 422, "one byte over the limit: {body}");
+    assert!(body.contains("Too long"), "{body}");
+
+    let (status, body, warnings) = post("at-the-limit", LIMIT, &[]).await;
+    assert!(status.is_success(), "{status}: {body}");
+    let created: Pod = serde_json::from_str(&body).expect("a Pod");
+    let images: BTreeMap<String, String> = container_images(&created, "initContainers")
+        .into_iter()
+        .chain(container_images(&created, "containers"))
+        .collect();
+    for (name, _, rewritten) in REWRITTEN {
+        assert_eq!(images[name], rewritten, "container {name}");
+    }
+    assert_eq!(pull_secret_names(&created), [PULL_SECRET]);
+    assert_eq!(original_images(&created), None);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(ORIGINAL_IMAGES) && w.contains("not written")),
+        "{warnings:?}"
+    );
+}
+
 /// PATCHes `pods/<pod>/ephemeralcontainers` the way `kubectl debug` does (a
 /// strategic merge patch adding one container); returns the pod and the
 /// `Warning` headers.
