@@ -572,13 +572,7 @@ async fn a_pod_at_the_annotation_limit_is_rewritten_without_the_record() {
             .json(&pod);
         async move {
             let response = request.send().await.expect("POST pod");
-            let status = response.status();
-            let warnings: Vec<String> = response
-                .headers()
-                .get_all("warning")
-                .iter()
-                .map(|v| v.to_str().unwrap_or("").to_string())
-                .collect();
+            let (status, warnings) = (response.status(), warning_headers(&response));
             (status, response.text().await.expect("body"), warnings)
         }
     };
@@ -605,6 +599,16 @@ async fn a_pod_at_the_annotation_limit_is_rewritten_without_the_record() {
             .any(|w| w.contains(ORIGINAL_IMAGES) && w.contains("not written")),
         "{warnings:?}"
     );
+}
+
+/// The apiserver's `Warning` headers: the admission warnings a user sees.
+fn warning_headers(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .collect()
 }
 
 /// PATCHes `pods/<pod>/ephemeralcontainers` the way `kubectl debug` does (a
@@ -640,13 +644,7 @@ async fn add_ephemeral_container(
         .send()
         .await
         .expect("PATCH ephemeralcontainers");
-    let status = response.status();
-    let warnings: Vec<String> = response
-        .headers()
-        .get_all("warning")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("").to_string())
-        .collect();
+    let (status, warnings) = (response.status(), warning_headers(&response));
     let body = response.text().await.expect("body");
     assert!(
         status.is_success(),
