@@ -263,10 +263,10 @@ impl PullSecretSync {
             .unwrap_or(false)
     }
 
-    /// What a dry run of a pod that will reference `names` in `namespace`
-    /// is told, from the cache alone and writing nothing: the warning the
-    /// real request would get for a secret known missing with sync
-    /// disabled. A copy the real request would make (and that could fail)
+    /// What a pod that will reference `names` in `namespace` is told from
+    /// the cache alone, writing nothing: a dry run, or any pod while sync is
+    /// disabled. That is a warning for each secret known missing with sync
+    /// disabled; a copy the real request would make (and that could fail)
     /// is not tried.
     pub fn warnings_without_copying(
         &self,
@@ -275,14 +275,7 @@ impl PullSecretSync {
         names: &[String],
     ) -> Vec<String> {
         let settings = policy.pull_secret_sync();
-        // As `ensure_for_pod` decides: no source, or the source's own
-        // namespace, needs nothing.
-        if settings.enabled
-            || settings
-                .source_namespace
-                .as_deref()
-                .is_none_or(|source| source == namespace)
-        {
+        if settings.enabled || copy_source(settings, namespace).is_none() {
             return Vec::new();
         }
         names
@@ -305,33 +298,27 @@ impl PullSecretSync {
         stop_waiting_by: Option<Instant>,
     ) -> Vec<String> {
         let settings = policy.pull_secret_sync();
-        let Some(source_namespace) = settings.source_namespace.as_deref() else {
+        if !settings.enabled {
+            return self.warnings_without_copying(policy, namespace, names);
+        }
+        let Some(source_namespace) = copy_source(settings, namespace) else {
             return Vec::new();
         };
-        if namespace == source_namespace {
-            return Vec::new();
-        }
         let mut warnings = Vec::new();
         let mut pending = Vec::new();
         for name in names {
-            match self.inner.lookup(name, namespace) {
-                Lookup::Present => continue,
-                Lookup::Absent if !settings.enabled => {
-                    warnings.push(missing_without_sync(name, namespace));
+            if let Lookup::Present = self.inner.lookup(name, namespace) {
+                continue;
+            }
+            match self.inner.request_copy(namespace, name) {
+                Some(outcome) => pending.push((name, outcome)),
+                None => {
+                    self.inner.metrics.pull_secret_sync_errors.inc();
+                    warnings.push(format!(
+                        "imagePullSecret {name:?} is missing in namespace {namespace:?} \
+                         and the copy queue is full; pulls that need it may fail"
+                    ));
                 }
-                Lookup::Absent | Lookup::Unknown if settings.enabled => {
-                    match self.inner.request_copy(namespace, name) {
-                        Some(outcome) => pending.push((name, outcome)),
-                        None => {
-                            self.inner.metrics.pull_secret_sync_errors.inc();
-                            warnings.push(format!(
-                                "imagePullSecret {name:?} is missing in namespace {namespace:?} \
-                                 and the copy queue is full; pulls that need it may fail"
-                            ));
-                        }
-                    }
-                }
-                Lookup::Absent | Lookup::Unknown => {}
             }
         }
         if pending.is_empty() {
@@ -361,6 +348,18 @@ impl PullSecretSync {
         }
         warnings
     }
+}
+
+/// Where the copies a pod in `namespace` needs come from; `None` when it
+/// needs none: without a source, or in the source's own namespace.
+fn copy_source<'a>(
+    settings: &'a crate::policy::PullSecretSync,
+    namespace: &str,
+) -> Option<&'a str> {
+    settings
+        .source_namespace
+        .as_deref()
+        .filter(|source| *source != namespace)
 }
 
 fn missing_without_sync(name: &str, namespace: &str) -> String {
