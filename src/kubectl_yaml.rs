@@ -25,12 +25,17 @@ use base64::Engine as _;
 use granit_parser::{Event, Options, Parser, ScalarStyle, Tag};
 use serde_json::{Map, Number, Value};
 
-/// Deeper nesting is refused: `serde_json::Value`s are dropped recursively,
-/// and no manifest comes near it.
+/// Deeper nesting is refused, an alias's copy included: `serde_json::Value`s
+/// are cloned, dropped and written out recursively, and no manifest comes
+/// near it.
 const MAX_DEPTH: usize = 128;
 /// Values that aliases may copy in one stream, so that a few lines of
 /// aliases of aliases ("billion laughs") cannot take all memory.
 const MAX_ALIASED_VALUES: usize = 1_000_000;
+/// The bytes of text (strings and keys) that aliases may copy in one
+/// stream: a long anchored string copied by aliases of aliases is few
+/// values but many bytes.
+const MAX_ALIASED_BYTES: usize = 64 * 1024 * 1024;
 const CORE_TAG_PREFIX: &str = "tag:yaml.org,2002:";
 
 /// Why a stream is not YAML that kubectl reads; `document` counts from 1.
@@ -92,6 +97,7 @@ struct Reader {
     root: Option<Value>,
     anchors: HashMap<usize, Value>,
     aliased_values: usize,
+    aliased_bytes: usize,
     started_documents: usize,
     /// The current document is one kubectl would not read.
     unread_by_kubectl: bool,
@@ -177,17 +183,35 @@ impl Reader {
                 self.complete(value, anchor)?;
             }
             Event::Alias(anchor) => {
-                let value = self
+                // Measured before it is copied: the copy is what the limits
+                // are for. Every value held is at most MAX_DEPTH deep, so
+                // the measure's recursion is bounded.
+                let size = self
                     .anchors
                     .get(&anchor)
-                    .cloned()
+                    .map(measure)
                     .ok_or_else(|| self.error("an alias of an anchor not defined before it"))?;
-                self.aliased_values += count_values(&value);
+                self.aliased_values += size.values;
                 if self.aliased_values > MAX_ALIASED_VALUES {
                     return Err(self.error(format!(
                         "aliases copy more than {MAX_ALIASED_VALUES} values"
                     )));
                 }
+                self.aliased_bytes += size.bytes;
+                if self.aliased_bytes > MAX_ALIASED_BYTES {
+                    return Err(self.error(format!(
+                        "aliases copy more than {MAX_ALIASED_BYTES} bytes of text"
+                    )));
+                }
+                // An alias of a deep collection inside others nests as deep
+                // as both together: the bound on collections opened alone
+                // would let aliases of aliases build any depth.
+                if self.open.len() + size.depth > MAX_DEPTH {
+                    return Err(self.error(format!(
+                        "nesting deeper than {MAX_DEPTH} levels (through an alias)"
+                    )));
+                }
+                let value = self.anchors.get(&anchor).cloned().unwrap_or(Value::Null);
                 if self.awaits_key() {
                     if value.is_object() || value.is_array() {
                         return Err(self.error("a mapping key must be a scalar"));
@@ -514,13 +538,39 @@ fn float(text: &str) -> Option<Value> {
     Number::from_f64(parsed).map(Value::Number)
 }
 
-/// Values in `value`, itself included.
-fn count_values(value: &Value) -> usize {
-    1 + match value {
-        Value::Array(items) => items.iter().map(count_values).sum(),
-        Value::Object(entries) => entries.values().map(count_values).sum(),
-        _ => 0,
+/// What an alias of a value copies.
+#[derive(Debug, Default, PartialEq)]
+struct Size {
+    /// Values in it, itself included.
+    values: usize,
+    /// Bytes of its strings and keys.
+    bytes: usize,
+    /// Collections nested in it, itself included: 0 for a scalar.
+    depth: usize,
+}
+
+/// The [`Size`] of `value`.
+fn measure(value: &Value) -> Size {
+    let mut size = Size {
+        values: 1,
+        ..Size::default()
+    };
+    let mut add = |key_bytes: usize, item: &Value| {
+        let item = measure(item);
+        size.values += item.values;
+        size.bytes += key_bytes + item.bytes;
+        size.depth = size.depth.max(item.depth + 1);
+    };
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| add(0, item)),
+        Value::Object(entries) => entries.iter().for_each(|(key, item)| add(key.len(), item)),
+        Value::String(text) => size.bytes = text.len(),
+        _ => {}
     }
+    if value.is_array() || value.is_object() {
+        size.depth = size.depth.max(1);
+    }
+    size
 }
 
 #[cfg(test)]
@@ -745,5 +795,80 @@ mod tests {
 
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(documents(&deep).is_err());
+    }
+
+    /// `a0` is 127 sequences deep, as deep as a document may nest them
+    /// under its root mapping; each `aN` holds an alias of the one before
+    /// 126 sequences down. Before aliases counted towards the depth, 80
+    /// such lines (10 000 levels, 21 KiB of input) overflowed the stack of
+    /// a debug build's `mutate` while the reader cloned the anchors.
+    fn aliases_nesting_deeper(levels: usize) -> String {
+        let mut yaml = format!("a0: &a0 {}0{}\n", "[".repeat(127), "]".repeat(127));
+        for level in 1..=levels {
+            let (open, close) = ("[".repeat(126), "]".repeat(126));
+            yaml.push_str(&format!(
+                "a{level}: &a{level} {open}*a{}{close}\n",
+                level - 1
+            ));
+        }
+        yaml
+    }
+
+    #[test]
+    fn aliases_cannot_nest_past_the_depth_limit() {
+        let error = documents(&aliases_nesting_deeper(1)).unwrap_err();
+        assert!(
+            error.reason.contains("nesting deeper than 128 levels"),
+            "{error}"
+        );
+        // As deep as the limit, through an alias, is read.
+        let at_limit = format!("a: &a {}0{}\nb: *a\n", "[".repeat(127), "]".repeat(127));
+        let read = documents(&at_limit).unwrap();
+        assert_eq!(read.documents[0]["a"], read.documents[0]["b"]);
+        let one_more = format!("a: &a {}0{}\nb: [*a]\n", "[".repeat(127), "]".repeat(127));
+        assert!(documents(&one_more).is_err());
+    }
+
+    #[test]
+    fn aliases_cannot_copy_a_long_string_without_limit() {
+        // 10 000 copies of a 10 KiB string, 100 MiB, from 10 KiB of input
+        // and 11 110 aliased values (well under their limit).
+        let mut bomb = format!("s: &s {}\n", "x".repeat(10 * 1024));
+        let mut previous = "s".to_owned();
+        for level in 1..=4 {
+            let items = vec![format!("*{previous}"); 10].join(", ");
+            bomb.push_str(&format!("l{level}: &l{level} [{items}]\n"));
+            previous = format!("l{level}");
+        }
+        let error = documents(&bomb).unwrap_err();
+        assert!(error.reason.contains("bytes of text"), "{error}");
+        // A few copies of a long string are fine.
+        let few = format!("s: &s {}\nt: [*s, *s, *s]\n", "x".repeat(1024 * 1024));
+        assert_eq!(
+            documents(&few).unwrap().documents[0]["t"][2]
+                .as_str()
+                .map(str::len),
+            Some(1024 * 1024)
+        );
+    }
+
+    #[test]
+    fn a_value_is_measured_as_an_alias_copies_it() {
+        assert_eq!(
+            measure(&json!({"ab": ["cd", 1, []], "e": {}})),
+            Size {
+                values: 6,
+                bytes: 5,
+                depth: 3
+            }
+        );
+        assert_eq!(
+            measure(&json!("x")),
+            Size {
+                values: 1,
+                bytes: 1,
+                depth: 0
+            }
+        );
     }
 }

@@ -1217,6 +1217,31 @@ fn mutate_refuses_bad_input() {
     );
 }
 
+/// Aliases of aliases, each nesting the one before 126 sequences deeper,
+/// build a value 15 000 levels deep from 32 KiB of YAML. The binary aborted
+/// with a stack overflow (SIGABRT, no message) while it read them; now it
+/// names the document and the limit, as for nesting written out.
+#[test]
+fn mutate_refuses_aliases_that_nest_past_the_depth_limit() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let mut yaml = format!("a0: &a0 {}0{}\n", "[".repeat(127), "]".repeat(127));
+    for level in 1..=120 {
+        let (open, close) = ("[".repeat(126), "]".repeat(126));
+        yaml.push_str(&format!(
+            "a{level}: &a{level} {open}*a{}{close}\n",
+            level - 1
+        ));
+    }
+    let output = mutate_stdin(&config, &yaml);
+    assert_exit_1(&output);
+    assert!(
+        stderr(&output).contains("document 1: not valid YAML or JSON: nesting deeper than 128"),
+        "{}",
+        stderr(&output)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The examples, as the README runs them
 // ---------------------------------------------------------------------------
