@@ -391,7 +391,13 @@ fn key_name(value: Value) -> String {
 /// read back as the same float32, in exponent form when the exponent is
 /// below -4 or 6 and above (`1e+07`, `1.5e-07`), else plainly (`1000`, `0.3`).
 fn go_float32_text(value: f64) -> String {
-    let shortest = format!("{:e}", value as f32);
+    // Past float32's range the cast gives an infinity, which `{:e}` writes
+    // without digits (`inf`); Go writes it as `+Inf` and `-Inf`.
+    let value = value as f32;
+    if value.is_infinite() {
+        return if value > 0.0 { "+Inf" } else { "-Inf" }.to_owned();
+    }
+    let shortest = format!("{value:e}");
     let (mantissa, exponent) = shortest.split_once('e').unwrap_or((&shortest, "0"));
     let exponent: i32 = exponent.parse().unwrap_or(0);
     let sign = if mantissa.starts_with('-') { "-" } else { "" };
@@ -762,6 +768,11 @@ mod tests {
             ("0.0001", "0.0001"),
             ("0.00001", "1e-05"),
             ("123456.5", "123456.5"),
+            // Past float32's range: an infinity, as Go names it (these
+            // were named "0" and "-0", and distinct keys collided).
+            ("1e39", "+Inf"),
+            ("1e300", "+Inf"),
+            ("-1e300", "-Inf"),
         ] {
             let value = one(&format!("{key}: v\n"));
             assert_eq!(value, json!({name: "v"}), "{key}");
