@@ -3,8 +3,10 @@
 //! Every error names the field (`rules[1].target`) and says why, so a
 //! platform engineer can fix the file without reading the source.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use granit_parser::{Event, Parser};
 use serde::Deserialize;
 
 use crate::policy::{Policy, PullSecretSync, Rule};
@@ -106,6 +108,88 @@ fn is_blank(text: &str) -> bool {
     )
 }
 
+/// What aliases may copy in one config file, in values and in bytes of
+/// text (scalars and keys, as written). serde_yaml_ng bounds how often
+/// aliases are expanded, not what they copy: a 100 KB file copying a long
+/// string through four levels of ten aliases took 548 MB to parse, past
+/// the shipped memory limit, so a reload of it would have killed the
+/// server instead of keeping the config in force. No hand-written config
+/// comes near these.
+const MAX_ALIASED_VALUES: usize = 100_000;
+const MAX_ALIASED_BYTES: usize = 16 * 1024 * 1024;
+
+/// Refuses a file whose aliases copy more than the limits above, measured
+/// on the parser's events before anything is expanded. A file that does
+/// not parse is left to serde_yaml_ng, which names the error.
+fn check_alias_copies(text: &str) -> Result<(), ConfigError> {
+    #[derive(Clone, Copy, Default)]
+    struct Copied {
+        values: usize,
+        bytes: usize,
+    }
+    impl Copied {
+        fn add(&mut self, other: Copied) {
+            self.values = self.values.saturating_add(other.values);
+            self.bytes = self.bytes.saturating_add(other.bytes);
+        }
+    }
+    let mut anchored: HashMap<usize, Copied> = HashMap::new();
+    // Each open collection: its anchor and what it holds so far.
+    let mut open: Vec<(usize, Copied)> = Vec::new();
+    let mut copied = Copied::default();
+    for event in Parser::new_from_str(text) {
+        let Ok((event, span)) = event else {
+            return Ok(());
+        };
+        let completed = match event {
+            Event::DocumentStart(..) => {
+                anchored.clear();
+                None
+            }
+            Event::Scalar(scalar, _, anchor, _) => Some((
+                anchor,
+                Copied {
+                    values: 1,
+                    bytes: scalar.len(),
+                },
+            )),
+            Event::Alias(anchor) => {
+                let value = anchored.get(&anchor).copied().unwrap_or_default();
+                copied.add(value);
+                if copied.values > MAX_ALIASED_VALUES || copied.bytes > MAX_ALIASED_BYTES {
+                    return Err(ConfigError::Syntax(format!(
+                        "aliases copy more than {MAX_ALIASED_VALUES} values or \
+                         {MAX_ALIASED_BYTES} bytes of text (at line {})",
+                        span.start.line()
+                    )));
+                }
+                Some((0, value))
+            }
+            Event::SequenceStart(_, anchor, _) | Event::MappingStart(_, anchor, _) => {
+                open.push((
+                    anchor,
+                    Copied {
+                        values: 1,
+                        bytes: 0,
+                    },
+                ));
+                None
+            }
+            Event::SequenceEnd | Event::MappingEnd => open.pop(),
+            _ => None,
+        };
+        if let Some((anchor, value)) = completed {
+            if anchor != 0 {
+                anchored.insert(anchor, value);
+            }
+            if let Some((_, parent)) = open.last_mut() {
+                parent.add(value);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Editors on Windows start a file with a byte order mark, which the YAML
 /// parser misreads in some files (an unindented list).
 fn without_byte_order_mark(text: &str) -> &str {
@@ -117,6 +201,7 @@ impl ConfigFile {
     /// [`is_blank`]): a fresh ConfigMap, or one emptied.
     pub fn parse(text: &str) -> Result<Option<Self>, ConfigError> {
         let text = without_byte_order_mark(text);
+        check_alias_copies(text)?;
         // An empty document is one serde refuses.
         if is_blank(text) {
             return Ok(None);
@@ -230,6 +315,59 @@ mod tests {
             .into_policy(Some("image-rewriter"))
             .unwrap();
         assert!(policy.rules().len() >= 4);
+    }
+
+    /// `base` anchored, then `levels` levels of ten aliases of the level
+    /// before, and a valid `rules: []` after them.
+    fn aliases_of_aliases(base: &str, levels: usize) -> String {
+        let mut yaml = format!("x-base: &l0 {base}\n");
+        for level in 1..=levels {
+            let items = vec![format!("*l{}", level - 1); 10].join(", ");
+            yaml.push_str(&format!("x-l{level}: &l{level} [{items}]\n"));
+        }
+        yaml + "rules: []\n"
+    }
+
+    #[test]
+    fn aliases_that_copy_too_much_are_refused_before_they_are_expanded() {
+        // 100 KB copied 10 000 times, 1 GB: before the check, parsing this
+        // file took 548 MB (`check-config`, peak RSS) before refusing the
+        // unknown field.
+        let long_string = aliases_of_aliases(&"x".repeat(100_000), 4);
+        let message = error_of(&long_string);
+        assert!(message.contains("aliases copy more than"), "{message}");
+        assert!(message.contains("at line 4"), "{message}");
+        // A thousand empty values copied a thousand times: no text at all.
+        let many_values = aliases_of_aliases(&format!("[{}]", vec!["{}"; 1000].join(", ")), 3);
+        let message = error_of(&many_values);
+        assert!(message.contains("aliases copy more than"), "{message}");
+        // Under the limits the same shapes are only refused for the unknown
+        // field, so the check was what refused them above.
+        for yaml in [
+            aliases_of_aliases(&"x".repeat(100_000), 1),
+            aliases_of_aliases(&format!("[{}]", vec!["{}"; 1000].join(", ")), 1),
+        ] {
+            let message = error_of(&yaml);
+            assert!(message.contains("unknown field `x-base`"), "{message}");
+        }
+    }
+
+    #[test]
+    fn aliases_that_reuse_values_load() {
+        let yaml = "\
+rules:
+  - match: docker.io
+    target: harbor.corp.example/dockerhub
+    pullSecret: &secret harbor-pull
+  - match: quay.io
+    target: harbor.corp.example/quay
+    pullSecret: *secret
+exclude:
+  namespaces: &system [kube-system, kube-public]
+";
+        let file = ConfigFile::from_yaml(yaml).unwrap();
+        assert_eq!(file.rules[1].pull_secret.as_deref(), Some("harbor-pull"));
+        file.into_policy(None).unwrap();
     }
 
     #[test]
