@@ -902,6 +902,7 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
     for namespace in ["team-probe", "team-x", "team-own"] {
         env.namespace(namespace, &[]).await;
     }
+    env.namespace("team-off", &[(ENABLED_LABEL, "false")]).await;
     let data = serde_json::Map::from_iter([(
         ".dockerconfigjson".to_string(),
         json!(env::docker_config_json("someone", "password")),
@@ -988,6 +989,18 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
             "in the system namespaces or in its own",
         );
     }
+    refused_by_the_policy(
+        create(
+            "team-off",
+            secret(
+                "team-off",
+                "kubernetes.io/dockerconfigjson",
+                copy_labels.clone(),
+            ),
+        )
+        .await,
+        "no pull secret into a namespace labelled image-rewriter.io/enabled=false",
+    );
     let other_data = |user: &str| {
         let config = env::docker_config_json(user, "another-password");
         let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, config)
@@ -1034,6 +1047,142 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
         .await
         .expect("an update of its own copy is allowed");
     assert_eq!(written.data, rotated.data);
+    // A namespace that opts out keeps a copy the webhook may keep current.
+    // (Read again on a conflict: the running webhook brings the copy back
+    // to its source meanwhile.)
+    env.namespace("team-x", &[(ENABLED_LABEL, "false")]).await;
+    let copies = Api::<Secret>::namespaced(as_webhook.clone(), "team-x");
+    let rotated_again = other_data("rotated-again");
+    let written = eventually(
+        "an update of its copy in a namespace that opted out is allowed",
+        Duration::from_secs(10),
+        || {
+            let copies = copies.clone();
+            let data = rotated_again.clone();
+            async move {
+                let mut copy = copies.get(PULL_SECRET).await.map_err(|e| e.to_string())?;
+                copy.data = data;
+                match copies
+                    .replace(PULL_SECRET, &PostParams::default(), &copy)
+                    .await
+                {
+                    Ok(written) => Ok(written),
+                    Err(error) if format!("{error:?}").contains("Conflict") => {
+                        Err(error.to_string())
+                    }
+                    Err(error) => panic!("the update was refused: {error:?}"),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(written.data, rotated_again);
+}
+
+/// Reviews are not authenticated: anything that reaches the webhook's port
+/// can send one, naming any namespace, and the webhook copies the pull
+/// secret its images need there. In opt-in mode the shipped policy keeps
+/// new copies to the namespaces labelled `true`: a review naming another
+/// one is answered (with a warning) and leaves no copy behind, so the
+/// registry credential never reaches a namespace that did not opt in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_from_anyone_copies_no_pull_secret_outside_opted_in_namespaces() {
+    let env = Env::start(Overlay::OptIn).await;
+    env.namespace("team-a", &[(ENABLED_LABEL, "true")]).await;
+    env.namespace("team-b", &[]).await;
+    env.namespace("team-probe", &[]).await;
+
+    // The policy takes effect once the apiserver has compiled it: probe
+    // with throwaway names until the webhook's account is refused.
+    let as_webhook = env.cp.webhook_identity_client();
+    let probes = AtomicUsize::new(0);
+    eventually("the policy is in force", Duration::from_secs(20), || {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {
+                "name": format!("probe-{}", probes.fetch_add(1, Ordering::SeqCst)),
+                "labels": { MANAGED_BY: "image-rewriter" },
+            },
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": { ".dockerconfigjson": env::docker_config_json("probe", "probe") },
+        }))
+        .expect("Secret");
+        let api = Api::<Secret>::namespaced(as_webhook.clone(), "team-probe");
+        async move {
+            match api.create(&PostParams::default(), &secret).await {
+                Err(kube::Error::Api(status)) if status.is_forbidden() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    let client = harness::https_client(&env.webhook_ca_pem).expect("HTTPS client");
+    let forge = |namespace: &str| {
+        let mut review: Value =
+            serde_json::from_str(include_str!("../examples/admission-review.json"))
+                .expect("the example review");
+        review["request"]["namespace"] = json!(namespace);
+        review["request"]["object"]["metadata"]["namespace"] = json!(namespace);
+        let request = client
+            .post(format!("{}?timeout=10s", env.webhook.url()))
+            .header("Content-Type", "application/json")
+            .body(review.to_string());
+        async move {
+            let answer: Value = request
+                .send()
+                .await
+                .expect("the webhook answers")
+                .json()
+                .await
+                .expect("an AdmissionReview");
+            assert!(
+                answer["response"]["patch"].is_string(),
+                "the forged pod is rewritten: {answer}"
+            );
+            answer["response"]["warnings"]
+                .as_array()
+                .map(|warnings| {
+                    warnings
+                        .iter()
+                        .filter_map(|w| w.as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+    let secrets = |namespace: &str| Api::<Secret>::namespaced(env.admin(), namespace);
+
+    let warnings = forge("team-b").await;
+    assert!(
+        warnings.iter().any(|w| w.contains(PULL_SECRET)
+            && w.contains("could not be copied")
+            && w.contains("only into namespaces labelled image-rewriter.io/enabled=true")),
+        "the answer says why no copy was made: {warnings:?}"
+    );
+    assert!(
+        secrets("team-b")
+            .get_opt(PULL_SECRET)
+            .await
+            .unwrap()
+            .is_none(),
+        "a review naming a namespace that did not opt in left a copy of {PULL_SECRET} there"
+    );
+
+    let warnings = forge("team-a").await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let copy = secrets("team-a")
+        .get_opt(PULL_SECRET)
+        .await
+        .unwrap()
+        .expect("a namespace that opted in gets its copy");
+    assert_eq!(
+        copy.metadata
+            .labels
+            .unwrap_or_default()
+            .get(MANAGED_BY)
+            .map(String::as_str),
+        Some("image-rewriter")
+    );
 }
 
 /// 6. Pull secret copies under the shipped RBAC: the first pod in a new

@@ -720,6 +720,7 @@ fn check_rendered(ws: &Workspace, r: &Rendered, expect: &Expect) {
     check_certificate(ws, r, &mwc, webhook, expect.certs);
     check_config_map(r, &config_map);
     check_rbac(r, &config_map, &deployment);
+    check_new_copies_follow_the_scope(r, expect.scope);
 }
 
 /// The webhook's API access is exactly what pull secret sync needs: the
@@ -896,6 +897,51 @@ fn check_secret_writes_policy(
         binding.validation_actions.as_deref(),
         Some(&["Deny".to_owned()][..]),
         "{o}"
+    );
+}
+
+/// New pull secret copies go only where the scope rewrites pods: never
+/// into a namespace labelled `false`, and in opt-in mode only into one
+/// labelled `true`, whatever namespace a review names (anything that
+/// reaches port 8443 can send one). Enforced by the apiserver, tested in
+/// tests/e2e.rs; here, each overlay carries the validations of its scope.
+fn check_new_copies_follow_the_scope(r: &Rendered, scope: Scope) {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+    let o = &r.overlay;
+    let policy: Vec<ValidatingAdmissionPolicy> = r.all();
+    let validations = policy[0]
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.validations.clone())
+        .unwrap_or_default();
+    let on_create_where_labelled = |value: &str| {
+        validations.iter().any(|v| {
+            v.expression
+                .starts_with("request.operation != \"CREATE\" ||")
+                && v.expression
+                    .contains("namespaceObject.metadata.labels[variables.enabledLabel]")
+                && v.expression.ends_with(value)
+        })
+    };
+    assert!(
+        on_create_where_labelled("!= \"false\""),
+        "{o}: no validation keeps new copies out of namespaces labelled false"
+    );
+    assert_eq!(
+        on_create_where_labelled("== \"true\")"),
+        scope == Scope::OptIn,
+        "{o}: new copies only into namespaces labelled true is opt-in mode's validation"
+    );
+    let variables = policy[0]
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.variables.clone())
+        .unwrap_or_default();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v.name == "enabledLabel" && v.expression == format!("{ENABLED_LABEL:?}")),
+        "{o}: the policy's enabledLabel is the scope label"
     );
 }
 

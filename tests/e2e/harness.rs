@@ -533,7 +533,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn https_client(ca_pem: &str) -> Result<reqwest::Client> {
+pub fn https_client(ca_pem: &str) -> Result<reqwest::Client> {
     install_crypto_provider();
     let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).context("parsing the cluster CA")?;
     reqwest::Client::builder()
