@@ -47,9 +47,9 @@ pub struct PodImages {
     /// so that the apiserver's own validation tells the user what is wrong.
     #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<ContainerImage>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_containers")]
     pub init_containers: Option<Vec<ContainerImage>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_containers")]
     pub ephemeral_containers: Option<Vec<ContainerImage>>,
     /// `None` when absent or `null` (serde reads `null` as `None`): a patch
     /// must then add the array whole. A `null` entry is an empty reference,
@@ -74,7 +74,56 @@ fn null_as_empty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<St
 fn null_as_empty<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Vec<ContainerImage>, D::Error> {
-    Ok(Option::<Vec<ContainerImage>>::deserialize(deserializer)?.unwrap_or_default())
+    Ok(bounded_containers(deserializer)?.unwrap_or_default())
+}
+
+/// The entries one container list may hold. The apiserver cannot send
+/// more: its request limit (3 MiB) holds about 20 000 of the smallest
+/// containers it stores, etcd's default object limit (1.5 MiB) half that,
+/// in all lists together. A review sent straight to the port can hold far
+/// more, and each container costs the plan and the answer some 25 times
+/// its bytes: one 8 MiB review of 291 000 containers peaked at 268 MB,
+/// past the shipped memory limit. Past this a review is refused (400)
+/// before the rest of the list is read.
+pub const MAX_CONTAINERS_PER_LIST: usize = 16_384;
+
+/// A container list, or `None` for `null` or absent, of at most
+/// [`MAX_CONTAINERS_PER_LIST`] entries.
+fn bounded_containers<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<ContainerImage>>, D::Error> {
+    struct BoundedList;
+    impl<'de> Visitor<'de> for BoundedList {
+        type Value = Option<Vec<ContainerImage>>;
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a list of containers, or null")
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_seq(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut containers = Vec::new();
+            while let Some(container) = seq.next_element()? {
+                if containers.len() == MAX_CONTAINERS_PER_LIST {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "more than {MAX_CONTAINERS_PER_LIST} containers in one list"
+                    )));
+                }
+                containers.push(container);
+            }
+            Ok(Some(containers))
+        }
+    }
+    deserializer.deserialize_option(BoundedList)
 }
 
 /// A container's name and image.
@@ -347,5 +396,44 @@ mod tests {
             (bare.annotations_bytes, bare.metadata.annotations),
             (0, None)
         );
+    }
+
+    fn pod_with(list: &str, count: usize) -> String {
+        let containers: Vec<String> = (0..count)
+            .map(|i| format!(r#"{{"name":"c{i}","image":"nginx"}}"#))
+            .collect();
+        format!(r#"{{"spec":{{"{list}":[{}]}}}}"#, containers.join(","))
+    }
+
+    #[test]
+    fn container_lists_are_read_up_to_their_limit() {
+        for list in ["containers", "initContainers", "ephemeralContainers"] {
+            let pod: PodObject =
+                serde_json::from_str(&pod_with(list, MAX_CONTAINERS_PER_LIST)).unwrap();
+            let spec = pod.spec.unwrap();
+            let read = match list {
+                "containers" => spec.containers.len(),
+                "initContainers" => spec.init_containers.unwrap().len(),
+                _ => spec.ephemeral_containers.unwrap().len(),
+            };
+            assert_eq!(read, MAX_CONTAINERS_PER_LIST, "{list}");
+
+            let error =
+                serde_json::from_str::<PodObject>(&pod_with(list, MAX_CONTAINERS_PER_LIST + 1))
+                    .unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("more than 16384 containers in one list"),
+                "{list}: {error}"
+            );
+        }
+        // `null` and absent lists are still read as before.
+        let pod: PodObject =
+            serde_json::from_str(r#"{"spec":{"containers":null,"initContainers":null}}"#).unwrap();
+        let spec = pod.spec.unwrap();
+        assert!(spec.containers.is_empty());
+        assert_eq!(spec.init_containers, None);
+        assert_eq!(spec.ephemeral_containers, None);
     }
 }

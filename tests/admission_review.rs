@@ -188,6 +188,41 @@ fn an_object_of_another_kind_is_allowed_whatever_it_holds() {
     }
 }
 
+/// A review holding more containers in one list than the apiserver can
+/// send (one sent straight to the port) is refused with the reason, before
+/// the plan and the answer, which cost some 25 times a container's bytes,
+/// are built; one at the limit is answered.
+#[test]
+fn a_pod_with_more_containers_than_the_apiserver_can_send_is_refused() {
+    let limit = image_rewriter::pod::MAX_CONTAINERS_PER_LIST;
+    let containers = |count: usize| {
+        (0..count)
+            .map(|i| json!({"name": format!("c{i}"), "image": "nginx"}))
+            .collect::<Vec<_>>()
+    };
+    let mut review_body = fixture("pod-create.json");
+    review_body["request"]["object"]["spec"]["initContainers"] = json!(containers(limit + 1));
+    let body = serde_json::to_vec(&review_body).unwrap();
+    match plan_review(&example_policy(), &body) {
+        Err(error @ ReviewError::InvalidPod(_)) => assert!(
+            error
+                .to_string()
+                .contains("more than 16384 containers in one list"),
+            "{error}"
+        ),
+        Err(other) => panic!("expected the Pod refused, got {other}"),
+        Ok(_) => panic!("expected the Pod refused, got an answer"),
+    }
+
+    review_body["request"]["object"]["spec"]["initContainers"] = json!(containers(limit));
+    let (patched, response, _) = answer(&review_body);
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(
+        patched["spec"]["initContainers"][limit - 1]["image"],
+        "harbor.corp.example/dockerhub/library/nginx"
+    );
+}
+
 /// Mutating admission runs before validation: a Pod sent without
 /// containers (Go encodes it as `"containers": null`) is allowed untouched,
 /// so the apiserver's validation, not a webhook error, tells the user.
