@@ -166,10 +166,11 @@ impl Reader {
                         self.set_key(Key::Merge);
                         return Ok(());
                     }
-                    // A key needs no JSON number: `.inf:` is named as written.
+                    // A key needs no JSON number: an infinity or NaN is
+                    // named as sigs.k8s.io/yaml names a float key.
                     let value = match self.scalar(&text, style, tag.as_deref()) {
                         Err(_) if style == ScalarStyle::Plain && tag.is_none() => {
-                            Value::String(text.to_string())
+                            Value::String(non_finite_key_name(&text).to_owned())
                         }
                         read => read?,
                     };
@@ -392,10 +393,12 @@ fn key_name(value: Value) -> String {
 /// below -4 or 6 and above (`1e+07`, `1.5e-07`), else plainly (`1000`, `0.3`).
 fn go_float32_text(value: f64) -> String {
     // Past float32's range the cast gives an infinity, which `{:e}` writes
-    // without digits (`inf`); Go writes it as `+Inf` and `-Inf`.
+    // without digits (`inf`). Go writes `+Inf` and `-Inf`, which
+    // sigs.k8s.io/yaml renames to `.inf` and `-.inf` for a key, the only
+    // place this text goes.
     let value = value as f32;
     if value.is_infinite() {
-        return if value > 0.0 { "+Inf" } else { "-Inf" }.to_owned();
+        return if value > 0.0 { ".inf" } else { "-.inf" }.to_owned();
     }
     let shortest = format!("{value:e}");
     let (mantissa, exponent) = shortest.split_once('e').unwrap_or((&shortest, "0"));
@@ -424,6 +427,19 @@ fn go_float32_text(value: f64) -> String {
         format!("{sign}{digits}{}", "0".repeat(whole - digits.len()))
     } else {
         format!("{sign}{}.{}", &digits[..whole], &digits[whole..])
+    }
+}
+
+/// The name sigs.k8s.io/yaml gives a key that go-yaml v2 read as an
+/// infinity or NaN (`.Inf`, `+.inf`, `.NaN`): Go's `+Inf`, `-Inf` and `NaN`
+/// renamed as YAML writes them.
+fn non_finite_key_name(text: &str) -> &'static str {
+    if text.to_ascii_lowercase().ends_with("nan") {
+        ".nan"
+    } else if text.starts_with('-') {
+        "-.inf"
+    } else {
+        ".inf"
     }
 }
 
@@ -768,20 +784,28 @@ mod tests {
             ("0.0001", "0.0001"),
             ("0.00001", "1e-05"),
             ("123456.5", "123456.5"),
-            // Past float32's range: an infinity, as Go names it (these
-            // were named "0" and "-0", and distinct keys collided).
-            ("1e39", "+Inf"),
-            ("1e300", "+Inf"),
-            ("-1e300", "-Inf"),
+            // Past float32's range: an infinity, which sigs.k8s.io/yaml
+            // names as YAML writes it (kubectl 1.32 printed these), not
+            // as Go formats it (`+Inf`).
+            ("1e39", ".inf"),
+            ("1e300", ".inf"),
+            ("-1e300", "-.inf"),
         ] {
             let value = one(&format!("{key}: v\n"));
             assert_eq!(value, json!({name: "v"}), "{key}");
         }
     }
 
+    /// Infinities and NaN are named `.inf`, `-.inf` and `.nan` however
+    /// they are written (kubectl 1.32 printed these).
     #[test]
     fn keys_need_no_json_number() {
         assert_eq!(one(".inf: x\n.nan: z\n"), json!({".inf": "x", ".nan": "z"}));
+        assert_eq!(
+            one(".Inf: a\n-.INF: b\n.NaN: c\n"),
+            json!({".inf": "a", "-.inf": "b", ".nan": "c"})
+        );
+        assert_eq!(one("+.inf: a\n"), json!({".inf": "a"}));
     }
 
     #[test]
