@@ -3,8 +3,10 @@
 //! Every error names the field (`rules[1].target`) and says why, so a
 //! platform engineer can fix the file without reading the source.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use granit_parser::{Event, Options, Parser};
 use serde::Deserialize;
 
 use crate::policy::{Policy, PullSecretSync, Rule};
@@ -251,6 +253,41 @@ fn check_alias_copies(text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Refuses a file that defines an anchor name twice. YAML lets a later
+/// `&name` replace an earlier one, but serde_yaml_ng 0.10 numbers anchors by
+/// how many names it has seen, so after a redefinition the next new anchor
+/// takes a number already given and an alias reads the wrong value: with
+/// `&t one`, `&s two`, `&t three`, `&u four`, `*t` read `four`, and a rule's
+/// target came out as another rule's without a word. Read with
+/// granit_parser: where it reads a name differently (libyaml ends one at a
+/// `:`), it reads a longer one, so it never sees a redefinition that is not
+/// there; a file it cannot read is left to the real parse.
+fn check_anchor_names(text: &str) -> Result<(), ConfigError> {
+    let mut options = Options::default();
+    options.emit_anchor_events = true;
+    let mut defined: HashMap<String, usize> = HashMap::new();
+    for event in Parser::new_from_str_with_options(text, options) {
+        let Ok((event, span)) = event else {
+            return Ok(());
+        };
+        match event {
+            Event::DocumentStart(..) => defined.clear(),
+            Event::Anchor(_, name) => {
+                let line = span.start.line();
+                if let Some(first) = defined.insert(name.to_string(), line) {
+                    return Err(ConfigError::Syntax(format!(
+                        "anchor &{name} is defined twice (lines {first} and {line}): give each \
+                         anchor its own name (the YAML reader resolves an alias of a redefined \
+                         anchor to the wrong value)"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Editors on Windows start a file with a byte order mark, which the YAML
 /// parser misreads in some files (an unindented list).
 fn without_byte_order_mark(text: &str) -> &str {
@@ -262,6 +299,7 @@ impl ConfigFile {
     /// [`is_blank`]): a fresh ConfigMap, or one emptied.
     pub fn parse(text: &str) -> Result<Option<Self>, ConfigError> {
         let text = without_byte_order_mark(text);
+        check_anchor_names(text)?;
         check_alias_copies(text)?;
         // An empty document is one serde refuses.
         if is_blank(text) {
@@ -430,9 +468,45 @@ mod tests {
             .replacen("x-base: &l0 ", "x-big: &t ", 1)
             .replace("*l0", "*s");
         for yaml in [colon, anchored_twice] {
-            let message = error_of(&yaml);
+            // The count alone: a file loaded is refused for its redefined
+            // anchor before it is counted.
+            let message = check_alias_copies(&yaml).unwrap_err().to_string();
             assert!(message.contains("aliases copy more than"), "{message}");
         }
+    }
+
+    #[test]
+    fn an_anchor_defined_twice_is_refused_by_name() {
+        // serde_yaml_ng read `*t` below as "four", so the last rule's target
+        // was the fourth rule's.
+        let yaml = "\
+rules:
+  - match: docker.io
+    target: &t harbor.corp.example/one
+  - match: quay.io
+    target: &s harbor.corp.example/two
+  - match: ghcr.io
+    target: &t harbor.corp.example/three
+  - match: gcr.io
+    target: &u harbor.corp.example/four
+  - match: registry.k8s.io
+    target: *t
+";
+        let message = error_of(yaml);
+        assert!(
+            message.contains("anchor &t is defined twice (lines 3 and 7)"),
+            "{message}"
+        );
+        // Each name once: the aliases read what they name.
+        let renamed = yaml.replace(
+            "&t harbor.corp.example/three",
+            "&v harbor.corp.example/three",
+        );
+        let file = ConfigFile::from_yaml(&renamed).unwrap();
+        assert_eq!(file.rules[4].target, "harbor.corp.example/one");
+        // A name ended by `:` for libyaml is read whole here: no false alarm.
+        let colons = "x-a: &a:1 one\nx-b: &a:2 two\nrules: []\n";
+        assert!(!error_of(colons).contains("defined twice"), "{colons}");
     }
 
     #[test]
