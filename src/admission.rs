@@ -63,6 +63,163 @@ pub enum ReviewError {
     MissingObject(&'static str),
     #[error("request.object is not a valid Pod: {0}")]
     InvalidPod(serde_json::Error),
+    #[error("{field} holds more than {limit} values")]
+    TooManyValues { field: &'static str, limit: usize },
+}
+
+/// kube-core's request keeps `request.options` whole (a JSON value) and
+/// every string of `request.userInfo`; the apiserver's are a few values,
+/// but a body sent straight to the port can fill them with millions (an
+/// 8 MiB `options` of zeros peaked at 283 MB, `userInfo.groups` of empty
+/// strings at 185 MB). Bodies this large have them counted first, by a
+/// pass that keeps nothing; smaller ones cost at most some 35 times their
+/// size, and are not slowed by a second pass.
+const COUNTED_BODY_BYTES: usize = 1024 * 1024;
+/// The apiserver sends CreateOptions, UpdateOptions or DeleteOptions: a
+/// handful of values.
+const MAX_OPTIONS_VALUES: usize = 1_000;
+/// A user's groups and extra fields: thousands for a very large directory.
+const MAX_USER_INFO_VALUES: usize = 100_000;
+
+/// Refuses a body whose `request.options` or `request.userInfo` holds more
+/// values than the limits above. A body that does not parse is left to the
+/// decode that follows, which names the error.
+fn check_kept_fields(body: &[u8]) -> Result<(), ReviewError> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// What may still be read, and whether a read went past it.
+    struct Budget {
+        left: usize,
+        exceeded: bool,
+    }
+    /// Counts the values of whatever it reads against the budget.
+    struct Counted<'a> {
+        budget: &'a mut Budget,
+    }
+    impl<'de> DeserializeSeed<'de> for Counted<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl Counted<'_> {
+        fn one<E: serde::de::Error>(&mut self) -> Result<(), E> {
+            match self.budget.left.checked_sub(1) {
+                Some(left) => {
+                    self.budget.left = left;
+                    Ok(())
+                }
+                None => {
+                    self.budget.exceeded = true;
+                    Err(E::custom("past the budget"))
+                }
+            }
+        }
+    }
+    impl<'de> Visitor<'de> for Counted<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_str<E: serde::de::Error>(mut self, _: &str) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_unit<E: serde::de::Error>(mut self) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
+            self.one()?;
+            while items
+                .next_element_seed(Counted {
+                    budget: &mut *self.budget,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(mut self, mut entries: A) -> Result<(), A::Error> {
+            self.one()?;
+            while let Some(IgnoredAny) = entries.next_key()? {
+                entries.next_value_seed(Counted {
+                    budget: &mut *self.budget,
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The review's top level, then its `request`: only `options` and
+    /// `userInfo` are counted, the rest skipped.
+    struct Fields<'a> {
+        nested: bool,
+        over: &'a mut Option<ReviewError>,
+    }
+    impl<'de> DeserializeSeed<'de> for Fields<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Fields<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+            while let Some(key) = entries.next_key::<std::borrow::Cow<'de, str>>()? {
+                let counted = match (self.nested, key.as_ref()) {
+                    (false, "request") => {
+                        entries.next_value_seed(Fields {
+                            nested: true,
+                            over: &mut *self.over,
+                        })?;
+                        continue;
+                    }
+                    (true, "options") => ("request.options", MAX_OPTIONS_VALUES),
+                    (true, "userInfo") => ("request.userInfo", MAX_USER_INFO_VALUES),
+                    _ => {
+                        entries.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                let (field, limit) = counted;
+                let mut budget = Budget {
+                    left: limit,
+                    exceeded: false,
+                };
+                if let Err(error) = entries.next_value_seed(Counted {
+                    budget: &mut budget,
+                }) {
+                    if budget.exceeded {
+                        *self.over = Some(ReviewError::TooManyValues { field, limit });
+                    }
+                    return Err(error);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let mut over = None;
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let _ = Fields {
+        nested: false,
+        over: &mut over,
+    }
+    .deserialize(&mut deserializer);
+    over.map_or(Ok(()), Err)
 }
 
 /// What one review did, for the log line and the metrics.
@@ -175,6 +332,9 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<Reviewed, ReviewError> {
 
 /// Decodes one AdmissionReview body and plans the patch.
 pub fn plan_review(policy: &Policy, body: &[u8]) -> Result<Planned, ReviewError> {
+    if body.len() > COUNTED_BODY_BYTES {
+        check_kept_fields(body)?;
+    }
     let mut request = match decode::<AdmissionReview<PodObject>>(body) {
         Ok(review) => checked_request(review)?,
         // Not a Pod (another kind reached /mutate): answer it untouched. If

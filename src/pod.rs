@@ -9,11 +9,11 @@
 //! skipped fields are untouched in the pod the apiserver stores.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use crate::patch::{ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION};
@@ -37,93 +37,177 @@ pub struct PodObject {
     pub spec: Option<PodImages>,
 }
 
-/// The fields of a PodSpec that name images or pull secrets.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The fields of a PodSpec that name images or pull secrets. Its
+/// containers, in all three lists together, are read up to
+/// [`MAX_CONTAINERS`], its pull secrets up to [`MAX_PULL_SECRETS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodImages {
     /// Empty when absent or `null`: mutating admission runs before
     /// validation, and Go encodes a Pod sent without containers as
     /// `"containers": null`. Such a pod is allowed here (nothing to rewrite)
     /// so that the apiserver's own validation tells the user what is wrong.
-    #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<ContainerImage>,
-    #[serde(default, deserialize_with = "bounded_containers")]
     pub init_containers: Option<Vec<ContainerImage>>,
-    #[serde(default, deserialize_with = "bounded_containers")]
     pub ephemeral_containers: Option<Vec<ContainerImage>>,
     /// `None` when absent or `null` (serde reads `null` as `None`): a patch
     /// must then add the array whole. A `null` entry is an empty reference,
     /// as Go decodes it.
-    #[serde(default, deserialize_with = "null_entries_as_empty")]
     pub image_pull_secrets: Option<Vec<SecretReference>>,
 }
 
-fn null_entries_as_empty<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Vec<SecretReference>>, D::Error> {
-    let entries = Option::<Vec<Option<SecretReference>>>::deserialize(deserializer)?;
-    Ok(entries.map(|entries| entries.into_iter().map(Option::unwrap_or_default).collect()))
+/// The containers a Pod may have in all its lists together. The most the
+/// webhook can be sent is what fits in its body limit (8 MiB): some 55 000
+/// of the smallest containers as the apiserver sends them, defaulted (~150
+/// bytes each); etcd's default object limit (1.5 MiB) stores about 26 000.
+/// A review sent straight to the port can hold far more, and each container
+/// costs the plan and the answer some 25 times its bytes: one 8 MiB review
+/// of 291 000 tiny containers peaked at 268 MB, past the shipped memory
+/// limit. Past this a review is refused (400) before the rest is read.
+pub const MAX_CONTAINERS: usize = 65_536;
+
+/// The `imagePullSecrets` entries a Pod may have: far more than anyone
+/// writes, and a bound on what a review of millions of `{}` would hold.
+pub const MAX_PULL_SECRETS: usize = 65_536;
+
+impl<'de> Deserialize<'de> for PodImages {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(PodImagesVisitor)
+    }
+}
+
+struct PodImagesVisitor;
+
+impl<'de> Visitor<'de> for PodImagesVisitor {
+    type Value = PodImages;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a PodSpec")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PodImages, A::Error> {
+        let mut images = PodImages::default();
+        let mut containers_left = MAX_CONTAINERS;
+        let mut seen = BTreeSet::new();
+        while let Some(Key(key)) = map.next_key()? {
+            let field: &'static str = match key.as_ref() {
+                "containers" => "containers",
+                "initContainers" => "initContainers",
+                "ephemeralContainers" => "ephemeralContainers",
+                "imagePullSecrets" => "imagePullSecrets",
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if !seen.insert(field) {
+                return Err(serde::de::Error::duplicate_field(field));
+            }
+            let list = ContainerList {
+                left: &mut containers_left,
+            };
+            match field {
+                "containers" => images.containers = map.next_value_seed(list)?.unwrap_or_default(),
+                "initContainers" => images.init_containers = map.next_value_seed(list)?,
+                "ephemeralContainers" => images.ephemeral_containers = map.next_value_seed(list)?,
+                _ => images.image_pull_secrets = map.next_value::<PullSecretList>()?.0,
+            }
+        }
+        Ok(images)
+    }
+}
+
+/// A container list, or `None` for `null` or absent, counted against what
+/// the Pod's lists may hold together.
+struct ContainerList<'a> {
+    left: &'a mut usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ContainerList<'_> {
+    type Value = Option<Vec<ContainerImage>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ContainerList<'_> {
+    type Value = Option<Vec<ContainerImage>>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a list of containers, or null")
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut containers = Vec::new();
+        while let Some(container) = seq.next_element()? {
+            if *self.left == 0 {
+                return Err(serde::de::Error::custom(format_args!(
+                    "more than {MAX_CONTAINERS} containers"
+                )));
+            }
+            *self.left -= 1;
+            containers.push(container);
+        }
+        Ok(Some(containers))
+    }
+}
+
+/// `imagePullSecrets`, up to [`MAX_PULL_SECRETS`] entries.
+struct PullSecretList(Option<Vec<SecretReference>>);
+
+impl<'de> Deserialize<'de> for PullSecretList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = PullSecretList;
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a list of pull secret references, or null")
+            }
+            fn visit_none<E>(self) -> Result<PullSecretList, E> {
+                Ok(PullSecretList(None))
+            }
+            fn visit_unit<E>(self) -> Result<PullSecretList, E> {
+                Ok(PullSecretList(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(
+                self,
+                deserializer: D,
+            ) -> Result<PullSecretList, D::Error> {
+                deserializer.deserialize_seq(self)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PullSecretList, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element::<Option<SecretReference>>()? {
+                    if entries.len() == MAX_PULL_SECRETS {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "more than {MAX_PULL_SECRETS} imagePullSecrets"
+                        )));
+                    }
+                    entries.push(entry.unwrap_or_default());
+                }
+                Ok(PullSecretList(Some(entries)))
+            }
+        }
+        deserializer.deserialize_option(Entries)
+    }
 }
 
 /// A `null` string is `""`, as Go decodes it into a `string` field or map
 /// value: what a manifest's `key:` with no value reads as.
 fn null_as_empty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_default())
-}
-
-fn null_as_empty<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<ContainerImage>, D::Error> {
-    Ok(bounded_containers(deserializer)?.unwrap_or_default())
-}
-
-/// The entries one container list may hold. The apiserver cannot send
-/// more: its request limit (3 MiB) holds about 20 000 of the smallest
-/// containers it stores, etcd's default object limit (1.5 MiB) half that,
-/// in all lists together. A review sent straight to the port can hold far
-/// more, and each container costs the plan and the answer some 25 times
-/// its bytes: one 8 MiB review of 291 000 containers peaked at 268 MB,
-/// past the shipped memory limit. Past this a review is refused (400)
-/// before the rest of the list is read.
-pub const MAX_CONTAINERS_PER_LIST: usize = 16_384;
-
-/// A container list, or `None` for `null` or absent, of at most
-/// [`MAX_CONTAINERS_PER_LIST`] entries.
-fn bounded_containers<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Vec<ContainerImage>>, D::Error> {
-    struct BoundedList;
-    impl<'de> Visitor<'de> for BoundedList {
-        type Value = Option<Vec<ContainerImage>>;
-        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-            formatter.write_str("a list of containers, or null")
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(
-            self,
-            deserializer: D,
-        ) -> Result<Self::Value, D::Error> {
-            deserializer.deserialize_seq(self)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut containers = Vec::new();
-            while let Some(container) = seq.next_element()? {
-                if containers.len() == MAX_CONTAINERS_PER_LIST {
-                    return Err(serde::de::Error::custom(format_args!(
-                        "more than {MAX_CONTAINERS_PER_LIST} containers in one list"
-                    )));
-                }
-                containers.push(container);
-            }
-            Ok(Some(containers))
-        }
-    }
-    deserializer.deserialize_option(BoundedList)
 }
 
 /// A container's name and image.
@@ -398,36 +482,75 @@ mod tests {
         );
     }
 
-    fn pod_with(list: &str, count: usize) -> String {
-        let containers: Vec<String> = (0..count)
+    fn containers(from: usize, count: usize) -> String {
+        (from..from + count)
             .map(|i| format!(r#"{{"name":"c{i}","image":"nginx"}}"#))
-            .collect();
-        format!(r#"{{"spec":{{"{list}":[{}]}}}}"#, containers.join(","))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     #[test]
-    fn container_lists_are_read_up_to_their_limit() {
+    fn containers_are_read_up_to_their_limit_in_all_lists_together() {
+        let third = MAX_CONTAINERS / 3;
+        let rest = MAX_CONTAINERS - 2 * third;
+        let at_limit = format!(
+            r#"{{"spec":{{"containers":[{}],"initContainers":[{}],"ephemeralContainers":[{}]}}}}"#,
+            containers(0, third),
+            containers(third, third),
+            containers(2 * third, rest)
+        );
+        let spec = serde_json::from_str::<PodObject>(&at_limit)
+            .unwrap()
+            .spec
+            .unwrap();
+        assert_eq!(
+            spec.containers.len()
+                + spec.init_containers.unwrap().len()
+                + spec.ephemeral_containers.unwrap().len(),
+            MAX_CONTAINERS
+        );
+        // One more in any list is one too many.
         for list in ["containers", "initContainers", "ephemeralContainers"] {
-            let pod: PodObject =
-                serde_json::from_str(&pod_with(list, MAX_CONTAINERS_PER_LIST)).unwrap();
-            let spec = pod.spec.unwrap();
-            let read = match list {
-                "containers" => spec.containers.len(),
-                "initContainers" => spec.init_containers.unwrap().len(),
-                _ => spec.ephemeral_containers.unwrap().len(),
-            };
-            assert_eq!(read, MAX_CONTAINERS_PER_LIST, "{list}");
-
-            let error =
-                serde_json::from_str::<PodObject>(&pod_with(list, MAX_CONTAINERS_PER_LIST + 1))
-                    .unwrap_err();
+            let over = at_limit.replacen(
+                &format!(r#""{list}":["#),
+                &format!(r#""{list}":[{{"name":"extra","image":"nginx"}},"#),
+                1,
+            );
+            let error = serde_json::from_str::<PodObject>(&over).unwrap_err();
             assert!(
-                error
-                    .to_string()
-                    .contains("more than 16384 containers in one list"),
+                error.to_string().contains("more than 65536 containers"),
                 "{list}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn pull_secrets_are_read_up_to_their_limit() {
+        let entries = |count: usize| vec![r#"{"name":"s"}"#; count].join(",");
+        let at_limit = format!(
+            r#"{{"spec":{{"imagePullSecrets":[{}]}}}}"#,
+            entries(MAX_PULL_SECRETS)
+        );
+        let spec = serde_json::from_str::<PodObject>(&at_limit)
+            .unwrap()
+            .spec
+            .unwrap();
+        assert_eq!(spec.image_pull_secrets.unwrap().len(), MAX_PULL_SECRETS);
+        let over = format!(
+            r#"{{"spec":{{"imagePullSecrets":[{}]}}}}"#,
+            entries(MAX_PULL_SECRETS + 1)
+        );
+        let error = serde_json::from_str::<PodObject>(&over).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("more than 65536 imagePullSecrets"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn spec_fields_read_as_before() {
         // `null` and absent lists are still read as before.
         let pod: PodObject =
             serde_json::from_str(r#"{"spec":{"containers":null,"initContainers":null}}"#).unwrap();
@@ -435,5 +558,30 @@ mod tests {
         assert!(spec.containers.is_empty());
         assert_eq!(spec.init_containers, None);
         assert_eq!(spec.ephemeral_containers, None);
+        assert_eq!(spec.image_pull_secrets, None);
+        // Other fields are skipped; a `null` pull secret entry is an empty
+        // reference, as Go decodes it; a field given twice is refused.
+        let spec = serde_json::from_str::<PodObject>(
+            r#"{"spec":{"volumes":[{"name":"v"}],"containers":[{"name":"a","image":"x","env":[]}],
+                "imagePullSecrets":[null,{"name":"s"}],"nodeName":"n"}}"#,
+        )
+        .unwrap()
+        .spec
+        .unwrap();
+        assert_eq!(spec.containers[0].image.as_deref(), Some("x"));
+        assert_eq!(
+            spec.image_pull_secrets.unwrap(),
+            [
+                SecretReference::default(),
+                SecretReference { name: "s".into() }
+            ]
+        );
+        let error =
+            serde_json::from_str::<PodObject>(r#"{"spec":{"containers":[],"containers":[]}}"#)
+                .unwrap_err();
+        assert!(
+            error.to_string().contains("duplicate field `containers`"),
+            "{error}"
+        );
     }
 }

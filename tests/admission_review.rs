@@ -188,26 +188,29 @@ fn an_object_of_another_kind_is_allowed_whatever_it_holds() {
     }
 }
 
-/// A review holding more containers in one list than the apiserver can
-/// send (one sent straight to the port) is refused with the reason, before
-/// the plan and the answer, which cost some 25 times a container's bytes,
-/// are built; one at the limit is answered.
+/// A review holding more containers than fit in the webhook's body limit
+/// as the apiserver sends them (one sent straight to the port) is refused
+/// with the reason, before the plan and the answer, which cost some 25
+/// times a container's bytes, are built; one at the limit is answered.
 #[test]
 fn a_pod_with_more_containers_than_the_apiserver_can_send_is_refused() {
-    let limit = image_rewriter::pod::MAX_CONTAINERS_PER_LIST;
     let containers = |count: usize| {
         (0..count)
             .map(|i| json!({"name": format!("c{i}"), "image": "nginx"}))
             .collect::<Vec<_>>()
     };
     let mut review_body = fixture("pod-create.json");
+    let others = review_body["request"]["object"]["spec"]["containers"]
+        .as_array()
+        .map_or(0, Vec::len);
+    // The limit counts every list together: the pod's containers, then
+    // init containers up to it.
+    let limit = image_rewriter::pod::MAX_CONTAINERS - others;
     review_body["request"]["object"]["spec"]["initContainers"] = json!(containers(limit + 1));
     let body = serde_json::to_vec(&review_body).unwrap();
     match plan_review(&example_policy(), &body) {
         Err(error @ ReviewError::InvalidPod(_)) => assert!(
-            error
-                .to_string()
-                .contains("more than 16384 containers in one list"),
+            error.to_string().contains("more than 65536 containers"),
             "{error}"
         ),
         Err(other) => panic!("expected the Pod refused, got {other}"),
@@ -221,6 +224,49 @@ fn a_pod_with_more_containers_than_the_apiserver_can_send_is_refused() {
         patched["spec"]["initContainers"][limit - 1]["image"],
         "harbor.corp.example/dockerhub/library/nginx"
     );
+}
+
+/// kube-core keeps `request.options` whole and every string of
+/// `request.userInfo`: in a body over 1 MiB they are counted first, and one
+/// holding more values than the apiserver ever sends is refused with the
+/// reason (an 8 MiB `options` of zeros had peaked at 283 MB). A large body
+/// with ordinary ones is answered.
+#[test]
+fn a_large_review_with_oversized_options_or_user_info_is_refused() {
+    let mut large = fixture("pod-create.json");
+    large["request"]["object"]["metadata"]["annotations"]["filler"] =
+        json!("x".repeat(1024 * 1024));
+    let (_, response, _) = answer(&large);
+    assert_eq!(response["allowed"], true, "{response}");
+
+    for (field, value, limit) in [
+        ("options", json!(vec![0; 1001]), 1000),
+        (
+            "userInfo",
+            json!({"username": "u", "groups": vec![""; 100_000]}),
+            100_000,
+        ),
+    ] {
+        let mut review_body = large.clone();
+        review_body["request"][field] = value;
+        let body = serde_json::to_vec(&review_body).unwrap();
+        match plan_review(&example_policy(), &body) {
+            Err(error @ ReviewError::TooManyValues { .. }) => assert_eq!(
+                error.to_string(),
+                format!("request.{field} holds more than {limit} values")
+            ),
+            Err(other) => panic!("{field}: expected a refusal, got {other}"),
+            Ok(_) => panic!("{field}: expected a refusal, got an answer"),
+        }
+    }
+
+    // At the limits (the map, its username and its list count too), the
+    // same large body is answered.
+    let mut review_body = large.clone();
+    review_body["request"]["options"] = json!(vec![0; 999]);
+    review_body["request"]["userInfo"] = json!({"username": "u", "groups": vec![""; 99_997]});
+    let (_, response, _) = answer(&review_body);
+    assert_eq!(response["allowed"], true, "{response}");
 }
 
 /// Mutating admission runs before validation: a Pod sent without
