@@ -261,31 +261,68 @@ fn check_alias_copies(text: &str) -> Result<(), ConfigError> {
 /// target came out as another rule's without a word. Read with
 /// granit_parser: where it reads a name differently (libyaml ends one at a
 /// `:`), it reads a longer one, so it never sees a redefinition that is not
-/// there; a file it cannot read is left to the real parse.
+/// there. A file it cannot read (libyaml accepts some it refuses, such as
+/// a comment right after a quoted scalar) is scanned for `&name` as text.
 fn check_anchor_names(text: &str) -> Result<(), ConfigError> {
     let mut options = Options::default();
     options.emit_anchor_events = true;
-    let mut defined: HashMap<String, usize> = HashMap::new();
+    let mut anchors = Vec::new();
     for event in Parser::new_from_str_with_options(text, options) {
         let Ok((event, span)) = event else {
-            return Ok(());
+            return first_redefinition(anchor_tokens(text));
         };
         match event {
-            Event::DocumentStart(..) => defined.clear(),
-            Event::Anchor(_, name) => {
-                let line = span.start.line();
-                if let Some(first) = defined.insert(name.to_string(), line) {
-                    return Err(ConfigError::Syntax(format!(
-                        "anchor &{name} is defined twice (lines {first} and {line}): give each \
-                         anchor its own name (the YAML reader resolves an alias of a redefined \
-                         anchor to the wrong value)"
-                    )));
-                }
-            }
+            // Anchors are a document's own; a config has one document.
+            Event::DocumentStart(..) => anchors.clear(),
+            Event::Anchor(_, name) => anchors.push((span.start.line(), name.into_owned())),
             _ => {}
         }
     }
+    first_redefinition(anchors)
+}
+
+fn first_redefinition(anchors: Vec<(usize, String)>) -> Result<(), ConfigError> {
+    let mut defined: HashMap<String, usize> = HashMap::new();
+    for (line, name) in anchors {
+        if let Some(first) = defined.insert(name.clone(), line) {
+            return Err(ConfigError::Syntax(format!(
+                "anchor &{name} is defined twice (lines {first} and {line}): give each \
+                 anchor its own name (the YAML reader resolves an alias of a redefined \
+                 anchor to the wrong value)"
+            )));
+        }
+    }
     Ok(())
+}
+
+/// `&name` where a node may start (a line's start, or after a blank, `[`,
+/// `{` or `,`), named as libyaml names an anchor (`[0-9A-Za-z_-]`), with
+/// comments left out: a rough reading, for a file granit_parser cannot
+/// read, where a quoted string holding the same `&name` twice reads as a
+/// redefinition too.
+fn anchor_tokens(text: &str) -> Vec<(usize, String)> {
+    let mut anchors = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let mut previous = ' ';
+        for (at, c) in line.char_indices() {
+            let may_start = previous.is_whitespace() || matches!(previous, '[' | '{' | ',');
+            // libyaml also takes a `#` right after a quoted scalar as a comment.
+            if c == '#' && (previous.is_whitespace() || matches!(previous, '"' | '\'')) {
+                break;
+            }
+            if c == '&' && may_start {
+                let name: String = line[at + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+                    .collect();
+                if !name.is_empty() {
+                    anchors.push((index + 1, name));
+                }
+            }
+            previous = c;
+        }
+    }
+    anchors
 }
 
 /// Editors on Windows start a file with a byte order mark, which the YAML
@@ -504,6 +541,22 @@ rules:
         );
         let file = ConfigFile::from_yaml(&renamed).unwrap();
         assert_eq!(file.rules[4].target, "harbor.corp.example/one");
+        // Where granit_parser cannot read the file (a comment right after a
+        // quoted scalar, which libyaml reads), the names are read as text.
+        let unreadable = yaml.replace("match: docker.io\n", "match: \"docker.io\"# the Hub\n");
+        let message = error_of(&unreadable);
+        assert!(
+            message.contains("anchor &t is defined twice (lines 3 and 7)"),
+            "{message}"
+        );
+        let unreadable_renamed = renamed.replace(
+            "match: docker.io\n",
+            "match: \"docker.io\"# the Hub &t &t\n",
+        );
+        assert_eq!(
+            ConfigFile::from_yaml(&unreadable_renamed).unwrap().rules[4].target,
+            "harbor.corp.example/one"
+        );
         // A name ended by `:` for libyaml is read whole here: no false alarm.
         let colons = "x-a: &a:1 one\nx-b: &a:2 two\nrules: []\n";
         assert!(!error_of(colons).contains("defined twice"), "{colons}");
