@@ -85,80 +85,8 @@ const MAX_USER_INFO_VALUES: usize = 100_000;
 /// values than the limits above. A body that does not parse is left to the
 /// decode that follows, which names the error.
 fn check_kept_fields(body: &[u8]) -> Result<(), ReviewError> {
-    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-
-    /// What may still be read, and whether a read went past it.
-    struct Budget {
-        left: usize,
-        exceeded: bool,
-    }
-    /// Counts the values of whatever it reads against the budget.
-    struct Counted<'a> {
-        budget: &'a mut Budget,
-    }
-    impl<'de> DeserializeSeed<'de> for Counted<'_> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    impl Counted<'_> {
-        fn one<E: serde::de::Error>(&mut self) -> Result<(), E> {
-            match self.budget.left.checked_sub(1) {
-                Some(left) => {
-                    self.budget.left = left;
-                    Ok(())
-                }
-                None => {
-                    self.budget.exceeded = true;
-                    Err(E::custom("past the budget"))
-                }
-            }
-        }
-    }
-    impl<'de> Visitor<'de> for Counted<'_> {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_str<E: serde::de::Error>(mut self, _: &str) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_unit<E: serde::de::Error>(mut self) -> Result<(), E> {
-            self.one()
-        }
-        fn visit_seq<A: SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
-            self.one()?;
-            while items
-                .next_element_seed(Counted {
-                    budget: &mut *self.budget,
-                })?
-                .is_some()
-            {}
-            Ok(())
-        }
-        fn visit_map<A: MapAccess<'de>>(mut self, mut entries: A) -> Result<(), A::Error> {
-            self.one()?;
-            while let Some(IgnoredAny) = entries.next_key()? {
-                entries.next_value_seed(Counted {
-                    budget: &mut *self.budget,
-                })?;
-            }
-            Ok(())
-        }
-    }
+    use crate::counted::{Budget, Count};
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
     /// The review's top level, then its `request`: only `options` and
     /// `userInfo` are counted, the rest skipped.
@@ -195,14 +123,9 @@ fn check_kept_fields(body: &[u8]) -> Result<(), ReviewError> {
                     }
                 };
                 let (field, limit) = counted;
-                let mut budget = Budget {
-                    left: limit,
-                    exceeded: false,
-                };
-                if let Err(error) = entries.next_value_seed(Counted {
-                    budget: &mut budget,
-                }) {
-                    if budget.exceeded {
+                let budget = Budget::new(limit, usize::MAX);
+                if let Err(error) = entries.next_value_seed(Count(&budget)) {
+                    if budget.exceeded() {
                         *self.over = Some(ReviewError::TooManyValues { field, limit });
                     }
                     return Err(error);

@@ -9,6 +9,7 @@ use std::path::Path;
 use granit_parser::{Event, Options, Parser};
 use serde::Deserialize;
 
+use crate::counted::{Budget, Count};
 use crate::policy::{Policy, PullSecretSync, Rule};
 
 /// The config file as written.
@@ -127,117 +128,21 @@ const MAX_ALIASED_BYTES: usize = 16 * 1024 * 1024;
 /// one copies. A file that does not parse is left to the real parse,
 /// which names the error.
 fn check_alias_copies(text: &str) -> Result<(), ConfigError> {
-    use serde::de::{DeserializeSeed, EnumAccess, MapAccess, SeqAccess};
-    use serde::de::{IgnoredAny, VariantAccess, Visitor};
-    use std::cell::Cell;
+    use serde::de::DeserializeSeed;
 
-    /// What may still be read: every value written takes at least a byte
-    /// of the file, so the file's length bounds what it holds unexpanded.
-    struct Budget {
-        values: Cell<usize>,
-        bytes: Cell<usize>,
-        exceeded: Cell<bool>,
-    }
-    impl Budget {
-        fn spend<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
-            match (
-                self.values.get().checked_sub(1),
-                self.bytes.get().checked_sub(bytes),
-            ) {
-                (Some(values), Some(bytes)) => {
-                    self.values.set(values);
-                    self.bytes.set(bytes);
-                    Ok(())
-                }
-                _ => {
-                    self.exceeded.set(true);
-                    Err(E::custom("past the budget"))
-                }
-            }
-        }
-    }
-    #[derive(Clone, Copy)]
-    struct Count<'a>(&'a Budget);
-    impl<'de> DeserializeSeed<'de> for Count<'_> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    impl<'de> Visitor<'de> for Count<'_> {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any YAML value")
-        }
-        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
-            self.0.spend(text.len())
-        }
-        fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<(), E> {
-            self.0.spend(bytes.len())
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
-            self.0.spend(0)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-            self.0.spend(0)?;
-            while items.next_element_seed(self)?.is_some() {}
-            Ok(())
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
-            self.0.spend(0)?;
-            while entries.next_key_seed(self)?.is_some() {
-                entries.next_value_seed(self)?;
-            }
-            Ok(())
-        }
-        // A value with a tag of its own (`!foo …`): the tag, then the value.
-        fn visit_enum<A: EnumAccess<'de>>(self, tagged: A) -> Result<(), A::Error> {
-            let (_, value) = tagged.variant::<IgnoredAny>()?;
-            value.newtype_variant_seed(self)
-        }
-    }
-
-    let budget = Budget {
-        values: Cell::new(
-            MAX_ALIASED_VALUES
-                .saturating_add(text.len())
-                .saturating_add(1),
-        ),
-        bytes: Cell::new(MAX_ALIASED_BYTES.saturating_add(text.len())),
-        exceeded: Cell::new(false),
-    };
+    // Every value written takes at least a byte of the file, so the file's
+    // length bounds what it holds unexpanded.
+    let budget = Budget::new(
+        MAX_ALIASED_VALUES
+            .saturating_add(text.len())
+            .saturating_add(1),
+        MAX_ALIASED_BYTES.saturating_add(text.len()),
+    );
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         let Err(error) = Count(&budget).deserialize(document) else {
             continue;
         };
-        if !budget.exceeded.get() {
+        if !budget.exceeded() {
             // Not YAML, or past serde_yaml_ng's own limits: the parse that
             // follows names the error.
             return Ok(());

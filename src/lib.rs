@@ -12,6 +12,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod connection;
+pub mod counted;
 pub mod deadline;
 pub mod image;
 pub mod kubectl_yaml;

@@ -260,11 +260,11 @@ fn a_large_review_with_oversized_options_or_user_info_is_refused() {
         }
     }
 
-    // At the limits (the map, its username and its list count too), the
-    // same large body is answered.
+    // At the limits (the map, its keys, its username and its list count
+    // too), the same large body is answered.
     let mut review_body = large.clone();
     review_body["request"]["options"] = json!(vec![0; 999]);
-    review_body["request"]["userInfo"] = json!({"username": "u", "groups": vec![""; 99_997]});
+    review_body["request"]["userInfo"] = json!({"username": "u", "groups": vec![""; 99_995]});
     let (_, response, _) = answer(&review_body);
     assert_eq!(response["allowed"], true, "{response}");
 }
