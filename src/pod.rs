@@ -58,7 +58,8 @@ pub struct PodImages {
 /// The containers a Pod may have in all its lists together. The most the
 /// webhook can be sent is what fits in its body limit (8 MiB): some 55 000
 /// of the smallest containers as the apiserver sends them, defaulted (~150
-/// bytes each); etcd's default object limit (1.5 MiB) stores about 26 000.
+/// bytes each); etcd's default object limit (1.5 MiB) would store roughly
+/// 26 000 (estimated from their protobuf size, not measured).
 /// A review sent straight to the port can hold far more, and each container
 /// costs the plan and the answer some 25 times its bytes: one 8 MiB review
 /// of 291 000 tiny containers peaked at 268 MB, past the shipped memory
