@@ -43,6 +43,34 @@ fn make_sendable(warning: &mut String) {
     }
 }
 
+/// The most warnings one answer carries. The apiserver passes on about
+/// 4096 characters of warnings per request (past that it cuts each to 256
+/// and stops at 4096 again), and each of ours is longer than 40: past this
+/// many none would reach the user, and a pod of thousands of unparsable
+/// images would be answered with megabytes of them.
+pub const MAX_WARNINGS_SENT: usize = 100;
+
+/// The warnings the answer carries: the policy's, then those the server
+/// added (about pull secrets, a few at most), cut to [`MAX_WARNINGS_SENT`]
+/// with the last saying how many were left out. The policy's (one per
+/// container) make way for the server's.
+fn sent_warnings(mut planned: Vec<String>, added: Vec<String>) -> Vec<String> {
+    let total = planned.len() + added.len();
+    if total <= MAX_WARNINGS_SENT {
+        planned.extend(added);
+        return planned;
+    }
+    let room = MAX_WARNINGS_SENT - 1;
+    let added_kept = added.len().min(room);
+    planned.truncate(room - added_kept);
+    planned.extend(added.into_iter().take(added_kept));
+    planned.push(format!(
+        "{} more warnings left out: the apiserver passes on about 4096 characters of them",
+        total - room
+    ));
+    planned
+}
+
 /// A body that is not an AdmissionReview we can answer: the server replies
 /// 400 with this message.
 #[derive(Debug, thiserror::Error)]
@@ -214,12 +242,9 @@ impl Planned {
     /// Encodes the answer.
     pub fn into_response(mut self) -> Reviewed {
         let mut patch = None;
+        let mut planned_warnings = Vec::new();
         if let Some(plan) = self.plan {
-            if !plan.warnings.is_empty() {
-                let mut warnings = plan.warnings;
-                warnings.extend(self.response.warnings.take().unwrap_or_default());
-                self.response.warnings = Some(warnings);
-            }
+            planned_warnings = plan.warnings;
             if !plan.rewritten.is_empty() {
                 // The apiserver keeps a webhook's audit annotations of both
                 // passes on one record and refuses to overwrite a key with
@@ -238,9 +263,10 @@ impl Planned {
             }
             self.summary.rewritten = plan.rewritten;
         }
-        for warning in self.response.warnings.iter_mut().flatten() {
-            make_sendable(warning);
-        }
+        let added = self.response.warnings.take().unwrap_or_default();
+        let mut warnings = sent_warnings(planned_warnings, added);
+        warnings.iter_mut().for_each(make_sendable);
+        self.response.warnings = (!warnings.is_empty()).then_some(warnings);
         Reviewed {
             body: encode(&self.response, patch.as_ref()),
             summary: self.summary,
@@ -648,6 +674,59 @@ mod tests {
             .expect("kept");
         assert_eq!(long.chars().count(), MAX_WARNING_CHARS + 3, "{long}");
         assert!(long.ends_with("..."));
+    }
+
+    /// A pod of many unparsable images is answered with as many warnings as
+    /// the apiserver can pass on, not one per container; the server's own
+    /// (a pull secret that cannot exist) are kept, and the count is not cut.
+    #[test]
+    fn warnings_past_what_the_apiserver_shows_are_left_out() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let policy = example_policy();
+        let body = std::fs::read(root.join("examples/admission-review.json")).expect("example");
+        let mut review: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let unparsable = |count: usize| -> serde_json::Value {
+            (0..count)
+                .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "Not/Valid"}))
+                .collect()
+        };
+        const SECRET_WARNING: &str =
+            r#"imagePullSecret "harbor-pull" is missing in namespace "team-a" and was not copied"#;
+        let mut answer_for = |containers: usize| {
+            review["request"]["object"]["spec"]["containers"] = unparsable(containers);
+            let body = serde_json::to_vec(&review).expect("JSON");
+            let mut planned = plan_review(&policy, &body).expect("a review");
+            planned.add_warning(SECRET_WARNING.to_owned());
+            let reviewed = planned.into_response();
+            let answer: serde_json::Value = serde_json::from_slice(&reviewed.body).expect("JSON");
+            let warnings: Vec<String> = answer["response"]["warnings"]
+                .as_array()
+                .expect("warnings")
+                .iter()
+                .map(|w| w.as_str().expect("a string").to_owned())
+                .collect();
+            (warnings, reviewed.summary)
+        };
+
+        let (warnings, summary) = answer_for(MAX_WARNINGS_SENT - 1);
+        assert_eq!(warnings.len(), MAX_WARNINGS_SENT);
+        assert_eq!(summary.warnings, MAX_WARNINGS_SENT);
+        assert!(warnings.iter().all(|w| !w.contains("left out")));
+
+        let (warnings, summary) = answer_for(300);
+        assert_eq!(warnings.len(), MAX_WARNINGS_SENT);
+        assert_eq!((summary.warnings, summary.unparsable), (301, 300));
+        assert!(warnings[0].starts_with(r#"container "c0": image "Not/Valid""#));
+        assert!(warnings[MAX_WARNINGS_SENT - 3].starts_with(r#"container "c97":"#));
+        assert_eq!(warnings[MAX_WARNINGS_SENT - 2], SECRET_WARNING);
+        assert_eq!(
+            warnings[MAX_WARNINGS_SENT - 1],
+            "202 more warnings left out: the apiserver passes on about 4096 characters of them"
+        );
+        assert!(
+            warnings.iter().all(|w| w.chars().count() > 40),
+            "{warnings:?}"
+        );
     }
 
     #[test]
