@@ -51,6 +51,11 @@ static REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     ))
 });
 
+/// go-digest's `DigestRegexpAnchored`: the form it requires of a digest
+/// whose algorithm it does not support before calling it unsupported.
+static GO_DIGEST: LazyLock<Regex> =
+    LazyLock::new(|| compile("^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$"));
+
 static ANCHORED_DOMAIN: LazyLock<Regex> =
     LazyLock::new(|| compile(&format!("^{}$", domain_and_port())));
 
@@ -271,7 +276,10 @@ fn validate_digest(digest: &str) -> Result<&str, ReferenceError> {
         "sha256" => 64,
         "sha384" => 96,
         "sha512" => 128,
-        _ => return Err(ReferenceError::DigestUnsupported),
+        // Unknown here: unsupported if it has go-digest's form (a lowercase
+        // algorithm), else an invalid format, as go-digest says.
+        _ if GO_DIGEST.is_match(digest) => return Err(ReferenceError::DigestUnsupported),
+        _ => return Err(ReferenceError::DigestInvalidFormat),
     };
     if encoded.len() != hex_digits {
         return Err(ReferenceError::DigestInvalidLength);
@@ -355,6 +363,28 @@ mod tests {
                 Reference::parse_normalized(&format!("nginx@{unsupported}")).unwrap_err(),
                 ReferenceError::DigestUnsupported,
                 "{unsupported}"
+            );
+        }
+    }
+
+    /// go-digest calls an algorithm it does not know unsupported only when
+    /// the digest has its own form (a lowercase algorithm); otherwise the
+    /// format is invalid.
+    #[test]
+    fn an_unknown_algorithm_in_capitals_is_an_invalid_format() {
+        let hex = "0123456789abcdef".repeat(4);
+        for algorithm in ["SHA256", "Sha256", "sha256+B64", "A.B"] {
+            assert_eq!(
+                Reference::parse(&format!("x@{algorithm}:{hex}")).unwrap_err(),
+                ReferenceError::DigestInvalidFormat,
+                "{algorithm}"
+            );
+        }
+        for algorithm in ["sha1", "sha256+b64", "a.b-c_d", "blake3"] {
+            assert_eq!(
+                Reference::parse(&format!("x@{algorithm}:{hex}")).unwrap_err(),
+                ReferenceError::DigestUnsupported,
+                "{algorithm}"
             );
         }
     }
