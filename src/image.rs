@@ -116,7 +116,7 @@ impl Reference {
             if text.is_empty() {
                 return Err(ReferenceError::NameEmpty);
             }
-            if REFERENCE.is_match(&text.to_lowercase()) {
+            if REFERENCE.is_match(&go_to_lower(&text)) {
                 return Err(ReferenceError::NameContainsUppercase);
             }
             return Err(ReferenceError::InvalidFormat);
@@ -208,6 +208,16 @@ impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// Go's `strings.ToLower`: each character by its simple case mapping, so
+/// `İ` (U+0130) is `i`, where `str::to_lowercase` makes it `i̇`, which no
+/// reference matches. (U+0130 is the one character whose lowercase is
+/// longer than one, and the first of it is its simple mapping.)
+fn go_to_lower(text: &str) -> String {
+    text.chars()
+        .map(|c| c.to_lowercase().next().unwrap_or(c))
+        .collect()
 }
 
 /// Go's `strings.ToLower(s) != s`, without building the lowercase copy.
@@ -365,6 +375,31 @@ mod tests {
                 "{unsupported}"
             );
         }
+    }
+
+    /// Go's `strings.ToLower` maps each character alone (simple case
+    /// mapping): `İ` (U+0130) becomes `i`, so upstream calls `nİnx` a name
+    /// that must be lowercase. Rust's `str::to_lowercase` makes it `i̇` (two
+    /// characters), which no reference matches.
+    #[test]
+    fn a_capital_that_lowercases_to_ascii_as_go_does_is_uppercase() {
+        for input in ["İ", "nİnx", "x:İ", "localhost/x:İ", "\u{212a}"] {
+            assert_eq!(
+                Reference::parse(input).unwrap_err(),
+                ReferenceError::NameContainsUppercase,
+                "{input}"
+            );
+        }
+        assert_eq!(
+            Reference::parse_normalized("x:İ").unwrap_err(),
+            ReferenceError::NameContainsUppercase
+        );
+        // Lowercase, it is still no reference: `ı` (dotless i) lowercases
+        // to itself.
+        assert_eq!(
+            Reference::parse("nınx").unwrap_err(),
+            ReferenceError::InvalidFormat
+        );
     }
 
     /// go-digest calls an algorithm it does not know unsupported only when
