@@ -20,6 +20,10 @@
 // own lowercase check of the repository name) or "fmt:NoName"; "other" for
 // anything else. "tag" and "digest" are null when absent; "domain" is ""
 // when Parse found none.
+//
+// With the argument -unicode-version it prints the version of Go's Unicode
+// tables instead (strings.ToLower's, which decide whether a name is
+// uppercase) and exits.
 package main
 
 import (
@@ -29,6 +33,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"unicode"
 
 	// go-digest supports an algorithm only when its hash is linked into the
 	// program. The binaries that pull images (kubelet, containerd, CRI-O)
@@ -120,6 +125,10 @@ func describe(ref reference.Reference, err error) any {
 }
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == "-unicode-version" {
+		fmt.Println(unicode.Version)
+		return
+	}
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 0, 1<<16), 1<<26)
 	out := bufio.NewWriter(os.Stdout)
