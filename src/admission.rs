@@ -43,32 +43,49 @@ fn make_sendable(warning: &mut String) {
     }
 }
 
-/// The most warnings one answer carries. The apiserver passes on about
-/// 4096 characters of warnings per request (past that it cuts each to 256
-/// and stops at 4096 again), and each of ours is longer than 40: past this
-/// many none would reach the user, and a pod of thousands of unparsable
-/// images would be answered with megabytes of them.
-pub const MAX_WARNINGS_SENT: usize = 100;
+/// The characters of warnings the apiserver shows per request, in the
+/// order the answer lists them: past them it cuts every warning (other
+/// webhooks' too) to 256 and stops at this many again
+/// (k8s.io/apiserver/pkg/endpoints/filters/warning.go). An answer carries no
+/// more, or a pod of thousands of unparsable images would be answered with
+/// megabytes of warnings of which the user sees the first few.
+const WARNING_CHARS_SHOWN: usize = 4096;
 
-/// The warnings the answer carries: the policy's, then those the server
-/// added (about pull secrets, a few at most), cut to [`MAX_WARNINGS_SENT`]
-/// with the last saying how many were left out. The policy's (one per
-/// container) make way for the server's.
-fn sent_warnings(mut planned: Vec<String>, added: Vec<String>) -> Vec<String> {
+/// The warnings the answer carries, each made sendable: those the server
+/// added first (about pull secrets: a few, about the whole pod), then the
+/// policy's (one per container), as many as come to
+/// [`WARNING_CHARS_SHOWN`], with, when some are left out, a last one within
+/// that saying how many. So the apiserver passes on every one sent (unless
+/// another webhook's came first).
+fn sent_warnings(planned: Vec<String>, added: Vec<String>) -> Vec<String> {
     let total = planned.len() + added.len();
-    if total <= MAX_WARNINGS_SENT {
-        planned.extend(added);
-        return planned;
+    let mut sent = Vec::new();
+    let mut chars = 0;
+    for mut warning in added.into_iter().chain(planned) {
+        make_sendable(&mut warning);
+        let length = warning.chars().count();
+        if chars + length > WARNING_CHARS_SHOWN {
+            break;
+        }
+        chars += length;
+        sent.push(warning);
     }
-    let room = MAX_WARNINGS_SENT - 1;
-    let added_kept = added.len().min(room);
-    planned.truncate(room - added_kept);
-    planned.extend(added.into_iter().take(added_kept));
-    planned.push(format!(
-        "{} more warnings left out: the apiserver passes on about 4096 characters of them",
-        total - room
-    ));
-    planned
+    if sent.len() == total {
+        return sent;
+    }
+    loop {
+        let note = format!(
+            "{} more warnings left out: the apiserver passes on about {WARNING_CHARS_SHOWN} characters of them",
+            total - sent.len()
+        );
+        let length = note.chars().count();
+        if chars + length <= WARNING_CHARS_SHOWN {
+            sent.push(note);
+            return sent;
+        }
+        // The last one sent makes way for the note.
+        chars -= sent.pop().map_or(0, |w| w.chars().count());
+    }
 }
 
 /// A body that is not an AdmissionReview we can answer: the server replies
@@ -264,8 +281,7 @@ impl Planned {
             self.summary.rewritten = plan.rewritten;
         }
         let added = self.response.warnings.take().unwrap_or_default();
-        let mut warnings = sent_warnings(planned_warnings, added);
-        warnings.iter_mut().for_each(make_sendable);
+        let warnings = sent_warnings(planned_warnings, added);
         self.response.warnings = (!warnings.is_empty()).then_some(warnings);
         Reviewed {
             body: encode(&self.response, patch.as_ref()),
@@ -676,24 +692,62 @@ mod tests {
         assert!(long.ends_with("..."));
     }
 
-    /// A pod of many unparsable images is answered with as many warnings as
-    /// the apiserver can pass on, not one per container; the server's own
-    /// (a pull secret that cannot exist) are kept, and the count is not cut.
+    /// What kube-apiserver v0.34 shows the user of the warnings an answer
+    /// carries, in order (k8s.io/apiserver/pkg/endpoints/filters/warning.go):
+    /// each text once; all of them while they come to 4096 characters, else
+    /// every one cut to 256 characters until 4096 are written.
+    fn apiserver_shows(warnings: &[String]) -> Vec<String> {
+        const TOTAL: usize = 4096;
+        let cut = |w: &str| w.chars().take(256).collect::<String>();
+        let mut seen = HashSet::new();
+        let mut ordered: Vec<&str> = Vec::new();
+        let mut shown: Vec<String> = Vec::new();
+        let (mut written, mut truncating) = (0, false);
+        for warning in warnings {
+            if warning.is_empty() {
+                continue;
+            }
+            if truncating && written >= TOTAL {
+                break;
+            }
+            if !seen.insert(warning.as_str()) {
+                continue;
+            }
+            ordered.push(warning);
+            let text = if truncating {
+                cut(warning)
+            } else {
+                warning.clone()
+            };
+            let length = text.chars().count();
+            if truncating || written + length <= TOTAL {
+                written += length;
+                shown.push(text);
+                continue;
+            }
+            truncating = true;
+            shown = ordered.iter().map(|w| cut(w)).collect();
+            written = shown.iter().map(|w| w.chars().count()).sum();
+        }
+        shown
+    }
+
+    /// A pod of many unparsable images is answered with the warnings the
+    /// apiserver shows, not one per container: the server's own (a pull
+    /// secret that cannot exist) first, then the policy's, and a last one
+    /// counting those left out; all of them reach the user.
     #[test]
     fn warnings_past_what_the_apiserver_shows_are_left_out() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let policy = example_policy();
         let body = std::fs::read(root.join("examples/admission-review.json")).expect("example");
         let mut review: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-        let unparsable = |count: usize| -> serde_json::Value {
-            (0..count)
-                .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "Not/Valid"}))
-                .collect()
-        };
         const SECRET_WARNING: &str =
             r#"imagePullSecret "harbor-pull" is missing in namespace "team-a" and was not copied"#;
-        let mut answer_for = |containers: usize| {
-            review["request"]["object"]["spec"]["containers"] = unparsable(containers);
+        let mut answer_for = |containers: usize, image: &str| {
+            review["request"]["object"]["spec"]["containers"] = (0..containers)
+                .map(|i| serde_json::json!({"name": format!("c{i}"), "image": image}))
+                .collect();
             let body = serde_json::to_vec(&review).expect("JSON");
             let mut planned = plan_review(&policy, &body).expect("a review");
             planned.add_warning(SECRET_WARNING.to_owned());
@@ -708,25 +762,31 @@ mod tests {
             (warnings, reviewed.summary)
         };
 
-        let (warnings, summary) = answer_for(MAX_WARNINGS_SENT - 1);
-        assert_eq!(warnings.len(), MAX_WARNINGS_SENT);
-        assert_eq!(summary.warnings, MAX_WARNINGS_SENT);
+        let (warnings, summary) = answer_for(3, "Not/Valid");
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
+        assert_eq!(summary.warnings, 4);
+        assert_eq!(apiserver_shows(&warnings), warnings);
         assert!(warnings.iter().all(|w| !w.contains("left out")));
 
-        let (warnings, summary) = answer_for(300);
-        assert_eq!(warnings.len(), MAX_WARNINGS_SENT);
-        assert_eq!((summary.warnings, summary.unparsable), (301, 300));
-        assert!(warnings[0].starts_with(r#"container "c0": image "Not/Valid""#));
-        assert!(warnings[MAX_WARNINGS_SENT - 3].starts_with(r#"container "c97":"#));
-        assert_eq!(warnings[MAX_WARNINGS_SENT - 2], SECRET_WARNING);
-        assert_eq!(
-            warnings[MAX_WARNINGS_SENT - 1],
-            "202 more warnings left out: the apiserver passes on about 4096 characters of them"
-        );
-        assert!(
-            warnings.iter().all(|w| w.chars().count() > 40),
-            "{warnings:?}"
-        );
+        let long_image = format!("Not/{}", "x".repeat(300));
+        for image in ["Not/Valid", &long_image] {
+            let (warnings, summary) = answer_for(300, image);
+            assert_eq!((summary.warnings, summary.unparsable), (301, 300));
+            // Everything sent reaches the user, the pull secret's warning
+            // and the count of those left out included.
+            assert_eq!(apiserver_shows(&warnings), warnings, "{image}");
+            assert_eq!(warnings[0], SECRET_WARNING);
+            assert!(warnings[1].starts_with(r#"container "c0": image "Not/"#));
+            let sent_of_ours = warnings.len() - 1;
+            assert!(sent_of_ours > 10, "{warnings:?}");
+            assert_eq!(
+                warnings[sent_of_ours],
+                format!(
+                    "{} more warnings left out: the apiserver passes on about 4096 characters of them",
+                    301 - sent_of_ours
+                )
+            );
+        }
     }
 
     #[test]
