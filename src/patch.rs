@@ -191,7 +191,9 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 &pointer,
             );
             plan.operations.extend(operation);
-            plan.warnings.extend(warning);
+            // First: it is about the whole pod, and the apiserver shows
+            // only the first 4096 characters of warnings.
+            plan.warnings.splice(0..0, warning);
         }
     }
     plan

@@ -475,6 +475,29 @@ fn annotation_that_is_not_a_json_object_is_replaced_with_a_warning() {
     }
 }
 
+/// The apiserver shows only the first 4096 characters of warnings: the one
+/// about the whole pod comes before the containers', so a pod of many
+/// unparsable images still shows it.
+#[test]
+fn the_warning_about_the_pod_comes_before_the_containers() {
+    let mut containers = vec![("app", "nginx:1.27")];
+    let names: Vec<String> = (0..200).map(|i| format!("bad{i}")).collect();
+    containers.extend(names.iter().map(|name| (name.as_str(), "Not/Valid")));
+    let mut object = pod(NS, &[], &containers, None);
+    object["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION] = json!("not json");
+    let warnings = create(&policy(), object, NS).warnings();
+    assert!(
+        warnings[0].contains(ORIGINAL_IMAGES_ANNOTATION) && warnings[0].contains("replaced"),
+        "{:?}",
+        &warnings[..2]
+    );
+    assert!(
+        warnings[1].starts_with(r#"container "bad0""#),
+        "{}",
+        warnings[1]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // No patch
 // ---------------------------------------------------------------------------
