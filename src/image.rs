@@ -210,19 +210,23 @@ impl fmt::Display for Reference {
     }
 }
 
-/// Go's `strings.ToLower`: each character by its simple case mapping, so
-/// `İ` (U+0130) is `i`, where `str::to_lowercase` makes it `i̇`, which no
-/// reference matches. (U+0130 is the one character whose lowercase is
-/// longer than one, and the first of it is its simple mapping.)
+/// Go's `unicode.ToLower`, which `strings.ToLower` applies to each
+/// character: the simple case mapping, so `İ` (U+0130) is `i`, where
+/// `str::to_lowercase` makes it `i̇`, which no reference matches. (U+0130
+/// is the one character whose lowercase is longer than one, and the first
+/// of it is its simple mapping.)
+fn go_lowercase(c: char) -> char {
+    c.to_lowercase().next().unwrap_or(c)
+}
+
+/// Go's `strings.ToLower`.
 fn go_to_lower(text: &str) -> String {
-    text.chars()
-        .map(|c| c.to_lowercase().next().unwrap_or(c))
-        .collect()
+    text.chars().map(go_lowercase).collect()
 }
 
 /// Go's `strings.ToLower(s) != s`, without building the lowercase copy.
 fn changes_when_lowercased(text: &str) -> bool {
-    text.chars().any(|c| c.to_lowercase().ne([c]))
+    text.chars().any(|c| go_lowercase(c) != c)
 }
 
 /// Whether `host` is a registry host (with optional port) in the grammar.

@@ -329,7 +329,7 @@ impl Rng {
 }
 
 fn hex(len: usize) -> String {
-    "0123456789abcdef".chars().cycle().take(len).collect()
+    repeat("0123456789abcdef", len)
 }
 
 fn repeat(piece: &str, len: usize) -> String {
