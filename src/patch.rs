@@ -103,6 +103,9 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         .map(|secret| secret.name.as_str())
         .collect();
     let mut needed_secrets = PullSecretSet::default();
+    // About what the whole pod lacks: they go before the per-container
+    // warnings, as the apiserver shows only the first 4096 characters.
+    let mut missing_secret_warnings = Vec::new();
     for (list, kind, containers) in container_lists(spec) {
         for (index, container) in containers.iter().enumerate() {
             let (name, image) = (container.name.as_str(), container.image.as_deref());
@@ -161,7 +164,7 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 && !existing_secrets.contains(secret)
                 && !needed_secrets.contains(secret)
             {
-                plan.warnings.push(format!(
+                missing_secret_warnings.push(format!(
                     "{kind} {}: the pod has no imagePullSecret {secret:?}, which its image's \
                      registry needs; ephemeral containers cannot add one, so the pull may fail",
                     quoted_for_warning(name, NAME_CHARS_IN_WARNING),
@@ -170,6 +173,7 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             needed_secrets.insert(secret);
         }
     }
+    plan.warnings.splice(0..0, missing_secret_warnings);
 
     if *scope == Scope::WholePod {
         plan.operations.extend(pull_secret_operations(

@@ -882,6 +882,39 @@ fn ephemeral_update_under_the_target_still_warns_about_the_secret() {
     assert!(warnings[0].contains("\"harbor-pull\""), "{warnings:?}");
 }
 
+/// The apiserver shows the first 4096 characters of warnings: what the pod
+/// lacks comes before the warnings about each new container's image, or a
+/// debug session of many unparsable images would hide it.
+#[test]
+fn ephemeral_update_warns_about_the_missing_secret_first() {
+    let (old, mut new) = debug_review(None, "nicolaka/netshoot:v0.13");
+    let debuggers = new["spec"]["ephemeralContainers"].as_array_mut().unwrap();
+    let needs_the_secret = debuggers.pop().unwrap();
+    for index in 0..60 {
+        debuggers.push(ephemeral_container(
+            &format!("debugger-unparsable-{index}"),
+            "Busybox",
+            "app",
+        ));
+    }
+    debuggers.push(needs_the_secret);
+    let out = round_trip(&policy(), ephemeral_containers_review(old, new, NS));
+    let warnings = out.warnings();
+    assert!(
+        warnings[0].contains("\"debugger-new\"")
+            && warnings[0].contains("no imagePullSecret \"harbor-pull\""),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("\"debugger-unparsable-0\""),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.last().unwrap().contains("more warnings left out"),
+        "{warnings:?}"
+    );
+}
+
 #[test]
 fn ephemeral_update_with_an_unparsable_image_warns() {
     let (old, new) = debug_review(Some(&["harbor-pull"]), "Busybox");
