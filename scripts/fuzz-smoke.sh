@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds="${FUZZ_SECONDS:-15}"
 cargo +nightly fuzz build -O
-for target in reference config admission; do
+for target in reference config admission mutate; do
   work="$(mktemp -d)"
   dict=()
   if [ -f "$target.dict" ]; then dict=("-dict=$target.dict"); fi
