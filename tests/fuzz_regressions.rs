@@ -4,6 +4,7 @@ mod common;
 
 use common::{admission_review, pod_after, review_in_process};
 use image_rewriter::config::ConfigFile;
+use image_rewriter::offline::mutate_documents;
 use image_rewriter::policy::Policy;
 use serde_json::{Value, json};
 
@@ -42,4 +43,23 @@ fn a_pod_without_metadata_gets_a_patch_that_applies() {
         let again = admission_review(patched, "CREATE", "team-a");
         assert_eq!(review_in_process(&policy(), &again).1, None, "{object}");
     }
+}
+
+/// fuzz/corpus/mutate/regression-float-digits.json: `mutate` read a JSON
+/// float of 17 significant digits (as serde_json and Go print one) a step
+/// away from its value (serde_json parses floats fast, not exactly, unless
+/// told otherwise), and printed another number than the one written.
+#[test]
+fn mutate_keeps_a_json_float_of_17_digits() {
+    let input = r#"{"kind": "ConfigMap", "data": {}, "size": 1.8446724417370954e+20}"#;
+    let output = mutate_documents(&policy(), input, None).unwrap().output;
+    assert!(
+        output.contains(r#""size": 1.8446724417370954e+20"#),
+        "{output}"
+    );
+    // From an integer too long for 64 bits, as the fuzzer found it.
+    let input = r#"{"kind": "ConfigMap", "data": {}, "size": 184467244173709551616}"#;
+    let first = mutate_documents(&policy(), input, None).unwrap();
+    let second = mutate_documents(&policy(), &first.output, None).unwrap();
+    assert_eq!(second.output, first.output);
 }
