@@ -3,9 +3,10 @@
 //!
 //! Invariants: no panic; what it prints reads back (as `mutate` reads its
 //! input, so YAML as kubectl reads it) to a second pass that prints the same
-//! text and rewrites nothing; and between input and output only images,
-//! `imagePullSecrets` and the original-images annotation change: nothing else
-//! the user wrote is lost or read back as another value.
+//! text and rewrites nothing; and between input and output only images (as
+//! the policy moves them), `imagePullSecrets` (entries added) and the
+//! original-images annotation change: nothing else the user wrote is lost or
+//! read back as another value. Which objects hold a pod is not checked here.
 #![no_main]
 
 mod common;
@@ -13,6 +14,7 @@ mod common;
 use image_rewriter::kubectl_yaml;
 use image_rewriter::offline::mutate_documents;
 use image_rewriter::patch::ORIGINAL_IMAGES_ANNOTATION;
+use image_rewriter::policy::Decision;
 use json_patch::PatchOperation;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -44,15 +46,24 @@ fuzz_target!(|data: &[u8]| {
         "objects lost or added\ninput:\n{text}\noutput:\n{}",
         first.output
     );
+    let mut images_moved = 0;
     for (before, after) in before.iter().zip(&after) {
         for operation in json_patch::diff(before, after).iter() {
             assert!(
-                is_a_rewrite(operation),
+                is_a_rewrite(before, operation),
                 "{operation:?} is not a rewrite\ninput:\n{text}\noutput:\n{}",
                 first.output
             );
+            images_moved += usize::from(
+                matches!(operation, PatchOperation::Replace(_)) && is_an_image(operation),
+            );
         }
     }
+    assert_eq!(
+        images_moved, first.rewritten,
+        "images moved, and those mutate counts\ninput:\n{text}\noutput:\n{}",
+        first.output
+    );
 });
 
 /// The objects of a stream as `mutate` reads it: one JSON value or several
@@ -73,33 +84,94 @@ fn objects(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// An image moved, a pull secret added, or the original images recorded.
-fn is_a_rewrite(operation: &PatchOperation) -> bool {
-    let (path, value) = match operation {
-        PatchOperation::Add(add) => (&add.path, Some(&add.value)),
-        PatchOperation::Replace(replace) => (&replace.path, Some(&replace.value)),
-        _ => return false,
-    };
-    let tokens: Vec<String> = path.tokens().map(|t| t.decoded().into_owned()).collect();
+/// Where a container's image is.
+fn is_an_image(operation: &PatchOperation) -> bool {
+    let tokens: Vec<String> = operation
+        .path()
+        .tokens()
+        .map(|t| t.decoded().into_owned())
+        .collect();
     let tail: Vec<&str> = tokens.iter().rev().map(String::as_str).collect();
-    let only_the_record = |value: Option<&Value>| {
-        value
-            .and_then(Value::as_object)
-            .is_some_and(|map| map.len() == 1 && map.contains_key(ORIGINAL_IMAGES_ANNOTATION))
-    };
-    match tail.as_slice() {
+    matches!(
+        tail.as_slice(),
         [
             "image",
             _,
             "containers" | "initContainers" | "ephemeralContainers",
-            ..,
-        ] => true,
-        ["imagePullSecrets", ..] | [_, "imagePullSecrets", ..] => true,
-        [key, "annotations", "metadata", ..] => *key == ORIGINAL_IMAGES_ANNOTATION,
-        ["annotations", "metadata", ..] => only_the_record(value),
-        ["metadata", ..] => value.and_then(Value::as_object).is_some_and(|metadata| {
-            metadata.len() == 1 && only_the_record(metadata.get("annotations"))
-        }),
+            ..
+        ]
+    )
+}
+
+/// An image moved as the policy moves it, a pull secret entry added (one a
+/// rule names), or the original images recorded; a field replaced whole
+/// only where it was `null` (as good as absent), never an existing entry.
+fn is_a_rewrite(before: &Value, operation: &PatchOperation) -> bool {
+    let (path, value, replaces) = match operation {
+        PatchOperation::Add(add) => (&add.path, &add.value, false),
+        PatchOperation::Replace(replace) => (&replace.path, &replace.value, true),
+        _ => return false,
+    };
+    let was = before.pointer(path.as_str());
+    let over_nothing = !replaces || was.is_some_and(Value::is_null);
+    if is_an_image(operation) {
+        return replaces
+            && was.and_then(Value::as_str).is_some_and(|image| {
+                matches!(common::POLICY.decide(image), Decision::Rewrite { image, .. } if *value == image)
+            });
+    }
+    let tokens: Vec<String> = path.tokens().map(|t| t.decoded().into_owned()).collect();
+    let tail: Vec<&str> = tokens.iter().rev().map(String::as_str).collect();
+    match tail.as_slice() {
+        ["imagePullSecrets", ..] => {
+            over_nothing
+                && value
+                    .as_array()
+                    .is_some_and(|entries| entries.iter().all(is_a_pull_secret))
+        }
+        [_, "imagePullSecrets", ..] => !replaces && is_a_pull_secret(value),
+        [key, "annotations", "metadata", ..] => {
+            *key == ORIGINAL_IMAGES_ANNOTATION && is_a_record(value)
+        }
+        ["annotations", "metadata", ..] => over_nothing && only_the_record(value),
+        ["metadata", ..] => {
+            over_nothing
+                && value.as_object().is_some_and(|metadata| {
+                    metadata.len() == 1 && metadata.get("annotations").is_some_and(only_the_record)
+                })
+        }
         _ => false,
     }
+}
+
+/// `{name: S}`, S a rule's pull secret.
+fn is_a_pull_secret(entry: &Value) -> bool {
+    entry.as_object().is_some_and(|entry| {
+        entry.len() == 1
+            && entry
+                .get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|name| {
+                    common::POLICY
+                        .rules()
+                        .iter()
+                        .any(|rule| rule.pull_secret.as_deref() == Some(name))
+                })
+    })
+}
+
+/// Annotations holding only the original-images record.
+fn only_the_record(annotations: &Value) -> bool {
+    annotations.as_object().is_some_and(|map| {
+        map.len() == 1 && map.get(ORIGINAL_IMAGES_ANNOTATION).is_some_and(is_a_record)
+    })
+}
+
+/// The record's text: a JSON object (of container names to images, and
+/// whatever an earlier record held).
+fn is_a_record(value: &Value) -> bool {
+    value
+        .as_str()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+        .is_some_and(|record| record.is_object())
 }
