@@ -57,9 +57,15 @@ fn mutate_keeps_a_json_float_of_17_digits() {
         output.contains(r#""size": 1.8446724417370954e+20"#),
         "{output}"
     );
-    // From an integer too long for 64 bits, as the fuzzer found it.
-    let input = r#"{"kind": "ConfigMap", "data": {}, "size": 184467244173709551616}"#;
-    let first = mutate_documents(&policy(), input, None).unwrap();
-    let second = mutate_documents(&policy(), &first.output, None).unwrap();
-    assert_eq!(second.output, first.output);
+    // As the fuzzers found it: an integer too long for 64 bits, and a
+    // decimal of 18 digits that was read as 99999999.99999999 and printed
+    // so, which reads back as 100000000.0.
+    for input in [
+        r#"{"kind": "ConfigMap", "data": {}, "size": 184467244173709551616}"#,
+        "[][]99999999.9999999899",
+    ] {
+        let first = mutate_documents(&policy(), input, None).unwrap();
+        let second = mutate_documents(&policy(), &first.output, None).unwrap();
+        assert_eq!(second.output, first.output, "{input}");
+    }
 }
