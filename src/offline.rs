@@ -174,18 +174,18 @@ pub fn mutate_documents(
 }
 
 /// The objects of `mutate`'s input.
-struct Input {
-    documents: Vec<Value>,
-    is_json: bool,
+pub struct Input {
+    pub documents: Vec<Value>,
+    pub is_json: bool,
     /// What was read otherwise than it is written (a key written twice).
-    warnings: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// The input's objects: one JSON value or several in a row (as `jq` prints
 /// them), else YAML documents, flow style (`{kind: Pod, ...}`) included.
 /// Text that starts like JSON but is neither gets JSON's error, the likelier
 /// intent.
-fn read_documents(input: &str) -> Result<Input, MutateError> {
+pub fn read_documents(input: &str) -> Result<Input, MutateError> {
     let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     if !input.trim_start().starts_with(['{', '[']) {
         return read_yaml(input);

@@ -11,8 +11,7 @@
 
 mod common;
 
-use image_rewriter::kubectl_yaml;
-use image_rewriter::offline::mutate_documents;
+use image_rewriter::offline::{mutate_documents, read_documents};
 use image_rewriter::patch::ORIGINAL_IMAGES_ANNOTATION;
 use image_rewriter::policy::Decision;
 use json_patch::PatchOperation;
@@ -66,21 +65,15 @@ fuzz_target!(|data: &[u8]| {
     );
 });
 
-/// The objects of a stream as `mutate` reads it: one JSON value or several
-/// in a row, else YAML documents, whose empty ones hold no object.
+/// The objects of a stream as `mutate` reads it; an empty YAML document
+/// holds none.
 fn objects(text: &str) -> Vec<Value> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if text.trim_start().starts_with(['{', '['])
-        && let Ok(values) = serde_json::Deserializer::from_str(text)
-            .into_iter::<Value>()
-            .collect::<Result<Vec<_>, _>>()
-    {
-        return values;
-    }
-    let read = kubectl_yaml::documents(text).expect("read once by mutate");
-    read.documents
+    let input = read_documents(text).expect("read once by mutate");
+    let is_json = input.is_json;
+    input
+        .documents
         .into_iter()
-        .filter(|d| !d.is_null())
+        .filter(|d| is_json || !d.is_null())
         .collect()
 }
 
