@@ -6,7 +6,9 @@
 //! text and rewrites nothing; and between input and output only images (as
 //! the policy moves them), `imagePullSecrets` (entries added) and the
 //! original-images annotation change: nothing else the user wrote is lost or
-//! read back as another value. Which objects hold a pod is not checked here.
+//! read back as another value; and only inside the pod template of an
+//! object that holds one (by its kind and API group, in a namespace the
+//! policy does not exclude), judged by a table of its own here.
 #![no_main]
 
 mod common;
@@ -47,7 +49,19 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut images_moved = 0;
     for (before, after) in before.iter().zip(&after) {
+        let mut templates = Vec::new();
+        pod_templates(before, Listed::default(), Vec::new(), &mut templates);
         for operation in json_patch::diff(before, after).iter() {
+            let path: Vec<String> = operation
+                .path()
+                .tokens()
+                .map(|t| t.decoded().into_owned())
+                .collect();
+            assert!(
+                templates.iter().any(|template| path.starts_with(template)),
+                "{operation:?} is outside every pod template ({templates:?})\ninput:\n{text}\noutput:\n{}",
+                first.output
+            );
             assert!(
                 is_a_rewrite(before, operation),
                 "{operation:?} is not a rewrite\ninput:\n{text}\noutput:\n{}",
@@ -75,6 +89,84 @@ fn objects(text: &str) -> Vec<Value> {
         .into_iter()
         .filter(|d| is_json || !d.is_null())
         .collect()
+}
+
+/// What a typed list says of its items' kind and API version (a `PodList`'s
+/// items are Pods that name neither).
+#[derive(Clone, Copy, Default)]
+struct Listed<'a> {
+    kind: Option<&'a str>,
+    api_version: Option<&'a str>,
+}
+
+/// The paths (as tokens) of the pod templates in `object`, found at
+/// `prefix`: a Pod is one whole; a ReplicationController, Deployment,
+/// StatefulSet, DaemonSet, ReplicaSet or Job keeps one at spec.template, a
+/// CronJob at spec.jobTemplate.spec.template, a PodTemplate at template,
+/// each only in its own API group (a custom resource named Deployment holds
+/// none); a `List`'s items are searched; an object in a namespace the policy
+/// excludes holds none that may change.
+fn pod_templates(
+    object: &Value,
+    listed: Listed<'_>,
+    prefix: Vec<String>,
+    found: &mut Vec<Vec<String>>,
+) {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .or(listed.kind)
+        .unwrap_or("");
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .or(listed.api_version);
+    if let (Some(list_of), Some(items)) = (
+        kind.strip_suffix("List"),
+        object.get("items").and_then(Value::as_array),
+    ) {
+        let items_are = match list_of {
+            "" => Listed::default(),
+            kind => Listed {
+                kind: Some(kind),
+                api_version,
+            },
+        };
+        for (index, item) in items.iter().enumerate() {
+            let mut at = prefix.clone();
+            at.extend(["items".to_owned(), index.to_string()]);
+            pod_templates(item, items_are, at, found);
+        }
+        return;
+    }
+    if object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .is_some_and(|namespace| common::POLICY.excludes_namespace(namespace))
+    {
+        return;
+    }
+    let group = api_version.map(|version| version.rsplit_once('/').map_or("", |(group, _)| group));
+    let in_group = |groups: &[&str]| group.is_none_or(|group| groups.contains(&group));
+    let template: &[&str] = match kind {
+        "Pod" if in_group(&[""]) => &[],
+        "ReplicationController" if in_group(&[""]) => &["spec", "template"],
+        "PodTemplate" if in_group(&[""]) => &["template"],
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet"
+            if in_group(&["apps", "extensions"]) =>
+        {
+            &["spec", "template"]
+        }
+        "Job" if in_group(&["batch"]) => &["spec", "template"],
+        "CronJob" if in_group(&["batch"]) => &["spec", "jobTemplate", "spec", "template"],
+        _ => return,
+    };
+    found.push(
+        prefix
+            .into_iter()
+            .chain(template.iter().map(|t| (*t).to_owned()))
+            .collect(),
+    );
 }
 
 /// Where a container's image is.
