@@ -325,9 +325,12 @@ fn mutate_object(
         .map(PodImages::deserialize)
         .transpose()
         .map_err(|e| invalid(&field("spec"), e.to_string()))?;
+    // An empty namespace is no namespace, as the API and kubectl read it
+    // (cli-runtime's `SetNamespace` fills in `-n` when its length is 0).
     let namespace = object
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
+        .filter(|namespace| !namespace.is_empty())
         .or(target.namespace);
     let tokens: Vec<&str> = prefix
         .iter()

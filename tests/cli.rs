@@ -1058,6 +1058,19 @@ fn mutate_respects_excluded_namespaces() {
     assert_ne!(into(&[]), untouched);
     // Empty is not given, as for `--namespace`: a templated env value.
     assert_ne!(into(&["-n", ""]), untouched);
+    // An object's empty namespace (`namespace: ""`, a template's empty
+    // value) names none either: kubectl puts it where `-n` says.
+    let empty_namespace = POD.replace("  namespace: shop\n", "  namespace: \"\"\n");
+    assert_ne!(empty_namespace, POD);
+    let output = run_stdin(
+        &["mutate", "--config", s(&config), "-f", "-", "-n", "legacy"],
+        &empty_namespace,
+    );
+    assert_success(&output);
+    assert_eq!(
+        yaml_documents(&stdout(&output))[0],
+        yaml_documents(&empty_namespace)[0]
+    );
     let named = run_stdin(
         &["mutate", "--config", s(&config), "-f", "-", "-n", "legacy"],
         POD,
