@@ -111,6 +111,18 @@ fn normalize_prefix(text: &str) -> Result<String, String> {
              letters and digits separated by '.', '_', '__' or '-' (no tag, no digest)"
         ));
     }
+    // No image name has a longer path, so a match this long matches nothing
+    // and no image moved under a target this long is valid.
+    if let Some(path) = path
+        && path.len() > image::MAX_PATH_LENGTH
+    {
+        return Err(format!(
+            "{text:?} has a path of {} characters after its host, more than the {} an image \
+             name may have, so this rule would never rewrite anything",
+            path.len(),
+            image::MAX_PATH_LENGTH
+        ));
+    }
     Ok(with_canonical_host(text))
 }
 
@@ -1135,6 +1147,40 @@ exclude:
             policy.decide(&image),
             Decision::InvalidResult { .. }
         ));
+    }
+
+    /// A path longer than any image name's can never be a match, and no
+    /// image rewritten under it would be valid: such a rule would never
+    /// rewrite anything, so it is refused, as a match under a target is.
+    #[test]
+    fn a_match_or_target_path_longer_than_a_name_can_have_is_refused() {
+        let longest = "a".repeat(image::MAX_PATH_LENGTH);
+        let too_long = "a".repeat(image::MAX_PATH_LENGTH + 1);
+        for field in ["match", "target"] {
+            let (matched, target) = if field == "match" {
+                (format!("quay.io/{too_long}"), "harbor.example/q".to_owned())
+            } else {
+                ("quay.io".to_owned(), format!("harbor.example/{too_long}"))
+            };
+            let refused = refusal(&format!(
+                "rules:\n  - match: {matched}\n    target: {target}\n"
+            ));
+            assert!(
+                refused.starts_with(&format!("rules[0].{field}: "))
+                    && refused.contains("256 characters")
+                    && refused.contains("255"),
+                "{refused}"
+            );
+        }
+        // At the limit, an image named exactly by `match` goes to exactly
+        // `target`, which is valid.
+        let policy = policy(&format!(
+            "rules:\n  - match: quay.io/{longest}\n    target: harbor.example/{longest}\n"
+        ));
+        assert_eq!(
+            outcome(&policy, &format!("quay.io/{longest}:1")).0,
+            format!("harbor.example/{longest}:1")
+        );
     }
 
     #[test]
