@@ -139,6 +139,13 @@ pub fn mutate_documents(
         if !is_json && document.is_null() {
             continue;
         }
+        if let Some(what) = not_an_object(&document) {
+            mutated.warnings.push(format!(
+                "document {}: {what}, not an object, so it holds no pod: left as it is \
+                 (each document is read as one object; a list of objects is kind: List)",
+                index + 1
+            ));
+        }
         let target = Target {
             index: index + 1,
             namespace: target_namespace,
@@ -171,6 +178,18 @@ pub fn mutate_documents(
             .join("---\n")
     };
     Ok(mutated)
+}
+
+/// What a document is when it is not an object, as its writer would call it.
+fn not_an_object(document: &Value) -> Option<&'static str> {
+    match document {
+        Value::Object(_) => None,
+        Value::Array(_) => Some("a list"),
+        Value::String(_) => Some("a string"),
+        Value::Number(_) => Some("a number"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Null => Some("null"),
+    }
 }
 
 /// The objects of `mutate`'s input.

@@ -1013,6 +1013,51 @@ fn mutate_reads_json_values_in_a_row_and_flow_style_yaml() {
     );
 }
 
+/// A document that is not an object holds no pod: it is printed back as
+/// it was, with a warning naming it, not passed over in silence (a JSON
+/// array of pods looks like input that was mutated).
+#[test]
+fn mutate_warns_about_documents_that_are_not_objects() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let pod: Value = serde_yaml_ng::from_str(POD).unwrap();
+    let array = serde_json::to_string(&[&pod]).unwrap();
+    let output = mutate_stdin(&config, &array);
+    assert_success(&output);
+    let printed: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(printed, Value::Array(vec![pod.clone()]));
+    assert!(
+        stderr(&output).contains("document 1: a list, not an object"),
+        "{}",
+        stderr(&output)
+    );
+
+    let yaml = format!("{POD}---\n- a\n---\nhello\n---\n---\n42\n");
+    let output = mutate_stdin(&config, &yaml);
+    assert_success(&output);
+    let err = stderr(&output);
+    for expected in [
+        "document 2: a list, not an object",
+        "document 3: a string, not an object",
+        "document 5: a number, not an object",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    assert!(
+        !err.contains("document 1:") && !err.contains("document 4:"),
+        "{err}"
+    );
+    let documents = yaml_documents(&stdout(&output));
+    assert_eq!(
+        images_at(&documents[0], "/spec/containers")[0],
+        "harbor.corp.example/dockerhub/library/nginx:1.27"
+    );
+    assert_eq!(
+        documents[1..],
+        [serde_json::json!(["a"]), "hello".into(), 42.into()]
+    );
+}
+
 #[test]
 fn mutate_warns_about_unparsable_images_and_leaves_them() {
     let dir = Dir::new();
