@@ -934,12 +934,18 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             return;
         }
         let mut updated = copy_of(source, source_namespace, namespace);
-        updated.metadata.resource_version = current.metadata.resource_version.clone();
-        // Labels and annotations others added (a backup tool's, say) stay.
-        updated.metadata.labels = current.metadata.labels.clone();
-        let mut annotations = current.metadata.annotations.clone().unwrap_or_default();
-        annotations.insert(SOURCE_ANNOTATION.to_owned(), origin);
-        updated.metadata.annotations = Some(annotations);
+        // The copy's metadata as read, with its resourceVersion (a write in
+        // between is a conflict): an update replaces the labels, annotations,
+        // finalizers and owner references with the body's, and those others
+        // set (a backup tool's, say) must stay. Only the source annotation
+        // changes; managedFields left out are kept as they are.
+        let mut metadata = current.metadata.clone();
+        metadata.managed_fields = None;
+        metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SOURCE_ANNOTATION.to_owned(), origin);
+        updated.metadata = metadata;
         match api_call(api.replace(&name, &PostParams::default(), &updated)).await {
             Ok(written) => {
                 info!(secret = %name, %namespace, "pull secret copy updated from its source");

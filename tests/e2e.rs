@@ -1857,3 +1857,73 @@ async fn the_readme_kubectl_commands_work() {
         "the source is not a copy and stays"
     );
 }
+
+/// The apiserver replaces a Secret's finalizers and owner references with
+/// those of the update's body: a rotation must carry over the ones others
+/// set on a copy, not remove them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_keeps_the_finalizers_and_owner_references_of_a_copy() {
+    let env = Env::start(Overlay::ClusterWide).await;
+    let admin = env.admin();
+    env.namespace("team-f", &[]).await;
+    let created = env.create_pod("team-f", &app_pod("web", &[])).await;
+    assert_rewritten(&created, "team-f");
+    let copies: Api<Secret> = Api::namespaced(admin.clone(), "team-f");
+    let owner = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "team-f-registry",
+        "uid": "0b7b8d1e-0000-4000-8000-000000000001"
+    });
+    copies
+        .patch(
+            PULL_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {
+                "finalizers": ["backup.example.com/protect"],
+                "ownerReferences": [owner],
+            }})),
+        )
+        .await
+        .expect("a finalizer and an owner on the copy");
+
+    let sources: Api<Secret> = Api::namespaced(admin.clone(), WEBHOOK_NAMESPACE);
+    let rotated = env::docker_config_json("robot$e2e", "rotated-password");
+    let rotated_bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &rotated)
+            .expect("base64");
+    sources
+        .patch(
+            PULL_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {".dockerconfigjson": rotated}})),
+        )
+        .await
+        .expect("rotate the source");
+    let copy = eventually(
+        "the copy follows the rotation",
+        Duration::from_secs(10),
+        || {
+            let copies = copies.clone();
+            let wanted = rotated_bytes.clone();
+            async move {
+                let copy = copies.get(PULL_SECRET).await.map_err(|e| e.to_string())?;
+                if secret_data(&copy).get(".dockerconfigjson").map(|b| &b.0) == Some(&wanted) {
+                    Ok(copy)
+                } else {
+                    Err("still the old content".to_string())
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        copy.metadata.finalizers,
+        Some(vec!["backup.example.com/protect".to_string()]),
+        "webhook log:\n{}",
+        env.webhook.log_text()
+    );
+    let owners = copy.metadata.owner_references.unwrap_or_default();
+    assert_eq!(
+        owners.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+        ["team-f-registry"]
+    );
+}

@@ -1010,3 +1010,34 @@ async fn a_moved_source_with_the_same_content_is_named_by_every_copy() {
     })
     .await;
 }
+
+/// A rotation updates a copy's data and annotation only: the finalizers and
+/// owner references others set on it stay (a PUT without them removes them,
+/// which breaks the contract of whoever set them).
+#[tokio::test]
+async fn a_rotation_keeps_the_finalizers_and_owner_references_others_set() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    admit(&sync, &policy, "team-a").await;
+
+    let mut copy = fake.get("team-a", SECRET).unwrap();
+    let finalizers = json!(["backup.example.com/protect"]);
+    let owners = json!([{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "team-a-registry",
+        "uid": "0b7b8d1e-0000-4000-8000-000000000001"
+    }]);
+    copy["metadata"]["finalizers"] = finalizers.clone();
+    copy["metadata"]["ownerReferences"] = owners.clone();
+    fake.put("team-a", copy, "MODIFIED");
+
+    let rotated = fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    eventually("the copy carries the rotated password", || {
+        is_copy_of(&fake, "team-a", &rotated)
+    })
+    .await;
+    let copy = fake.get("team-a", SECRET).unwrap();
+    assert_eq!(copy["metadata"]["finalizers"], finalizers, "{copy:#}");
+    assert_eq!(copy["metadata"]["ownerReferences"], owners, "{copy:#}");
+}
