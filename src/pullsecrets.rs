@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
@@ -38,6 +38,11 @@ const PULL_SECRET_TYPES: [&str; 2] = ["kubernetes.io/dockerconfigjson", "kuberne
 /// Each API call of the background tasks gives up after this.
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const QUEUE_CAPACITY: usize = 1024;
+/// Copies made at once, each for another (namespace, name): a copy whose
+/// calls are slow or hang (up to [`API_CALL_TIMEOUT`] each) holds up only
+/// its own namespace's pods, and a burst of new namespaces does not add up
+/// one copy's latency after another.
+const COPIES_AT_ONCE: usize = 8;
 /// How often every copy is compared with its source anyway. Events alone
 /// miss a rotation whose sync met an API error, and a copy edited by hand
 /// while its source is unchanged is seen at once but not retried.
@@ -644,14 +649,26 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
     }
 }
 
-/// Creates the copies admissions asked for, one at a time, off the request
-/// path. It runs beside the reconciles: a copy made from a source read just
-/// before a rotation, and missed by that rotation's reconcile, is seen by
-/// the watch as differing from the source and reconciled again.
+/// Creates the copies admissions asked for, off the request path, up to
+/// [`COPIES_AT_ONCE`] at a time: one at a time, a copy whose create hung
+/// made every other namespace's first pod wait behind it, past its
+/// `waitForCopy`. Two jobs never share a key: a key's waiters join its one
+/// job until it is done. The copies run beside the reconciles: a copy made
+/// from a source read just before a rotation, and missed by that
+/// rotation's reconcile, is seen by the watch as differing from the source
+/// and reconciled again.
 async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
+    let slots = Arc::new(Semaphore::new(COPIES_AT_ONCE));
     while let Some((namespace, name)) = queue.recv().await {
-        let outcome = ensure_copy(&inner, &namespace, &name).await;
-        inner.copy_done(&namespace, &name, &outcome);
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let outcome = ensure_copy(&inner, &namespace, &name).await;
+            inner.copy_done(&namespace, &name, &outcome);
+            drop(slot);
+        });
     }
 }
 

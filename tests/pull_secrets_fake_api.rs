@@ -63,6 +63,9 @@ struct Fake {
     watches_started: AtomicUsize,
     /// Bumping this ends every open watch stream (a dropped connection).
     watch_generation: AtomicU64,
+    /// A namespace whose creates never answer (another admission webhook on
+    /// Secrets, scoped to it and hanging, say); others answer.
+    creates_hang_in: Mutex<Option<String>>,
 }
 
 impl Fake {
@@ -78,6 +81,7 @@ impl Fake {
             puts_written: AtomicUsize::new(0),
             watches_started: AtomicUsize::new(0),
             watch_generation: AtomicU64::new(0),
+            creates_hang_in: Mutex::default(),
         })
     }
 
@@ -260,6 +264,10 @@ async fn namespaced_collection(
 ) -> Response {
     if let Some(response) = faulted(&fake).await {
         return response;
+    }
+    let hangs_here = fake.creates_hang_in.lock().unwrap().as_deref() == Some(namespace.as_str());
+    if hangs_here {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     let secret: Value = serde_json::from_slice(&body).unwrap();
     let name = secret["metadata"]["name"]
@@ -1040,4 +1048,37 @@ async fn a_rotation_keeps_the_finalizers_and_owner_references_others_set() {
     let copy = fake.get("team-a", SECRET).unwrap();
     assert_eq!(copy["metadata"]["finalizers"], finalizers, "{copy:#}");
     assert_eq!(copy["metadata"]["ownerReferences"], owners, "{copy:#}");
+}
+
+/// The copy one namespace's first pod waits for is not held up by another
+/// namespace's copy whose create hangs (up to the 5 s API call timeout,
+/// well past the 2 s this admission waits).
+#[tokio::test]
+async fn a_copy_that_hangs_in_one_namespace_never_holds_up_another_namespaces() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    *fake.creates_hang_in.lock().unwrap() = Some("team-slow".into());
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let slow = {
+        let (sync, policy) = (sync.clone(), policy.clone());
+        tokio::spawn(async move {
+            sync.ensure_for_pod(&policy, "team-slow", &[SECRET.into()], None)
+                .await
+        })
+    };
+    // Its read of the source, then its create.
+    eventually("the create in team-slow is under way", || {
+        fake.calls.load(Ordering::SeqCst) >= calls + 2
+    })
+    .await;
+    admit(&sync, &policy, "team-fast").await;
+    assert!(
+        fake.get("team-fast", SECRET).is_some(),
+        "the copy exists once the admission returns"
+    );
+    // Still under way: no warning yet, the kubelet retries its pull.
+    assert!(slow.await.unwrap().is_empty());
 }
