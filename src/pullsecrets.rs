@@ -334,21 +334,21 @@ impl PullSecretSync {
             Some(deadline) => configured.min(tokio::time::Instant::from_std(deadline)),
             None => configured,
         };
-        let waited = tokio::time::timeout_at(
-            wait_until,
-            futures::future::join_all(pending.iter_mut().map(|(_, outcome)| outcome)),
-        )
-        .await;
-        // Not done in time: the copy goes on in the background and the
-        // kubelet retries its pull; nothing to warn about yet.
-        if let Ok(outcomes) = waited {
-            for ((name, _), outcome) in pending.iter().zip(outcomes) {
-                if let Ok(Outcome::Failed(reason)) = outcome {
-                    warnings.push(format!(
-                        "imagePullSecret {name:?} is missing in namespace {namespace:?} and could \
-                         not be copied from {source_namespace:?}: {reason}"
-                    ));
-                }
+        // Each copy waited for on its own: one still under way must not
+        // hide another that failed in time.
+        let waited =
+            futures::future::join_all(pending.into_iter().map(|(name, outcome)| async move {
+                (name, tokio::time::timeout_at(wait_until, outcome).await)
+            }))
+            .await;
+        for (name, outcome) in waited {
+            // Not done in time: the copy goes on in the background and the
+            // kubelet retries its pull; nothing to warn about yet.
+            if let Ok(Ok(Outcome::Failed(reason))) = outcome {
+                warnings.push(format!(
+                    "imagePullSecret {name:?} is missing in namespace {namespace:?} and could \
+                     not be copied from {source_namespace:?}: {reason}"
+                ));
             }
         }
         warnings

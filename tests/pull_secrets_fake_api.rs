@@ -66,6 +66,8 @@ struct Fake {
     /// A namespace whose creates never answer (another admission webhook on
     /// Secrets, scoped to it and hanging, say); others answer.
     creates_hang_in: Mutex<Option<String>>,
+    /// A Secret name whose creates never answer, in every namespace.
+    creates_hang_for: Mutex<Option<String>>,
 }
 
 impl Fake {
@@ -82,6 +84,7 @@ impl Fake {
             watches_started: AtomicUsize::new(0),
             watch_generation: AtomicU64::new(0),
             creates_hang_in: Mutex::default(),
+            creates_hang_for: Mutex::default(),
         })
     }
 
@@ -265,15 +268,16 @@ async fn namespaced_collection(
     if let Some(response) = faulted(&fake).await {
         return response;
     }
-    let hangs_here = fake.creates_hang_in.lock().unwrap().as_deref() == Some(namespace.as_str());
-    if hangs_here {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
     let secret: Value = serde_json::from_slice(&body).unwrap();
     let name = secret["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    let hangs_here = fake.creates_hang_in.lock().unwrap().as_deref() == Some(namespace.as_str())
+        || fake.creates_hang_for.lock().unwrap().as_deref() == Some(name.as_str());
+    if hangs_here {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     if fake.get(&namespace, &name).is_some() || fake.fault() == Fault::CreateConflict {
         return status(
             409,
@@ -1081,4 +1085,35 @@ async fn a_copy_that_hangs_in_one_namespace_never_holds_up_another_namespaces() 
     );
     // Still under way: no warning yet, the kubelet retries its pull.
     assert!(slow.await.unwrap().is_empty());
+}
+
+/// A pod that needs two pull secrets is warned of the copy that failed
+/// within its wait, even when the other copy is still under way when the
+/// wait ends.
+#[tokio::test]
+async fn a_failed_copy_is_warned_of_while_another_is_still_under_way() {
+    const OTHER: &str = "quay-pull";
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    // No source for quay-pull: its copy fails at once.
+    let policy = ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         \x20 - match: quay.io\n    target: harbor.corp.example/quay\n    pullSecret: {OTHER}\n\
+         pullSecretSync:\n  waitForCopy: 1s\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap();
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    // harbor-pull's create hangs past the wait.
+    *fake.creates_hang_for.lock().unwrap() = Some(SECRET.into());
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into(), OTHER.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&format!("{OTHER:?}")) && warnings[0].contains("does not exist"),
+        "{warnings:?}"
+    );
 }
