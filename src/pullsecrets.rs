@@ -240,6 +240,9 @@ impl PullSecretSync {
                 watch.task.abort();
                 if let Ok(mut cache) = inner.cache.write() {
                     cache.remove(name);
+                    // The gauge counts what is left: no event of the
+                    // dropped name's watch comes to update it.
+                    inner.update_cache_size(&cache);
                 }
             }
             keep

@@ -1117,3 +1117,32 @@ async fn a_failed_copy_is_warned_of_while_another_is_still_under_way() {
         "{warnings:?}"
     );
 }
+
+/// `pull_secret_cache_size` follows a reload that drops a name: its Secrets
+/// leave the cache, and the gauge.
+#[tokio::test]
+async fn a_reload_without_the_pull_secret_empties_the_cache_gauge() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    admit(&sync, &policy, "team-a").await;
+    assert!(
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_cache_size 2\n")
+    );
+
+    let without = ConfigFile::from_yaml(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n",
+    )
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap();
+    sync.configure(&without);
+    let text = metrics.encode();
+    assert!(
+        text.contains("image_rewriter_pull_secret_cache_size 0\n"),
+        "{text}"
+    );
+}
