@@ -658,6 +658,167 @@ fn every_overlay_is_checked() {
     );
 }
 
+/// Installing into another namespace: kustomize's `namespace:` moves every
+/// namespaced object and rewrites the references it knows (the webhook's
+/// `clientConfig.service.namespace`, the binding's subject), but not the
+/// namespace written inside other values. Each shipped overlay (and the
+/// monitoring component) is rendered under such an override, every place
+/// that still names the old namespace is found, and each must be one that
+/// README's paragraph on namespace overrides tells the user to change: left
+/// as it is, the webhook's own namespace is sent to it, its `caBundle` is
+/// never injected (every call fails TLS), or the Secret-write policy no
+/// longer applies to its account.
+#[test]
+fn a_namespace_override_leaves_behind_only_what_the_readme_says_to_change() {
+    const OTHER: &str = "platform-webhooks";
+    // (kind, where, the words README's paragraph must have for it)
+    const KNOWN: [(&str, &str, &str); 5] = [
+        (
+            "MutatingWebhookConfiguration",
+            "webhooks.namespaceSelector.matchExpressions.values",
+            "namespaceSelector",
+        ),
+        (
+            "MutatingWebhookConfiguration",
+            "metadata.annotations.cert-manager.io/inject-ca-from",
+            "cert-manager.io/inject-ca-from",
+        ),
+        ("Certificate", "spec.dnsNames", "DNS names"),
+        (
+            "ValidatingAdmissionPolicy",
+            "spec.matchConditions.expression",
+            "matchConditions",
+        ),
+        (
+            "PrometheusRule",
+            "spec.groups.rules.labels.namespace",
+            "PrometheusRule",
+        ),
+    ];
+    let Some(kubectl) = common::kubectl("namespace override") else {
+        return;
+    };
+    let readme = fs::read_to_string(repo_path("README.md")).expect("README.md");
+    // The list item, its lines joined.
+    let paragraph = readme
+        .split("\n- ")
+        .map(|item| item.split("\n\n").next().unwrap_or(item))
+        .map(|item| item.split_whitespace().collect::<Vec<_>>().join(" "))
+        .find(|item| item.contains("kustomize `namespace:` override"))
+        .expect("README.md: a list item on a kustomize `namespace:` override");
+
+    let ws = Workspace::new();
+    ws.generate_certs();
+    ws.write_overlay(
+        "test-cert-manager-prometheus-operator",
+        &[
+            "../../components/cluster-wide",
+            "../../components/cert-manager",
+            "../../components/prometheus-operator",
+        ],
+    );
+    let mut stale: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for overlay in [
+        "cluster-wide",
+        "opt-in",
+        "cluster-wide-cert-manager",
+        "opt-in-cert-manager",
+        "test-cert-manager-prometheus-operator",
+    ] {
+        let moved = format!("test-{overlay}-in-{OTHER}");
+        let dir = ws.dir.path().join("manifests/overlays").join(&moved);
+        fs::create_dir_all(&dir).expect("mkdir overlay");
+        fs::write(
+            dir.join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+                 namespace: {OTHER}\nresources:\n  - ../{overlay}\n"
+            ),
+        )
+        .expect("write overlay");
+        let r = ws.render(&kubectl, &moved);
+        for obj in &r.objects {
+            let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+            names_the_namespace(obj, NAMESPACE, &mut Vec::new(), &mut |path| {
+                stale
+                    .entry((kind.clone(), path))
+                    .or_default()
+                    .insert(overlay.to_owned());
+            });
+        }
+    }
+    assert!(
+        !stale.is_empty(),
+        "no reference to the namespace found: is the search still looking?"
+    );
+    let mut untold = Vec::new();
+    for ((kind, path), overlays) in &stale {
+        match KNOWN.iter().find(|(k, p, _)| k == kind && p == path) {
+            None => untold.push(format!(
+                "{kind} {path} (overlays {overlays:?}): not among the places this test knows"
+            )),
+            Some((_, _, words)) if !paragraph.contains(words) => untold.push(format!(
+                "{kind} {path} (overlays {overlays:?}): the paragraph does not mention {words}"
+            )),
+            Some(_) => {}
+        }
+    }
+    assert!(
+        untold.is_empty(),
+        "under a `namespace: {OTHER}` override these still name namespace {NAMESPACE}, and \
+         README.md's paragraph on such an override does not say to change them:\n  {}\n\
+         The paragraph: {paragraph}",
+        untold.join("\n  ")
+    );
+}
+
+/// Calls `found` with the path (object keys joined by `.`, list indices
+/// left out) of every string in `value` that names `namespace` as a
+/// namespace: a value of a `namespace` key or of a namespaceSelector's
+/// expression, `namespace/name`, a Service's DNS name in it
+/// (`service.namespace`, `service.namespace.svc...`), or a ServiceAccount
+/// user name `system:serviceaccount:namespace:name`.
+fn names_the_namespace(
+    value: &Value,
+    namespace: &str,
+    path: &mut Vec<String>,
+    found: &mut dyn FnMut(String),
+) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                path.push(key.clone());
+                names_the_namespace(value, namespace, path, found);
+                path.pop();
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                names_the_namespace(item, namespace, path, found);
+            }
+        }
+        Value::String(text) => {
+            let joined = path.join(".");
+            let exact = text == namespace
+                && (path.last().is_some_and(|key| key == "namespace")
+                    || joined.contains("namespaceSelector"));
+            // service.namespace, service.namespace.svc[.cluster.local]
+            let labels: Vec<&str> = text.split('.').collect();
+            let dns = labels.len() >= 2
+                && labels[1] == namespace
+                && labels.get(2).is_none_or(|third| *third == "svc");
+            if exact
+                || text.starts_with(&format!("{namespace}/"))
+                || dns
+                || text.contains(&format!("system:serviceaccount:{namespace}:"))
+            {
+                found(joined);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// An overlay of the base, `components` and the generated certificates,
 /// rendered and checked like a shipped one; `None` without kubectl.
 fn check_overlay_with_components(
