@@ -410,9 +410,20 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// kube-client logs an API response it cannot decode whole, at `warn`
+/// (`Client::request`), and a Secret's response holds its data. That line
+/// stays out unless `RUST_LOG` names kube_client itself; the pull secret
+/// sync says what failed in its own words.
+const KUBE_CLIENT_RESPONSES_OFF: &str = "kube_client::client=error";
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let names_kube_client =
+        std::env::var("RUST_LOG").is_ok_and(|given| given.contains("kube_client"));
+    if !names_kube_client && let Ok(directive) = KUBE_CLIENT_RESPONSES_OFF.parse() {
+        filter = filter.add_directive(directive);
+    }
     // Colour codes only for a person at a terminal, not in collected logs.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -362,3 +362,88 @@ fn serve_without_its_files_is_a_usage_error_whatever_the_dev_variable_says() {
         "{stderr}"
     );
 }
+
+/// A Secret the API sends that its client cannot decode: kube-client logs
+/// the whole response at `warn` (`Client::request`), data included. The
+/// default log level keeps that line out, so no Secret's content reaches the
+/// log; what failed is still said, by the sync's own error line.
+#[test]
+fn a_secret_the_client_cannot_decode_is_not_logged() {
+    const TOKEN: &str = "s3cr3t-registry-token";
+    let dir = tempfile::tempdir().unwrap();
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    // Every GET answered with a Secret list whose one item's data is not
+    // base64 (so it does not decode) and holds the token.
+    std::thread::spawn(move || {
+        for stream in api.incoming() {
+            let Ok(mut stream) = stream else { break };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match std::io::Read::read(&mut stream, &mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let body = format!(
+                r#"{{"kind":"SecretList","apiVersion":"v1","metadata":{{"resourceVersion":"1"}},"items":[{{"metadata":{{"name":"harbor-pull","namespace":"image-rewriter"}},"type":"kubernetes.io/dockerconfigjson","data":{{".dockerconfigjson":"{TOKEN} is not base64"}}}}]}}"#
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut stream, response.as_bytes());
+        }
+    });
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{api_addr}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let mut serve = serve_leaving_the_api_to_the_environment(dir.path());
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "rules:\n  - match: docker.io\n    target: harbor.example/hub\n    pullSecret: harbor-pull\n",
+    )
+    .unwrap();
+    serve
+        .args(["--namespace", "image-rewriter"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("RUST_LOG")
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let mut child = serve.spawn().unwrap();
+    // The watch lists at start, then again after its backoff: a few tries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while requests.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        requests.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the sync never listed the Secrets: {log}"
+    );
+    assert!(
+        !log.contains(TOKEN),
+        "a Secret's content was logged:\n{log}"
+    );
+    assert!(
+        log.contains("pull secret watch failed; retrying secret=harbor-pull"),
+        "the failed list is not on record in the sync's words:\n{log}"
+    );
+}
