@@ -821,6 +821,11 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             return Outcome::Failed(reason);
         }
     };
+    // A reload that turned the sync off while the source was read (each
+    // call may take up to API_CALL_TIMEOUT): nothing is written from here.
+    if !inner.is_enabled() {
+        return Outcome::Failed("pullSecretSync is disabled".into());
+    }
     let api: Api<Secret> = Api::namespaced(inner.client.clone(), namespace);
     let copy = copy_of(&source, &source_namespace, namespace);
     match api_call(api.create(&PostParams::default(), &copy)).await {
@@ -966,6 +971,10 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             .get_or_insert_with(BTreeMap::new)
             .insert(SOURCE_ANNOTATION.to_owned(), origin);
         updated.metadata = metadata;
+        // Turned off by a reload while the copy was read.
+        if !inner.is_enabled() {
+            return;
+        }
         match api_call(api.replace(&name, &PostParams::default(), &updated)).await {
             Ok(written) => {
                 info!(secret = %name, %namespace, "pull secret copy updated from its source");

@@ -68,6 +68,10 @@ struct Fake {
     creates_hang_in: Mutex<Option<String>>,
     /// A Secret name whose creates never answer, in every namespace.
     creates_hang_for: Mutex<Option<String>>,
+    /// How long each get of one Secret, and each create, takes to answer
+    /// (a slow apiserver), in milliseconds; they answer as usual then.
+    get_delay_ms: AtomicU64,
+    create_delay_ms: AtomicU64,
 }
 
 impl Fake {
@@ -85,6 +89,8 @@ impl Fake {
             watch_generation: AtomicU64::new(0),
             creates_hang_in: Mutex::default(),
             creates_hang_for: Mutex::default(),
+            get_delay_ms: AtomicU64::new(0),
+            create_delay_ms: AtomicU64::new(0),
         })
     }
 
@@ -278,6 +284,8 @@ async fn namespaced_collection(
     if hangs_here {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+    let delay = fake.create_delay_ms.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     if fake.get(&namespace, &name).is_some() || fake.fault() == Fault::CreateConflict {
         return status(
             409,
@@ -300,6 +308,10 @@ async fn namespaced_item(
 ) -> Response {
     if let Some(response) = faulted(&fake).await {
         return response;
+    }
+    if method == Method::GET {
+        let delay = fake.get_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let current = fake.get(&namespace, &name);
     match method {
@@ -1145,4 +1157,72 @@ async fn a_reload_without_the_pull_secret_empties_the_cache_gauge() {
         text.contains("image_rewriter_pull_secret_cache_size 0\n"),
         "{text}"
     );
+}
+
+fn policy_with_sync_disabled() -> Policy {
+    ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n\
+         pullSecretSync:\n  enabled: false\n"
+    ))
+    .unwrap()
+    .into_policy(Some(SOURCE_NS))
+    .unwrap()
+}
+
+/// A reload that turns the sync off while a copy is reading its source
+/// (a slow apiserver): the copy is not written afterwards, since with
+/// `enabled: false` nothing is.
+#[tokio::test]
+async fn a_copy_under_way_when_a_reload_turns_the_sync_off_is_not_written() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("3s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    fake.get_delay_ms.store(1000, Ordering::SeqCst);
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let pod = {
+        let (sync, policy) = (sync.clone(), policy.clone());
+        tokio::spawn(async move {
+            sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+                .await
+        })
+    };
+    eventually("the copy is reading its source", || {
+        fake.calls.load(Ordering::SeqCst) > calls
+    })
+    .await;
+    sync.configure(&policy_with_sync_disabled());
+    pod.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fake.get("team-a", SECRET).is_none(),
+        "a copy was written after a reload turned the sync off: {:#}",
+        fake.get("team-a", SECRET).unwrap()
+    );
+}
+
+/// A rotation that is reading a copy (a slow apiserver) when a reload turns
+/// the sync off does not write it afterwards.
+#[tokio::test]
+async fn a_rotation_under_way_when_a_reload_turns_the_sync_off_writes_nothing() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    admit(&sync, &policy, "team-a").await;
+    let copy = fake.get("team-a", SECRET).unwrap();
+
+    fake.get_delay_ms.store(1000, Ordering::SeqCst);
+    let calls = fake.calls.load(Ordering::SeqCst);
+    fake.put(SOURCE_NS, source_secret("v2"), "MODIFIED");
+    // The source's read, then the copy's.
+    eventually("the rotation is reading the copy", || {
+        fake.calls.load(Ordering::SeqCst) >= calls + 2
+    })
+    .await;
+    sync.configure(&policy_with_sync_disabled());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.puts_written.load(Ordering::SeqCst), 0);
+    assert_eq!(fake.get("team-a", SECRET).unwrap(), copy);
 }
