@@ -828,7 +828,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
     }
     let api: Api<Secret> = Api::namespaced(inner.client.clone(), namespace);
     let copy = copy_of(&source, &source_namespace, namespace);
-    match api_call(api.create(&PostParams::default(), &copy)).await {
+    let outcome = match api_call(api.create(&PostParams::default(), &copy)).await {
         Ok(created) => {
             info!(secret = %name, %namespace, "pull secret copied");
             inner.remember(name, namespace, cached(&created));
@@ -869,7 +869,18 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             inner.count("failed");
             Outcome::Failed(api_reason(&error))
         }
+    };
+    // A reload moved the source while this copy was made from the old one:
+    // the reconcile that reload queued ran before the copy was in the
+    // cache, and its watch event is no cue (a copy naming another source
+    // is left to the resync), so one is queued now.
+    if inner
+        .source_namespace()
+        .is_some_and(|now| now != source_namespace)
+    {
+        inner.request_reconcile(name).await;
     }
+    outcome
 }
 
 /// Brings every managed copy of `name` to the source's content, and to

@@ -1226,3 +1226,37 @@ async fn a_rotation_under_way_when_a_reload_turns_the_sync_off_writes_nothing() 
     assert_eq!(fake.puts_written.load(Ordering::SeqCst), 0);
     assert_eq!(fake.get("team-a", SECRET).unwrap(), copy);
 }
+
+/// A reload that moves the source while a copy's create is under way (a
+/// slow apiserver): the copy made from the old source is brought to the new
+/// one as soon as it is made, not at the next resync a minute on; the
+/// reconcile the reload queued ran before the copy existed.
+#[tokio::test]
+async fn a_copy_being_created_when_the_source_moves_follows_the_new_source() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let new_source = fake.put("vault", source_secret("v2"), "ADDED");
+    let policy = policy("3s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    fake.create_delay_ms.store(1000, Ordering::SeqCst);
+    let calls = fake.calls.load(Ordering::SeqCst);
+    let pod = {
+        let (sync, policy) = (sync.clone(), policy.clone());
+        tokio::spawn(async move {
+            sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+                .await
+        })
+    };
+    // Its read of the source, then its create.
+    eventually("the copy's create is under way", || {
+        fake.calls.load(Ordering::SeqCst) >= calls + 2
+    })
+    .await;
+    sync.configure(&policy_with_source("vault"));
+    pod.await.unwrap();
+    eventually("the copy holds the new source and names it", || {
+        is_copy_of(&fake, "team-a", &new_source)
+    })
+    .await;
+}
