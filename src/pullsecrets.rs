@@ -57,6 +57,9 @@ struct Cached {
     /// Its `image-rewriter.io/source` annotation: a copy that names another
     /// source was made before the source moved.
     source: Option<String>,
+    /// The version it was read or written at: which of two accounts of it
+    /// is the later one.
+    resource_version: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -486,11 +489,26 @@ impl Inner {
     /// Records a Secret just written or read, if its name is still watched
     /// (a reload may have dropped it while the call was under way), and
     /// reports it if it is a user's Secret not known as one before.
-    fn remember(&self, name: &str, namespace: &str, cached: Cached) {
+    ///
+    /// The watch is the one ordered account of a Secret's versions; a
+    /// call's answer may arrive after the watch has shown a later one (a
+    /// change made since, say by hand), which it must not hide. So the
+    /// answer is taken only where the cache knows no version of the Secret,
+    /// the same one, or the one this write `replaced`; any other is the
+    /// watch's later version, or an earlier one its next event replaces.
+    fn remember(&self, name: &str, namespace: &str, cached: Cached, replaced: Option<&str>) {
         let managed = cached.managed;
         if let Ok(mut cache) = self.cache.write()
             && let Some(entry) = cache.get_mut(name)
         {
+            if let Some(known) = entry.namespaces.get(namespace) {
+                let known = known.resource_version.as_deref();
+                if known != cached.resource_version.as_deref()
+                    && (replaced.is_none() || known != replaced)
+                {
+                    return;
+                }
+            }
             let before = entry.namespaces.insert(namespace.to_owned(), cached);
             self.update_cache_size(&cache);
             drop(cache);
@@ -556,6 +574,7 @@ fn cached(secret: &Secret) -> Cached {
             .as_ref()
             .and_then(|annotations| annotations.get(SOURCE_ANNOTATION))
             .cloned(),
+        resource_version: secret.metadata.resource_version.clone(),
     }
 }
 
@@ -831,7 +850,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
     let outcome = match api_call(api.create(&PostParams::default(), &copy)).await {
         Ok(created) => {
             info!(secret = %name, %namespace, "pull secret copied");
-            inner.remember(name, namespace, cached(&created));
+            inner.remember(name, namespace, cached(&created), None);
             inner.count("created");
             Outcome::Created
         }
@@ -840,7 +859,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             match api_call(api.get_opt(name)).await {
                 Ok(Some(existing)) => {
                     // A user's Secret is counted by `remember`, once.
-                    inner.remember(name, namespace, cached(&existing));
+                    inner.remember(name, namespace, cached(&existing), None);
                     if is_managed(&existing) {
                         inner.count("exists");
                         Outcome::Exists
@@ -946,7 +965,7 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
         if !is_managed(&current) {
             // Taken over by a user (our label removed): theirs now, left
             // alone, and counted once by `remember`.
-            inner.remember(&name, namespace, cached(&current));
+            inner.remember(&name, namespace, cached(&current), None);
             return;
         }
         // A Secret's type cannot change: the apiserver would refuse the
@@ -966,7 +985,7 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
         let as_is = cached(&current);
         // Another replica (each runs this sync) may have written it already.
         if as_is.fingerprint == fingerprint(source) && as_is.source.as_ref() == Some(&origin) {
-            inner.remember(&name, namespace, as_is);
+            inner.remember(&name, namespace, as_is, None);
             return;
         }
         let mut updated = copy_of(source, source_namespace, namespace);
@@ -989,7 +1008,12 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
         match api_call(api.replace(&name, &PostParams::default(), &updated)).await {
             Ok(written) => {
                 info!(secret = %name, %namespace, "pull secret copy updated from its source");
-                inner.remember(&name, namespace, cached(&written));
+                inner.remember(
+                    &name,
+                    namespace,
+                    cached(&written),
+                    current.metadata.resource_version.as_deref(),
+                );
                 inner.count("updated");
                 return;
             }

@@ -72,6 +72,10 @@ struct Fake {
     /// (a slow apiserver), in milliseconds; they answer as usual then.
     get_delay_ms: AtomicU64,
     create_delay_ms: AtomicU64,
+    /// A create is followed at once by another writer's change of the data
+    /// (a person, another tool), seen by the watches before the create's
+    /// own answer arrives: that answer is the object as created.
+    edit_after_create: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -91,6 +95,7 @@ impl Fake {
             creates_hang_for: Mutex::default(),
             get_delay_ms: AtomicU64::new(0),
             create_delay_ms: AtomicU64::new(0),
+            edit_after_create: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -293,11 +298,14 @@ async fn namespaced_collection(
             &format!("secrets \"{name}\" already exists"),
         );
     }
-    (
-        StatusCode::CREATED,
-        axum::Json(fake.put(&namespace, secret, "ADDED")),
-    )
-        .into_response()
+    let created = fake.put(&namespace, secret, "ADDED");
+    if fake.edit_after_create.load(Ordering::SeqCst) {
+        let mut edited = created.clone();
+        edited["data"] = json!({".dockerconfigjson": base64("edited by hand")});
+        fake.put(&namespace, edited, "MODIFIED");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    (StatusCode::CREATED, axum::Json(created)).into_response()
 }
 
 async fn namespaced_item(
@@ -1257,6 +1265,29 @@ async fn a_copy_being_created_when_the_source_moves_follows_the_new_source() {
     pod.await.unwrap();
     eventually("the copy holds the new source and names it", || {
         is_copy_of(&fake, "team-a", &new_source)
+    })
+    .await;
+}
+
+/// A copy changed by another writer just after it was created, with the
+/// change seen by the watch before the create's answer arrived, is put back
+/// (as any copy edited by hand is): the answer, older than what the watch
+/// has seen, must not make the cache take the copy for current.
+#[tokio::test]
+async fn a_copy_changed_before_its_create_answers_is_put_back() {
+    let (fake, client) = start_fake().await;
+    let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("3s");
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+
+    // The reconcile the change queues reads the source after the create's
+    // answer is in.
+    fake.get_delay_ms.store(500, Ordering::SeqCst);
+    fake.edit_after_create.store(true, Ordering::SeqCst);
+    admit(&sync, &policy, "team-a").await;
+    fake.edit_after_create.store(false, Ordering::SeqCst);
+    eventually("the edited copy is put back", || {
+        is_copy_of(&fake, "team-a", &source)
     })
     .await;
 }
