@@ -71,6 +71,11 @@ pub struct Watcher {
     config_seen: LastRead<Vec<u8>>,
     certificate_seen: LastRead<PemPair>,
     expiry: tls::ExpiryReminder,
+    /// The notBefore of the certificate in force, if one is and it parsed.
+    in_force_not_before: Option<i64>,
+    /// When a pair refused only for not being valid yet becomes valid: the
+    /// same files are loaded again then, though they have not changed.
+    reconsider_at: Option<i64>,
 }
 
 fn unix_now() -> i64 {
@@ -88,6 +93,8 @@ impl Watcher {
             config_seen: None,
             certificate_seen: None,
             expiry: tls::ExpiryReminder::default(),
+            in_force_not_before: None,
+            reconsider_at: None,
         }
     }
 
@@ -155,6 +162,11 @@ impl Watcher {
     }
 
     fn poll_certificate(&mut self) {
+        let now = unix_now();
+        if self.reconsider_at.is_some_and(|at| at <= now) {
+            // Read as new: what was refused as not valid yet may load now.
+            self.certificate_seen = None;
+        }
         let sources = &self.sources;
         let read = PemPair::read(&sources.tls_cert, &sources.tls_key).map_err(|e| e.to_string());
         let Some(loaded) = load_if_changed(&mut self.certificate_seen, read, |pair| {
@@ -163,19 +175,28 @@ impl Watcher {
         }) else {
             return;
         };
+        self.reconsider_at = None;
+        let in_force = self.in_force_not_before.zip(self.expiry.not_after());
         let loaded = loaded.and_then(|key| {
-            let expires = key.end_entity_cert().ok().and_then(tls::not_after);
-            match tls::expired_replacement(expires, self.expiry.not_after(), unix_now()) {
-                Some(reason) => Err(format!("{}: {reason}", sources.tls_cert.display())),
-                None => Ok((key, expires)),
+            let leaf = key.end_entity_cert().ok();
+            let expires = leaf.and_then(tls::not_after);
+            let starts = leaf.and_then(tls::not_before);
+            if let Some(reason) = tls::expired_replacement(expires, self.expiry.not_after(), now) {
+                return Err(format!("{}: {reason}", sources.tls_cert.display()));
             }
+            if let Some(reason) = tls::premature_replacement(starts, in_force, now) {
+                self.reconsider_at = starts;
+                return Err(format!("{}: {reason}", sources.tls_cert.display()));
+            }
+            Ok((key, expires, starts))
         });
         let metrics = &self.state.metrics;
         let loaded_ok = loaded.is_ok();
         match loaded {
-            Ok((key, expires)) => {
+            Ok((key, expires, starts)) => {
                 metrics.certificate_expiration.set(expires);
                 self.expiry.loaded(expires);
+                self.in_force_not_before = starts;
                 info!(
                     cert = %sources.tls_cert.display(),
                     days_left = expires.map(|expires| (expires - unix_now()).div_euclid(86_400)),

@@ -198,6 +198,38 @@ pub fn expired_replacement(
     ))
 }
 
+/// When the leaf certificate starts being valid (its notBefore), as a Unix
+/// time; `None` if it does not parse as X.509.
+pub fn not_before(leaf: &CertificateDer<'_>) -> Option<i64> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(certificate.validity().not_before.timestamp())
+}
+
+/// Why a certificate valid from `candidate` (its notBefore) must not yet
+/// replace the one in force, valid from `in_force.0` until `in_force.1`, at
+/// `now` (all Unix times): it is not valid yet, and the one in force is. The
+/// apiserver refuses a certificate before its notBefore as it refuses an
+/// expired one, so swapping it in would fail every review until then (one
+/// issued by a clock ahead of ours, or staged early). Once `now` reaches
+/// `candidate` the same files may load.
+pub fn premature_replacement(
+    candidate: Option<i64>,
+    in_force: Option<(i64, i64)>,
+    now: i64,
+) -> Option<String> {
+    let (candidate, (valid_from, valid_until)) = (candidate?, in_force?);
+    if candidate <= now || valid_from > now || valid_until <= now {
+        return None;
+    }
+    let wait = humantime::format_duration(std::time::Duration::from_secs(
+        (candidate - now).unsigned_abs(),
+    ));
+    Some(format!(
+        "the new certificate is not valid yet (its notBefore is {wait} ahead), and the one in \
+         force is valid; the new one loads once its notBefore has passed"
+    ))
+}
+
 /// How often the warning about a certificate near its end is repeated.
 pub const EXPIRY_WARNING_REPEAT_SECONDS: i64 = 60 * 60;
 
@@ -296,6 +328,44 @@ mod tests {
         assert_eq!(expired_replacement(Some(past), Some(now), now), None);
         assert_eq!(expired_replacement(Some(past), None, now), None);
         assert_eq!(expired_replacement(None, Some(future), now), None);
+    }
+
+    #[test]
+    fn a_certificate_not_yet_valid_replaces_only_one_not_valid_now() {
+        let now = 1_800_000_000;
+        let valid = (now - 86_400, now + 86_400);
+        let refused = premature_replacement(Some(now + 90), Some(valid), now).unwrap();
+        assert!(
+            refused.contains("not valid yet (its notBefore is 1m 30s ahead)"),
+            "{refused}"
+        );
+        // Valid from this very second is valid.
+        assert_eq!(premature_replacement(Some(now), Some(valid), now), None);
+        assert_eq!(premature_replacement(Some(now - 1), Some(valid), now), None);
+        // The one in force is expired, or not valid yet itself: nothing is lost.
+        let expired = (now - 86_400, now);
+        assert_eq!(
+            premature_replacement(Some(now + 90), Some(expired), now),
+            None
+        );
+        let early = (now + 10, now + 86_400);
+        assert_eq!(
+            premature_replacement(Some(now + 90), Some(early), now),
+            None
+        );
+        assert_eq!(premature_replacement(Some(now + 90), None, now), None);
+        assert_eq!(premature_replacement(None, Some(valid), now), None);
+    }
+
+    #[test]
+    fn not_before_reads_the_leaf_validity_as_unix_time() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before =
+            rcgen::date_time_ymd(2030, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
+        let certificate = params.self_signed(&key).unwrap();
+        assert_eq!(not_before(certificate.der()), Some(1_893_553_445));
+        assert_eq!(not_before(&CertificateDer::from(vec![0x30, 0x00])), None);
     }
 
     #[test]

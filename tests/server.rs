@@ -841,6 +841,58 @@ async fn an_expired_certificate_does_not_replace_a_valid_one() {
     harness.stop().await;
 }
 
+/// A certificate whose notBefore is still ahead (issued by a clock ahead of
+/// ours, or staged early) does not replace one valid now: the apiserver
+/// refuses it as it refuses an expired one ("certificate has expired or is
+/// not yet valid"). Once its notBefore has passed, the same files load.
+#[tokio::test]
+async fn a_certificate_not_yet_valid_replaces_a_valid_one_only_once_it_is_valid() {
+    let harness = Harness::start(CONFIG).await;
+    let in_force = peer_certificate(&harness.healthz_on_new_connection(true).await);
+    let valid_from = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let (early_cert, early_key) = harness.pki.serving_pair_with(|params| {
+        params.not_before = valid_from;
+    });
+    harness
+        .swap_certificate(&early_cert, &early_key, "failure", 1.0)
+        .await;
+    let served = peer_certificate(&harness.healthz_on_new_connection(true).await);
+    assert_eq!(
+        served, in_force,
+        "a certificate not valid yet was swapped in"
+    );
+    assert_eq!(
+        harness
+            .metric(
+                "image_rewriter_certificate_last_reload_successful",
+                ("", "")
+            )
+            .await,
+        0.0
+    );
+    // Nothing changes on disk: its notBefore passing is enough.
+    harness
+        .wait_for_metric(
+            "image_rewriter_certificate_reloads_total",
+            ("result", "success"),
+            2.0,
+        )
+        .await;
+    assert!(time::OffsetDateTime::now_utc() >= valid_from.replace_nanosecond(0).unwrap());
+    let served = peer_certificate(&harness.healthz_on_new_connection(true).await);
+    assert_ne!(served, in_force, "the new certificate never loaded");
+    assert_eq!(
+        harness
+            .metric(
+                "image_rewriter_certificate_last_reload_successful",
+                ("", "")
+            )
+            .await,
+        1.0
+    );
+    harness.stop().await;
+}
+
 #[tokio::test]
 async fn not_ready_until_a_config_loads() {
     let harness = Harness::start("rules: [ {match: docker.io, target: Bad/Target} ]\n").await;
