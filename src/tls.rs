@@ -114,6 +114,9 @@ impl PemPair {
         let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| TlsError::BadPem {
             path: key_name.clone(),
             reason: match e {
+                // Told apart before the parser's error, which for such a key
+                // is "none found" or "invalid base64" (the legacy headers).
+                _ if holds_encrypted_key(&self.key) => ENCRYPTED_KEY.to_owned(),
                 pem::Error::NoItemsFound => "no private key found".to_owned(),
                 e => format!("no usable private key: {}", pem_problem(&e)),
             },
@@ -124,6 +127,21 @@ impl PemPair {
             reason: e.to_string(),
         })
     }
+}
+
+/// Why a passphrase-protected key is refused.
+const ENCRYPTED_KEY: &str = "the private key is encrypted (passphrase-protected), and the \
+     server reads only unencrypted keys: decrypt it (`openssl pkey -in KEY -out KEY.plain`)";
+
+/// Whether a key file holds a passphrase-protected key: a PKCS#8 `ENCRYPTED
+/// PRIVATE KEY` section, or OpenSSL's legacy `Proc-Type: 4,ENCRYPTED`
+/// header in a PKCS#1 or SEC1 section. Only the marker lines are looked at.
+fn holds_encrypted_key(pem: &[u8]) -> bool {
+    pem.split(|&byte| byte == b'\n').any(|line| {
+        let line = line.trim_ascii();
+        line == b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+            || (line.starts_with(b"Proc-Type:") && line.ends_with(b",ENCRYPTED"))
+    })
 }
 
 /// What is wrong with a PEM file, in words that hold none of its content:

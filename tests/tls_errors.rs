@@ -31,7 +31,15 @@ fn refusal(cert: &str, key: &str) -> TlsError {
 /// base64 body, or its first bytes in the form `{:?}` prints a byte slice
 /// (`[77, 73, ...]`), which is how the PEM parser's errors print a line.
 fn assert_no_key_material(message: &str) {
-    for line in KEY.lines().filter(|line| !line.starts_with("-----")) {
+    assert_no_material_of(KEY, message);
+}
+
+fn assert_no_material_of(key: &str, message: &str) {
+    // The body's lines (a legacy encrypted key also has headers and a blank line).
+    let body = key
+        .lines()
+        .filter(|line| !line.starts_with("-----") && !line.contains(':') && line.len() >= 12);
+    for line in body {
         for window in line.as_bytes().windows(12) {
             let window = std::str::from_utf8(window).unwrap();
             assert!(
@@ -101,4 +109,24 @@ fn a_key_without_its_end_line_is_refused_without_its_content() {
 fn a_file_without_a_key_still_says_so() {
     let error = refusal(CERT, CERT);
     assert_says(&error, "tls.key", "no private key");
+}
+
+/// A passphrase-protected key, PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`) or
+/// OpenSSL's legacy form (`Proc-Type: 4,ENCRYPTED` headers in a `BEGIN EC
+/// PRIVATE KEY` section): the key is there, and its base64 is valid, so
+/// "no private key found" and "invalid base64" send the reader the wrong way.
+#[test]
+fn an_encrypted_key_is_refused_as_encrypted() {
+    for encrypted in [
+        include_str!("fixtures/tls/ec-pkcs8-encrypted.key"),
+        include_str!("fixtures/tls/ec-sec1-encrypted.key"),
+    ] {
+        let error = refusal(CERT, encrypted);
+        let display = error.to_string();
+        assert_no_material_of(encrypted, &display);
+        assert_no_material_of(encrypted, &format!("{error:?}"));
+        assert_says(&error, "tls.key", "encrypted");
+        assert!(!display.contains("no private key found"), "{display}");
+        assert!(!display.contains("base64"), "{display}");
+    }
 }
