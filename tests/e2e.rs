@@ -1039,44 +1039,50 @@ async fn the_webhook_account_may_write_only_pull_secret_copies() {
     )
     .await
     .expect("a copy as the webhook makes it is allowed");
-    let mut rotated = copy.clone();
-    rotated.data = other_data("rotated");
-    assert_ne!(rotated.data, copy.data);
-    let written = Api::<Secret>::namespaced(as_webhook.clone(), "team-x")
-        .replace(PULL_SECRET, &PostParams::default(), &rotated)
-        .await
-        .expect("an update of its own copy is allowed");
-    assert_eq!(written.data, rotated.data);
-    // A namespace that opts out keeps a copy the webhook may keep current.
-    // (Read again on a conflict: the running webhook brings the copy back
-    // to its source meanwhile.)
-    env.namespace("team-x", &[(ENABLED_LABEL, "false")]).await;
     let copies = Api::<Secret>::namespaced(as_webhook.clone(), "team-x");
+    let rotated = other_data("rotated");
+    assert_ne!(rotated, copy.data);
+    let written =
+        update_retrying_conflicts(&copies, &rotated, "an update of its own copy is allowed").await;
+    assert_eq!(written.data, rotated);
+    // A namespace that opts out keeps a copy the webhook may keep current.
+    env.namespace("team-x", &[(ENABLED_LABEL, "false")]).await;
     let rotated_again = other_data("rotated-again");
-    let written = eventually(
+    let written = update_retrying_conflicts(
+        &copies,
+        &rotated_again,
         "an update of its copy in a namespace that opted out is allowed",
-        Duration::from_secs(10),
-        || {
-            let copies = copies.clone();
-            let data = rotated_again.clone();
-            async move {
-                let mut copy = copies.get(PULL_SECRET).await.map_err(|e| e.to_string())?;
-                copy.data = data;
-                match copies
-                    .replace(PULL_SECRET, &PostParams::default(), &copy)
-                    .await
-                {
-                    Ok(written) => Ok(written),
-                    Err(error) if format!("{error:?}").contains("Conflict") => {
-                        Err(error.to_string())
-                    }
-                    Err(error) => panic!("the update was refused: {error:?}"),
-                }
-            }
-        },
     )
     .await;
     assert_eq!(written.data, rotated_again);
+}
+
+/// `copies`' pull secret updated to `data`, read again and retried on a
+/// conflict: the running webhook sees the copy as differing from its
+/// source and brings it back meanwhile, which is no refusal. Any other
+/// error fails the test.
+async fn update_retrying_conflicts(
+    copies: &Api<Secret>,
+    data: &Option<BTreeMap<String, k8s_openapi::ByteString>>,
+    what: &str,
+) -> Secret {
+    eventually(what, Duration::from_secs(10), || {
+        let copies = copies.clone();
+        let data = data.clone();
+        async move {
+            let mut copy = copies.get(PULL_SECRET).await.map_err(|e| e.to_string())?;
+            copy.data = data;
+            match copies
+                .replace(PULL_SECRET, &PostParams::default(), &copy)
+                .await
+            {
+                Ok(written) => Ok(written),
+                Err(error) if format!("{error:?}").contains("Conflict") => Err(error.to_string()),
+                Err(error) => panic!("{what}: refused: {error:?}"),
+            }
+        }
+    })
+    .await
 }
 
 /// Reviews are not authenticated: anything that reaches the webhook's port
