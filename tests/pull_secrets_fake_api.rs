@@ -444,6 +444,20 @@ async fn admit(sync: &PullSecretSync, policy: &Policy, namespace: &str) {
     assert!(warnings.is_empty(), "{namespace}: {warnings:?}");
 }
 
+/// A pod's admission in `namespace` needing the pull secret, left to run:
+/// its warnings when it is done.
+fn admit_in_background(
+    sync: &PullSecretSync,
+    policy: &Policy,
+    namespace: &str,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let (sync, policy, namespace) = (sync.clone(), policy.clone(), namespace.to_owned());
+    tokio::spawn(async move {
+        sync.ensure_for_pod(&policy, &namespace, &[SECRET.into()], None)
+            .await
+    })
+}
+
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
@@ -1086,13 +1100,7 @@ async fn a_copy_that_hangs_in_one_namespace_never_holds_up_another_namespaces() 
 
     *fake.creates_hang_in.lock().unwrap() = Some("team-slow".into());
     let calls = fake.calls.load(Ordering::SeqCst);
-    let slow = {
-        let (sync, policy) = (sync.clone(), policy.clone());
-        tokio::spawn(async move {
-            sync.ensure_for_pod(&policy, "team-slow", &[SECRET.into()], None)
-                .await
-        })
-    };
+    let slow = admit_in_background(&sync, &policy, "team-slow");
     // Its read of the source, then its create.
     eventually("the create in team-slow is under way", || {
         fake.calls.load(Ordering::SeqCst) >= calls + 2
@@ -1189,13 +1197,7 @@ async fn a_copy_under_way_when_a_reload_turns_the_sync_off_is_not_written() {
 
     fake.get_delay_ms.store(1000, Ordering::SeqCst);
     let calls = fake.calls.load(Ordering::SeqCst);
-    let pod = {
-        let (sync, policy) = (sync.clone(), policy.clone());
-        tokio::spawn(async move {
-            sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-                .await
-        })
-    };
+    let pod = admit_in_background(&sync, &policy, "team-a");
     eventually("the copy is reading its source", || {
         fake.calls.load(Ordering::SeqCst) > calls
     })
@@ -1249,13 +1251,7 @@ async fn a_copy_being_created_when_the_source_moves_follows_the_new_source() {
 
     fake.create_delay_ms.store(1000, Ordering::SeqCst);
     let calls = fake.calls.load(Ordering::SeqCst);
-    let pod = {
-        let (sync, policy) = (sync.clone(), policy.clone());
-        tokio::spawn(async move {
-            sync.ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-                .await
-        })
-    };
+    let pod = admit_in_background(&sync, &policy, "team-a");
     // Its read of the source, then its create.
     eventually("the copy's create is under way", || {
         fake.calls.load(Ordering::SeqCst) >= calls + 2
