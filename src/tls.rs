@@ -168,11 +168,15 @@ fn pem_problem(error: &pem::Error) -> &'static str {
 /// lifetime) never comes this close.
 pub const EXPIRY_WARNING_SECONDS: i64 = 7 * 24 * 60 * 60;
 
-/// When the leaf certificate stops being valid (its notAfter), as a Unix
-/// time; `None` if it does not parse as X.509.
-pub fn not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
+/// When the leaf certificate is valid: its notBefore and notAfter, as
+/// Unix times; `None` if it does not parse as X.509.
+pub fn validity(leaf: &CertificateDer<'_>) -> Option<(i64, i64)> {
     let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    Some(certificate.validity().not_after.timestamp())
+    let validity = certificate.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
 }
 
 /// What to warn about a certificate valid until `not_after`, at `now`
@@ -214,13 +218,6 @@ pub fn expired_replacement(
     Some(format!(
         "the new certificate expired {ago} ago, and the one in force is valid for {left} more"
     ))
-}
-
-/// When the leaf certificate starts being valid (its notBefore), as a Unix
-/// time; `None` if it does not parse as X.509.
-pub fn not_before(leaf: &CertificateDer<'_>) -> Option<i64> {
-    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    Some(certificate.validity().not_before.timestamp())
 }
 
 /// Why a certificate valid from `candidate` (its notBefore) must not yet
@@ -322,15 +319,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn not_after_reads_the_leaf_validity_as_unix_time() {
+    fn validity_reads_the_leaf_dates_as_unix_time() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.not_after =
+        params.not_before =
             rcgen::date_time_ymd(2030, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
+        params.not_after =
+            rcgen::date_time_ymd(2031, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
         let certificate = params.self_signed(&key).unwrap();
-        // 2030-01-02T03:04:05Z, computed apart from any X.509 code.
-        assert_eq!(not_after(certificate.der()), Some(1_893_553_445));
-        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
+        // 2030-01-02T03:04:05Z and a year of 365 days later, computed apart
+        // from any X.509 code.
+        assert_eq!(
+            validity(certificate.der()),
+            Some((1_893_553_445, 1_893_553_445 + 365 * 86_400))
+        );
+        assert_eq!(validity(&CertificateDer::from(vec![0x30, 0x00])), None);
     }
 
     #[test]
@@ -373,17 +376,6 @@ mod tests {
         );
         assert_eq!(premature_replacement(Some(now + 90), None, now), None);
         assert_eq!(premature_replacement(None, Some(valid), now), None);
-    }
-
-    #[test]
-    fn not_before_reads_the_leaf_validity_as_unix_time() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.not_before =
-            rcgen::date_time_ymd(2030, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
-        let certificate = params.self_signed(&key).unwrap();
-        assert_eq!(not_before(certificate.der()), Some(1_893_553_445));
-        assert_eq!(not_before(&CertificateDer::from(vec![0x30, 0x00])), None);
     }
 
     #[test]
