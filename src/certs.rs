@@ -132,7 +132,7 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
             .ok_or(CertsError::OutOfRange { days })
     };
 
-    let ca_key = KeyPair::generate_for(request.key_type.algorithm())?;
+    let ca_key = generate_key(request.key_type)?;
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = distinguished_name("image-rewriter CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -142,7 +142,7 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
-    let key = KeyPair::generate_for(request.key_type.algorithm())?;
+    let key = generate_key(request.key_type)?;
     let mut params = CertificateParams::new(request.subject_alt_names.clone())?;
     let common_name = request
         .subject_alt_names
@@ -169,6 +169,39 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
         cert: cert.pem(),
         key: key.serialize_pem(),
     })
+}
+
+/// A new key pair, kept in the PKCS#8 form every reader takes.
+fn generate_key(key_type: KeyType) -> Result<KeyPair, rcgen::Error> {
+    let key = KeyPair::generate_for(key_type.algorithm())?;
+    match ed25519_pkcs8_v1(key.serialized_der()) {
+        Some(v1) => KeyPair::from_pkcs8_der_and_sign_algo(&v1.into(), key_type.algorithm()),
+        None => Ok(key),
+    }
+}
+
+/// ring writes an Ed25519 key as PKCS#8 v2 (RFC 5958: the public key
+/// follows the private one), which OpenSSL 3.0 refuses ("unsupported");
+/// v1, the private key alone (RFC 8410 section 7), is read by OpenSSL, Go
+/// and rustls alike. `None` for any other key.
+fn ed25519_pkcs8_v1(pkcs8: &[u8]) -> Option<Vec<u8>> {
+    // SEQUENCE (81 bytes) { INTEGER 1, ...
+    const V2_HEADER: [u8; 5] = [0x30, 0x51, 0x02, 0x01, 0x01];
+    // SEQUENCE (46 bytes) { INTEGER 0, ...
+    const V1_HEADER: [u8; 5] = [0x30, 0x2e, 0x02, 0x01, 0x00];
+    // ... SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32 bytes) }
+    const ALGORITHM_AND_KEY_HEADER: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    const V2_LEN: usize = 2 + 0x51;
+
+    let rest = pkcs8.strip_prefix(&V2_HEADER)?;
+    let rest = rest.strip_prefix(&ALGORITHM_AND_KEY_HEADER)?;
+    if pkcs8.len() != V2_LEN {
+        return None;
+    }
+    let seed = rest.get(..32)?;
+    Some([&V1_HEADER[..], &ALGORITHM_AND_KEY_HEADER, seed].concat())
 }
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
@@ -340,6 +373,37 @@ mod tests {
                 })
                 .expect("the leaf names its issuer's key");
             assert_eq!(named_key_id.0, ca_key_id, "{key_type:?}");
+        }
+    }
+
+    #[test]
+    fn every_key_type_is_served_with_the_certificate_it_signs() {
+        let provider = rustls::crypto::ring::default_provider();
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519] {
+            let bundle = generate(&CertRequest {
+                key_type,
+                ..request(365, 3650)
+            })
+            .unwrap();
+            let pair = crate::tls::PemPair {
+                cert: bundle.cert.into_bytes(),
+                key: bundle.key.into_bytes(),
+            };
+            let served = pair.certified_key(&provider, Path::new("tls.crt"), Path::new("tls.key"));
+            assert!(served.is_ok(), "{key_type:?}: {:?}", served.err());
+        }
+    }
+
+    #[test]
+    fn an_ed25519_key_is_written_as_pkcs8_v1() {
+        let key = generate_key(KeyType::Ed25519).unwrap();
+        let der = key.serialized_der();
+        // SEQUENCE of 46 bytes, version 0: no public key after the private one.
+        assert_eq!(der[..5], [0x30, 0x2e, 0x02, 0x01, 0x00], "{der:02x?}");
+        assert_eq!(der.len(), 48, "{der:02x?}");
+        for other in [KeyType::EcdsaP256, KeyType::EcdsaP384] {
+            let key = KeyPair::generate_for(other.algorithm()).unwrap();
+            assert_eq!(ed25519_pkcs8_v1(key.serialized_der()), None, "{other:?}");
         }
     }
 

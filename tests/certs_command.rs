@@ -1,5 +1,6 @@
-//! `image-rewriter certs`: validity periods and names it refuses, and the
-//! modes of the files that hold a private key.
+//! `image-rewriter certs`: validity periods and names it refuses, the keys
+//! it writes (read back by openssl), and the modes of the files that hold a
+//! private key.
 
 use std::path::Path;
 use std::process::Output;
@@ -261,5 +262,51 @@ fn the_next_step_names_the_overlay_only_when_it_reads_the_files_written() {
             "--out {}: {next}",
             out.display()
         );
+    }
+}
+
+/// `openssl args...`'s stdout; None (after saying so) without openssl.
+fn openssl(args: &[&str], file: &Path) -> Option<String> {
+    let output = match std::process::Command::new("openssl")
+        .args(args)
+        .arg(file)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            common::skip_missing_tool(
+                "openssl",
+                "IMAGE_REWRITER_REQUIRE_OPENSSL",
+                "keys not read back",
+            );
+            return None;
+        }
+        Err(e) => panic!("openssl: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "openssl {args:?} {}: {}",
+        file.display(),
+        describe(&output)
+    );
+    Some(String::from_utf8(output.stdout).expect("PEM is text"))
+}
+
+#[test]
+fn openssl_reads_every_key_written_and_each_matches_its_certificate() {
+    for key_type in ["ecdsa-p256", "ecdsa-p384", "ed25519"] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = certs(dir.path(), &["--key-type", key_type]);
+        assert!(output.status.success(), "{key_type}: {}", describe(&output));
+        for (key, cert) in [("ca.key", "ca.crt"), ("tls.key", "tls.crt")] {
+            let Some(from_key) = openssl(&["pkey", "-pubout", "-in"], &dir.path().join(key)) else {
+                return;
+            };
+            let from_cert = openssl(
+                &["x509", "-pubkey", "-noout", "-in"],
+                &dir.path().join(cert),
+            );
+            assert_eq!(Some(from_key), from_cert, "{key_type}: {key} and {cert}");
+        }
     }
 }
