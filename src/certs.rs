@@ -1,7 +1,7 @@
 //! A CA and a serving certificate for the webhook Service, and the files a
 //! platform team applies: the TLS Secret and the webhook's `caBundle` patch.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use clap::ValueEnum;
@@ -235,13 +235,17 @@ pub fn ca_bundle_patch(bundle: &CertBundle) -> String {
     )
 }
 
-/// Writes the certificate files, the Secret manifest and the caBundle patch.
+/// Writes the certificate files, the Secret manifest and the caBundle patch,
+/// all of them or none: each is written whole beside its destination first,
+/// and only then are they renamed into place, so a failure midway (a full
+/// disk) leaves the files of an earlier run as they were, never a new
+/// certificate beside an old key.
 pub fn write_bundle(
     bundle: &CertBundle,
     out: &Path,
     secret: &str,
     namespace: &str,
-) -> Result<Vec<std::path::PathBuf>, CertsError> {
+) -> Result<Vec<PathBuf>, CertsError> {
     let files = [
         ("ca.crt", bundle.ca_cert.clone(), false),
         ("ca.key", bundle.ca_key.clone(), true),
@@ -254,42 +258,64 @@ pub fn write_bundle(
         ),
         ("webhook-ca-bundle.yaml", ca_bundle_patch(bundle), false),
     ];
-    std::fs::create_dir_all(out).map_err(|reason| CertsError::Write {
-        path: out.display().to_string(),
+    let write_error = |path: &Path, reason| CertsError::Write {
+        path: path.display().to_string(),
         reason,
-    })?;
-    let mut written = Vec::with_capacity(files.len());
+    };
+    std::fs::create_dir_all(out).map_err(|reason| write_error(out, reason))?;
+    // A directory in a file's place would refuse its rename only after
+    // others were renamed.
+    for (name, _, _) in &files {
+        let path = out.join(name);
+        if path.is_dir() {
+            let reason = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
+            return Err(write_error(&path, reason));
+        }
+    }
+    let mut staged = Vec::with_capacity(files.len());
     for (name, content, private) in files {
         let path = out.join(name);
-        write_file(&path, content.as_bytes(), private).map_err(|reason| CertsError::Write {
-            path: path.display().to_string(),
-            reason,
-        })?;
+        let file = stage(out, name, content.as_bytes(), private)
+            .map_err(|reason| write_error(&path, reason))?;
+        staged.push((file, path));
+    }
+    let mut written = Vec::with_capacity(staged.len());
+    for (file, path) in staged {
+        file.persist(&path)
+            .map_err(|failed| write_error(&path, failed.error))?;
         written.push(path);
     }
     Ok(written)
 }
 
-fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
+/// `content` in a new file in `dir`, named after `name` and removed when
+/// dropped unless persisted. A new file, so a key never sits in one an
+/// earlier run (or a person) left readable by others.
+fn stage(
+    dir: &Path,
+    name: &str,
+    content: &[u8],
+    private: bool,
+) -> std::io::Result<tempfile::NamedTempFile> {
     use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    // Truncated only once the mode is right, so a new key never sits in a
-    // file an earlier run (or a person) left readable by others.
-    options.write(true).create(true).truncate(false);
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(if private { 0o600 } else { 0o644 });
-    }
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    if private {
         use std::os::unix::fs::PermissionsExt as _;
-        // The open's mode applies only to a file it creates.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        builder.permissions(std::fs::Permissions::from_mode(if private {
+            0o600
+        } else {
+            0o644
+        }));
     }
-    file.set_len(0)?;
-    file.write_all(content)
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = builder.tempfile_in(dir)?;
+    file.write_all(content)?;
+    file.as_file().sync_all()?;
+    Ok(file)
 }
 
 #[cfg(test)]

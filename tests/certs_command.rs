@@ -310,3 +310,73 @@ fn openssl_reads_every_key_written_and_each_matches_its_certificate() {
         }
     }
 }
+
+/// The six files `certs` writes, by name, as they are now.
+fn written_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            (name, std::fs::read(entry.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[cfg(unix)]
+#[test]
+fn a_write_failing_midway_leaves_the_earlier_runs_files_as_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = certs(dir.path(), &[]);
+    assert!(first.status.success(), "{}", describe(&first));
+    let before = written_files(dir.path());
+    assert_eq!(
+        before.len(),
+        6,
+        "{:?}",
+        before.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+
+    // A disk that fills midway: no file may grow past 1 KiB, so the keys and
+    // certificates fit and the Secret manifest (~2.5 KB) does not. With
+    // SIGXFSZ ignored, the write fails with EFBIG instead of killing it.
+    let mut full_disk = std::process::Command::new("sh");
+    full_disk
+        .arg("-c")
+        .arg(r#"trap '' XFSZ; ulimit -f 2; exec "$0" "$@""#)
+        .arg(common::binary().get_program())
+        .args(["certs", "--out"])
+        .arg(dir.path());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IMAGE_REWRITER_") {
+            full_disk.env_remove(key);
+        }
+    }
+    let output = full_disk.output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("secret.yaml"), "{stderr}");
+    let after = written_files(dir.path());
+    assert!(
+        after == before,
+        "files changed or left behind: {:?}",
+        after.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_directory_in_a_files_place_is_named_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secret.yaml")).unwrap();
+    let output = certs(dir.path(), &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("secret.yaml: is a directory"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["secret.yaml"]);
+}
