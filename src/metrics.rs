@@ -189,7 +189,7 @@ impl Metrics {
         let certificate_expiration = UnsetGauge::default();
         registry.register(
             "certificate_expiration_timestamp_seconds",
-            "When the serving certificate in force expires (its notAfter), as a Unix time",
+            "When the serving certificate in force expires (the earliest notAfter in its chain), as a Unix time",
             certificate_expiration.clone(),
         );
         let pull_secret_copies = Family::<ResultLabel, Counter>::default();

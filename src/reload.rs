@@ -178,7 +178,7 @@ impl Watcher {
         self.reconsider_at = None;
         let in_force = self.in_force_not_before.zip(self.expiry.not_after());
         let loaded = loaded.and_then(|key| {
-            let dates = key.end_entity_cert().ok().and_then(tls::validity);
+            let dates = tls::validity(&key.cert);
             let (starts, expires) = (dates.map(|d| d.0), dates.map(|d| d.1));
             if let Some(reason) = tls::expired_replacement(expires, self.expiry.not_after(), now) {
                 return Err(format!("{}: {reason}", sources.tls_cert.display()));

@@ -168,15 +168,29 @@ fn pem_problem(error: &pem::Error) -> &'static str {
 /// lifetime) never comes this close.
 pub const EXPIRY_WARNING_SECONDS: i64 = 7 * 24 * 60 * 60;
 
-/// When the leaf certificate is valid: its notBefore and notAfter, as
-/// Unix times; `None` if it does not parse as X.509.
-pub fn validity(leaf: &CertificateDer<'_>) -> Option<(i64, i64)> {
-    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let validity = certificate.validity();
-    Some((
-        validity.not_before.timestamp(),
-        validity.not_after.timestamp(),
-    ))
+/// When the chain served is valid: the latest notBefore and the earliest
+/// notAfter of its certificates, as Unix times (the apiserver refuses the
+/// chain while any one of them is out of its dates: an intermediate that
+/// expires before the leaf ends it); `None` if the leaf does not parse as
+/// X.509. Certificates after the leaf that do not parse are not counted.
+pub fn validity(chain: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
+    let dates = |der: &CertificateDer<'_>| {
+        let (_, certificate) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let validity = certificate.validity();
+        Some((
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        ))
+    };
+    let (leaf, rest) = chain.split_first()?;
+    let leaf_dates = dates(leaf)?;
+    Some(
+        rest.iter()
+            .filter_map(dates)
+            .fold(leaf_dates, |(starts, ends), (from, until)| {
+                (starts.max(from), ends.min(until))
+            }),
+    )
 }
 
 /// What to warn about a certificate valid until `not_after`, at `now`
@@ -318,22 +332,55 @@ pub fn server_config(
 mod tests {
     use super::*;
 
+    /// At 03:04:05 UTC on that day.
+    fn at(year: i32, month: u8, day: u8) -> time::OffsetDateTime {
+        rcgen::date_time_ymd(year, month, day).replace_time(time::Time::from_hms(3, 4, 5).unwrap())
+    }
+
     #[test]
     fn validity_reads_the_leaf_dates_as_unix_time() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.not_before =
-            rcgen::date_time_ymd(2030, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
-        params.not_after =
-            rcgen::date_time_ymd(2031, 1, 2).replace_time(time::Time::from_hms(3, 4, 5).unwrap());
+        params.not_before = at(2030, 1, 2);
+        params.not_after = at(2031, 1, 2);
         let certificate = params.self_signed(&key).unwrap();
         // 2030-01-02T03:04:05Z and a year of 365 days later, computed apart
         // from any X.509 code.
         assert_eq!(
-            validity(certificate.der()),
+            validity(&[certificate.der().clone()]),
             Some((1_893_553_445, 1_893_553_445 + 365 * 86_400))
         );
-        assert_eq!(validity(&CertificateDer::from(vec![0x30, 0x00])), None);
+        assert_eq!(validity(&[CertificateDer::from(vec![0x30, 0x00])]), None);
+        assert_eq!(validity(&[]), None);
+    }
+
+    #[test]
+    fn validity_of_a_chain_is_where_all_its_certificates_are_valid() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Valid from a day after the leaf, until a year before it ends.
+        ca.not_before = at(2030, 1, 3);
+        ca.not_after = at(2030, 7, 2);
+        let ca_der = ca.self_signed(&ca_key).unwrap().der().clone();
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.not_before = at(2030, 1, 2);
+        leaf.not_after = at(2031, 7, 2);
+        let leaf_der = leaf.signed_by(&key, &issuer).unwrap().der().clone();
+
+        // 2030-01-03T03:04:05Z, and 2030-07-02T03:04:05Z (180 days later).
+        let (ca_starts, ca_ends) = (1_893_639_845, 1_893_639_845 + 180 * 86_400);
+        assert_eq!(
+            validity(&[leaf_der.clone(), ca_der]),
+            Some((ca_starts, ca_ends))
+        );
+        let not_x509 = CertificateDer::from(vec![0x30, 0x00]);
+        assert_eq!(
+            validity(&[leaf_der, not_x509]),
+            Some((1_893_553_445, 1_893_553_445 + 546 * 86_400))
+        );
     }
 
     #[test]

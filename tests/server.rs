@@ -42,18 +42,20 @@ fn install_crypto_provider() {
 /// succeeds only if the server sends the whole chain.
 struct Pki {
     root_pem: String,
+    root: Issuer<'static, KeyPair>,
     intermediate_pem: String,
     intermediate: Issuer<'static, KeyPair>,
 }
 
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
 impl Pki {
     fn new() -> Self {
-        let ca_params = || {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params
-        };
         let root_key = KeyPair::generate().unwrap();
         let root_params = ca_params();
         let root_pem = root_params.self_signed(&root_key).unwrap().pem();
@@ -66,6 +68,7 @@ impl Pki {
             .pem();
         Self {
             root_pem,
+            root,
             intermediate_pem,
             intermediate: Issuer::new(intermediate_params, intermediate_key),
         }
@@ -77,15 +80,33 @@ impl Pki {
     }
 
     fn serving_pair_with(&self, adjust: impl FnOnce(&mut CertificateParams)) -> (String, String) {
+        Self::leaf_signed_by(&self.intermediate, &self.intermediate_pem, adjust)
+    }
+
+    /// A serving certificate chain through a new intermediate, `adjust`ed,
+    /// that the root signed.
+    fn serving_pair_through(
+        &self,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = ca_params();
+        adjust(&mut params);
+        let pem = params.signed_by(&key, &self.root).unwrap().pem();
+        Self::leaf_signed_by(&Issuer::new(params, key), &pem, |_| {})
+    }
+
+    fn leaf_signed_by(
+        issuer: &Issuer<'_, KeyPair>,
+        issuer_pem: &str,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let names = image_rewriter::certs::service_dns_names("image-rewriter", "image-rewriter");
         let mut params = CertificateParams::new(names).unwrap();
         adjust(&mut params);
-        let leaf = params.signed_by(&key, &self.intermediate).unwrap();
-        (
-            format!("{}{}", leaf.pem(), self.intermediate_pem),
-            key.serialize_pem(),
-        )
+        let leaf = params.signed_by(&key, issuer).unwrap();
+        (format!("{}{issuer_pem}", leaf.pem()), key.serialize_pem())
     }
 }
 
@@ -801,6 +822,15 @@ async fn the_serving_certificates_expiration_is_exported_and_follows_rotation() 
     harness.swap_certificate(&cert, &key, "success", 2.0).await;
     // 2031-05-06T00:00:00Z.
     assert_eq!(expiration().await, 1_935_792_000.0);
+
+    // The apiserver refuses the chain once its intermediate has expired,
+    // whatever the leaf's notAfter (rcgen's default, 4096).
+    let (cert, key) = harness.pki.serving_pair_through(|intermediate| {
+        intermediate.not_after = rcgen::date_time_ymd(2030, 2, 3);
+    });
+    harness.swap_certificate(&cert, &key, "success", 3.0).await;
+    // 2030-02-03T00:00:00Z.
+    assert_eq!(expiration().await, 1_896_307_200.0);
     harness.stop().await;
 }
 
