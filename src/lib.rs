@@ -2,7 +2,7 @@
 //! container images to a private registry.
 //!
 //! The policy (`image`, `policy`, `pod`, `patch`, `admission`, `deadline`) is pure and tested
-//! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `volume`, `reload` and `metrics` are the shell
+//! without a server; `server`, `connection`, `coalesce`, `readahead`, `tls`, `volume`, `reload`, `unwind` and `metrics` are the shell
 //! the cluster runs.
 #![forbid(unsafe_code)]
 
@@ -27,4 +27,5 @@ pub mod readahead;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod unwind;
 pub mod volume;

@@ -687,7 +687,16 @@ async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
         };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let outcome = ensure_copy(&inner, &namespace, &name).await;
+            // A copy that panicked still answers its waiters: otherwise its
+            // key would stay queued, and every later pod would wait on a
+            // copy that is never made.
+            let outcome = crate::unwind::catching_async(ensure_copy(&inner, &namespace, &name))
+                .await
+                .unwrap_or_else(|panic| {
+                    error!(secret = %name, %namespace, "pull secret copy {panic}");
+                    inner.metrics.pull_secret_sync_errors.inc();
+                    Outcome::Failed(format!("the copy {panic}"))
+                });
             inner.copy_done(&namespace, &name, &outcome);
             drop(slot);
         });
@@ -702,7 +711,11 @@ async fn reconcile_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<String>) 
         if let Ok(mut queued) = inner.reconcile_queued.lock() {
             queued.remove(&name);
         }
-        reconcile(&inner, &name).await;
+        // One name's panic must not stop the reconciles of all the others.
+        if let Err(panic) = crate::unwind::catching_async(reconcile(&inner, &name)).await {
+            error!(secret = %name, "pull secret reconcile {panic}");
+            inner.metrics.pull_secret_sync_errors.inc();
+        }
     }
 }
 

@@ -47,7 +47,9 @@ const BLANK_RELOAD: &str = "the file holds no value (blank lines and comments on
 type LastRead<T> = Option<Result<T, String>>;
 
 /// Loads `read` when it differs from what was last read: `None` when nothing
-/// changed, otherwise the load's result (a read error is a failed load).
+/// changed, otherwise the load's result (a read error is a failed load, and
+/// so is a load that panics: the last good one stays in force, and reloads
+/// go on).
 fn load_if_changed<B: PartialEq, T>(
     last: &mut LastRead<B>,
     read: Result<B, String>,
@@ -57,7 +59,8 @@ fn load_if_changed<B: PartialEq, T>(
         return None;
     }
     let loaded = match &read {
-        Ok(content) => load(content),
+        Ok(content) => crate::unwind::catching(|| load(content))
+            .unwrap_or_else(|panic| Err(format!("loading it {panic}"))),
         Err(reason) => Err(reason.clone()),
     };
     *last = Some(read);
@@ -219,5 +222,25 @@ impl Watcher {
             .certificate_last_reload_successful
             .set(i64::from(loaded_ok));
         Metrics::count_reload(&metrics.certificate_reloads, loaded_ok);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_that_panics_is_a_failed_load_and_is_not_retried_unchanged() {
+        let mut last: LastRead<&str> = None;
+        let panicking = |_: &&str| -> Result<u8, String> { panic!("a parser bug") };
+        let loaded = load_if_changed(&mut last, Ok("rules: []"), panicking);
+        assert_eq!(
+            loaded,
+            Some(Err("loading it panicked (a bug): a parser bug".to_owned()))
+        );
+        // Tried again when the file changes, not at every poll.
+        assert_eq!(load_if_changed(&mut last, Ok("rules: []"), panicking), None);
+        let fixed = load_if_changed(&mut last, Ok("rules: [] # fixed"), |_| Ok(1));
+        assert_eq!(fixed, Some(Ok(1)));
     }
 }
