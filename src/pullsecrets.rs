@@ -1001,7 +1001,21 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
             inner.remember(&name, namespace, as_is, None);
             return;
         }
+        // An immutable Secret's data cannot change (someone made the copy
+        // immutable): the apiserver would refuse the update, at every resync.
+        let immutable = current.immutable == Some(true);
+        if immutable && as_is.fingerprint != fingerprint(source) {
+            error!(
+                secret = %name, %namespace,
+                "this copy is immutable, so it cannot follow its source: delete it to have it made again"
+            );
+            inner.metrics.pull_secret_sync_errors.inc();
+            inner.count("failed");
+            return;
+        }
         let mut updated = copy_of(source, source_namespace, namespace);
+        // Nor can `immutable` be unset; the source annotation may still change.
+        updated.immutable = current.immutable;
         // The copy's metadata as read, with its resourceVersion (a write in
         // between is a conflict): an update replaces the labels, annotations,
         // finalizers and owner references with the body's, and those others

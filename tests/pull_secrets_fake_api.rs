@@ -342,6 +342,18 @@ async fn namespaced_item(
             if secret["type"] != current["type"] {
                 return status(422, "Invalid", "type: Invalid value: field is immutable");
             }
+            // As the apiserver's ValidateSecretUpdate: once immutable, neither
+            // the data nor `immutable` itself may change.
+            if current["immutable"] == json!(true)
+                && (secret["immutable"] != current["immutable"]
+                    || secret["data"] != current["data"])
+            {
+                return status(
+                    422,
+                    "Invalid",
+                    "data: Forbidden: field is immutable when `immutable` is set",
+                );
+            }
             fake.puts_written.fetch_add(1, Ordering::SeqCst);
             axum::Json(fake.put(&namespace, secret, "MODIFIED")).into_response()
         }
@@ -791,6 +803,54 @@ async fn a_source_whose_type_changed_leaves_its_copies_and_says_so() {
     .await;
     assert_eq!(fake.get("team-a", SECRET).unwrap(), copy);
     assert_eq!(fake.put_attempts.load(Ordering::SeqCst), 0);
+}
+
+/// A copy someone made immutable cannot take the source's new data: it is
+/// left as it is (no update the apiserver would refuse) and counted as an
+/// error. When only the source's place moves, its annotation still follows,
+/// and the copy stays immutable.
+#[tokio::test]
+async fn an_immutable_copy_is_left_as_it_is_and_still_follows_a_moved_source() {
+    let (fake, client) = start_fake().await;
+    let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, metrics) = started_sync(&fake, client, &policy).await;
+    admit(&sync, &policy, "team-a").await;
+    let mut copy = fake.get("team-a", SECRET).unwrap();
+    copy["immutable"] = json!(true);
+    fake.put("team-a", copy, "MODIFIED");
+
+    // The same data in another namespace: only the source annotation moves.
+    fake.put("vault", source_secret("v1"), "ADDED");
+    sync.configure(&policy_with_source("vault"));
+    eventually("the copy names its new source", || {
+        fake.get("team-a", SECRET).is_some_and(|copy| {
+            copy["metadata"]["annotations"]["image-rewriter.io/source"]
+                == json!("vault/harbor-pull")
+        })
+    })
+    .await;
+    let copy = fake.get("team-a", SECRET).unwrap();
+    assert_eq!(copy["immutable"], json!(true));
+    assert_eq!(copy["data"], source["data"]);
+    assert!(
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_copies_total{result=\"failed\"} 0"),
+        "{}",
+        metrics.encode()
+    );
+
+    let attempts = fake.put_attempts.load(Ordering::SeqCst);
+    fake.put("vault", source_secret("v2"), "MODIFIED");
+    eventually("the refusal is counted", || {
+        metrics
+            .encode()
+            .contains("image_rewriter_pull_secret_copies_total{result=\"failed\"} 1")
+    })
+    .await;
+    assert_eq!(fake.get("team-a", SECRET).unwrap(), copy);
+    assert_eq!(fake.put_attempts.load(Ordering::SeqCst), attempts);
 }
 
 /// A create that meets a Secret which is gone by the next read is a failed
