@@ -1,8 +1,10 @@
 //! Property tests: random policies and random pods through
-//! `admission::review` on a CREATE review. Whatever the input, the patch
+//! `admission::review`. On CREATE reviews: whatever the input, the patch
 //! applies to the pod exactly as sent, the result is a Pod, a reinvocation
 //! changes nothing, exclusions and unparsable images are left alone, tags and
-//! digests survive as written, and no pull secret appears twice.
+//! digests survive as written, and no pull secret appears twice. On reviews of
+//! every shape (`kubectl debug` included, targets nested in other rules), the
+//! patch applies, a second pass is empty and pull secrets keep their order.
 
 mod common;
 
@@ -593,5 +595,283 @@ proptest! {
         let quoted = image_rewriter::kubectl_yaml::documents(&format!("v: '{scalar}'\n"))
             .expect("a quoted scalar is valid YAML");
         prop_assert_eq!(&quoted.documents[0]["v"], &json!(scalar));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reviews of every shape, nested targets included
+// ---------------------------------------------------------------------------
+
+/// Policies the generators above leave out: one rule's target under another
+/// rule's match (quay.io's under docker.io's), a target on Docker Hub, an
+/// IPv6 target, a host with capitals, and an exclusion.
+const NESTED_CONFIGS: &[&str] = &[
+    "rules:\n\
+     \x20 - match: docker.io\n    target: harbor.example/hub\n    pullSecret: a\n\
+     \x20 - match: quay.io\n    target: harbor.example/hub/quay\n    pullSecret: a\n\
+     \x20 - match: ghcr.io\n    target: docker.io/mirror\n    pullSecret: b\n\
+     \x20 - match: harbor.example\n    target: other.example\n\
+     exclude:\n  images: [\"**/keep\"]\n",
+    "rules:\n\
+     \x20 - match: docker.io/library\n    target: \"[fd00::1]:5000\"\n    pullSecret: b\n\
+     \x20 - match: docker.io\n    target: Harbor.Example/x\n\
+     \x20 - match: localhost:5000\n    target: localhost:5000/proxy\n    pullSecret: c\n",
+];
+
+const SHAPED_IMAGES: &[&str] = &[
+    "nginx",
+    "nginx:1",
+    "keep",
+    "quay.io/a/b:2",
+    "ghcr.io/o/r",
+    "ghcr.io/o",
+    "harbor.example/z",
+    "localhost:5000/x",
+    "NOPE",
+    "",
+    "bitnami/redis@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    "harbor.example/hub/library/nginx",
+    "docker.io/mirror/o/r",
+];
+
+/// A field of the pod: left out, `null`, empty, or holding values.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Absent,
+    Null,
+    Empty,
+    Present,
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    prop_oneof![
+        Just(Shape::Absent),
+        Just(Shape::Null),
+        Just(Shape::Empty),
+        Just(Shape::Present)
+    ]
+}
+
+/// Containers named `{prefix}0`, `{prefix}1`...; `None` has no image.
+fn containers(prefix: &str, images: &[Option<&str>]) -> Value {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let mut container = json!({"name": format!("{prefix}{i}"), "resources": {}});
+            if let Some(image) = image {
+                container["image"] = json!(image);
+            }
+            container
+        })
+        .collect()
+}
+
+fn images(most: usize) -> impl Strategy<Value = Vec<Option<&'static str>>> {
+    proptest::collection::vec(
+        proptest::option::of(proptest::sample::select(SHAPED_IMAGES)),
+        0..most,
+    )
+}
+
+#[derive(Debug, Clone)]
+struct ShapedReview {
+    config: &'static str,
+    init: Vec<Option<&'static str>>,
+    regular: Vec<Option<&'static str>>,
+    old_ephemeral: Vec<Option<&'static str>>,
+    new_ephemeral: Vec<Option<&'static str>>,
+    pull_secrets: Vec<&'static str>,
+    pull_secrets_shape: Shape,
+    annotations_shape: Shape,
+    original_images: Option<&'static str>,
+    metadata_null: bool,
+    /// A `pods/ephemeralcontainers` UPDATE (`kubectl debug`), else a CREATE.
+    debug: bool,
+}
+
+fn shaped_review() -> impl Strategy<Value = ShapedReview> {
+    let original_images = proptest::option::of(prop_oneof![
+        Just(r#"{"c0":"x","gone":"y"}"#),
+        Just("oops"),
+        Just("null"),
+        Just("[]"),
+        Just(""),
+    ]);
+    (
+        proptest::sample::select(NESTED_CONFIGS),
+        (images(3), images(3), images(2), images(3)),
+        proptest::collection::vec(
+            proptest::sample::select(&["a", "b", "c", "", "z"][..]),
+            0..3,
+        ),
+        (shape(), shape(), original_images),
+        (any::<bool>(), any::<bool>()),
+    )
+        .prop_map(
+            |(
+                config,
+                (init, regular, old_ephemeral, new_ephemeral),
+                pull_secrets,
+                (pull_secrets_shape, annotations_shape, original_images),
+                (metadata_null, debug),
+            )| ShapedReview {
+                config,
+                init,
+                regular,
+                old_ephemeral,
+                new_ephemeral,
+                pull_secrets,
+                pull_secrets_shape,
+                annotations_shape,
+                original_images,
+                metadata_null,
+                debug,
+            },
+        )
+}
+
+impl ShapedReview {
+    fn pod(&self) -> Value {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"containers": containers("c", &self.regular)}
+        });
+        if !self.init.is_empty() {
+            pod["spec"]["initContainers"] = containers("i", &self.init);
+        }
+        let pull_secrets = match self.pull_secrets_shape {
+            Shape::Absent => None,
+            Shape::Null => Some(Value::Null),
+            Shape::Empty => Some(json!([])),
+            Shape::Present => Some(
+                self.pull_secrets
+                    .iter()
+                    .map(|name| match *name {
+                        "" => json!({}),
+                        name => json!({ "name": name }),
+                    })
+                    .collect(),
+            ),
+        };
+        if let Some(pull_secrets) = pull_secrets {
+            pod["spec"]["imagePullSecrets"] = pull_secrets;
+        }
+        match self.annotations_shape {
+            Shape::Absent => {}
+            Shape::Null => pod["metadata"]["annotations"] = Value::Null,
+            Shape::Empty => pod["metadata"]["annotations"] = json!({}),
+            Shape::Present => {
+                pod["metadata"]["annotations"] = json!({"a/b~c": "d"});
+                if let Some(value) = self.original_images {
+                    pod["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION] = json!(value);
+                }
+            }
+        }
+        if self.metadata_null && !self.debug {
+            pod["metadata"] = Value::Null;
+        }
+        pod
+    }
+
+    fn review(&self) -> Value {
+        let pod = self.pod();
+        if !self.debug {
+            return admission_review(pod, "CREATE", "shop");
+        }
+        let mut old = pod;
+        if !self.old_ephemeral.is_empty() {
+            old["spec"]["ephemeralContainers"] = containers("e", &self.old_ephemeral);
+        }
+        let mut new = old.clone();
+        let all: Vec<_> = self
+            .old_ephemeral
+            .iter()
+            .chain(&self.new_ephemeral)
+            .copied()
+            .collect();
+        if !all.is_empty() {
+            new["spec"]["ephemeralContainers"] = containers("e", &all);
+        }
+        ephemeral_containers_review(old, new, "shop")
+    }
+}
+
+fn pull_secret_names(pod: &Value) -> Vec<&str> {
+    pod["spec"]["imagePullSecrets"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|entry| entry["name"].as_str().unwrap_or(""))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn check_shaped(case: &ShapedReview) -> Result<(), TestCaseError> {
+    let policy = ConfigFile::from_yaml(case.config)
+        .unwrap()
+        .into_policy(Some("image-rewriter"))
+        .unwrap();
+    let review = case.review();
+    let (_, patch) = review_in_process(&policy, &review);
+    let sent = &review["request"]["object"];
+    let patched = match &patch {
+        Some(patch) => apply_json_patch(sent, patch)
+            .map_err(|e| TestCaseError::fail(format!("{e}\n{sent:#}\n{patch:#}")))?,
+        None => sent.clone(),
+    };
+
+    if case.debug {
+        // Only the new ephemeral containers' images may change.
+        let (mut after, mut before) = (patched.clone(), sent.clone());
+        let new = case.old_ephemeral.len()..case.old_ephemeral.len() + case.new_ephemeral.len();
+        for i in new {
+            after["spec"]["ephemeralContainers"][i]["image"] = Value::Null;
+            before["spec"]["ephemeralContainers"][i]["image"] = Value::Null;
+        }
+        prop_assert_eq!(
+            after,
+            before,
+            "more than new ephemeral images changed: {:?}",
+            patch
+        );
+    }
+
+    let mut again = review.clone();
+    again["request"]["object"] = patched.clone();
+    again["request"]["uid"] = json!(new_uid());
+    let (_, second) = review_in_process(&policy, &again);
+    prop_assert!(
+        second.is_none(),
+        "second pass {second:?} after {patch:?}\n{sent:#}"
+    );
+
+    // The pull secrets sent stay first, in order; those added are new and
+    // each added once.
+    let (sent_names, names) = (pull_secret_names(sent), pull_secret_names(&patched));
+    prop_assert_eq!(&names[..sent_names.len()], &sent_names[..]);
+    let added = &names[sent_names.len()..];
+    for (i, name) in added.iter().enumerate() {
+        prop_assert!(
+            !sent_names.contains(name) && !added[..i].contains(name),
+            "{:?}",
+            names
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// CREATE and `kubectl debug` reviews, with pull secrets and annotations
+    /// absent, null, empty or set, under policies with nested targets: the
+    /// patch applies as sent, `kubectl debug` changes only new ephemeral
+    /// images, a second pass changes nothing, and pull secrets keep order.
+    #[test]
+    fn reviews_of_every_shape_apply_and_settle(case in shaped_review()) {
+        check_shaped(&case)?;
     }
 }
