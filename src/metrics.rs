@@ -255,6 +255,20 @@ impl Metrics {
         self
     }
 
+    /// Each rule's `images_rewritten_total` series at 0 (a count already
+    /// there is kept), for a config about to be in force: an `increase()`
+    /// cannot see a rule's first rewrite in a series born at 1. Series of
+    /// rules a reload dropped stay, with their counts.
+    pub fn expose_rules(&self, rules: &[crate::policy::Rule]) {
+        for rule in rules {
+            self.images_rewritten
+                .get_or_create(&RuleLabel {
+                    rule: rule.match_prefix.clone(),
+                })
+                .inc_by(0);
+        }
+    }
+
     pub fn count_copy(&self, result: &'static str) {
         debug_assert!(COPY_RESULTS.contains(&result), "{result}");
         self.pull_secret_copies

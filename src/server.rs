@@ -168,6 +168,7 @@ impl AppState {
     }
 
     pub fn set_policy(&self, policy: Policy) {
+        self.metrics.expose_rules(policy.rules());
         if let Some(sync) = self.pull_secrets.get() {
             sync.configure(&policy);
         }
@@ -1810,6 +1811,58 @@ mod tests {
         assert!(
             took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
             "answered after {took:?}, not 2 s less the reserve"
+        );
+    }
+
+    /// Each rule in force has its `images_rewritten_total` series from the
+    /// moment its config loads, at 0: `increase()` cannot see the first
+    /// rewrite of a series born at 1, so a rule's first rewrite after a
+    /// start (or a reload that adds the rule) would be lost.
+    #[test]
+    fn every_rule_in_force_has_its_rewrite_count_at_zero() {
+        let rewritten = |state: &AppState| -> Vec<String> {
+            state
+                .metrics
+                .encode_prometheus_text()
+                .lines()
+                .filter(|line| line.starts_with("image_rewriter_images_rewritten_total"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let state = state_with_policy(Duration::from_secs(1));
+        assert_eq!(
+            rewritten(&state),
+            ["image_rewriter_images_rewritten_total{rule=\"docker.io\"} 0"]
+        );
+        let text = state.metrics.encode_prometheus_text();
+        assert!(
+            text.contains("# TYPE image_rewriter_images_rewritten_total counter\n"),
+            "{text}"
+        );
+        // A reload that adds a rule (written as the legacy Docker Hub host,
+        // labelled as its match reads) adds its series; the count of a rule
+        // already there is kept.
+        state
+            .metrics
+            .images_rewritten
+            .get_or_create(&crate::metrics::RuleLabel {
+                rule: "docker.io".into(),
+            })
+            .inc();
+        let config = crate::config::ConfigFile::from_yaml(
+            "rules:\n  - match: index.docker.io\n    target: harbor.corp.example/dockerhub\n  \
+             - match: quay.io\n    target: harbor.corp.example/quay\n",
+        )
+        .expect("config");
+        state.set_policy(config.into_policy(None).expect("policy"));
+        let mut series = rewritten(&state);
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                "image_rewriter_images_rewritten_total{rule=\"docker.io\"} 1",
+                "image_rewriter_images_rewritten_total{rule=\"quay.io\"} 0",
+            ]
         );
     }
 
