@@ -1,5 +1,6 @@
 //! The command line. Every flag also reads an `IMAGE_REWRITER_*` variable.
 
+use std::ffi::OsString;
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,102 @@ const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/servicea
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// This process's command line, as [`Cli::parse_args`] reads it; a
+    /// usage error ends the process (exit 2).
+    pub fn from_process() -> Self {
+        Self::parse_args(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+
+    /// Parses `args` (the program's name first) and the `IMAGE_REWRITER_*`
+    /// variables. A value refused that came from a variable, its flag not
+    /// given, says so: clap names only the flag, which a pod that sets the
+    /// variable in its env never passed.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        Self::try_parse_from(&args).map_err(|error| naming_the_variable(error, &args))
+    }
+}
+
+/// `error` with a tip naming the variable its refused value came from, when
+/// it came from one: parsed again with that flag's variable ignored, the
+/// same value is no longer refused.
+fn naming_the_variable(mut error: clap::Error, args: &[OsString]) -> clap::Error {
+    use clap::CommandFactory as _;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return error;
+    }
+    let refused = |error: &clap::Error| {
+        (
+            error.kind(),
+            error.get(ContextKind::InvalidArg).map(ToString::to_string),
+            error
+                .get(ContextKind::InvalidValue)
+                .map(ToString::to_string),
+        )
+    };
+    let Some(ContextValue::String(shown)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let shown = shown.clone();
+    let mut command = Cli::command();
+    // Built, as clap builds it to parse: an argument is shown as in errors.
+    command.build();
+    // Every subcommand names a flag by the same variable.
+    let Some((long, variable)) = command.get_subcommands().find_map(|sub| {
+        sub.get_arguments()
+            .find(|arg| arg.to_string() == shown)
+            .and_then(|arg| Some((arg.get_long()?.to_owned(), arg.get_env()?.to_owned())))
+    }) else {
+        return error;
+    };
+    // Found on the built command; mutated on a fresh one, as clap expects.
+    let without_variable = Cli::command().mut_subcommands(|sub| {
+        let ids: Vec<_> = sub
+            .get_arguments()
+            .filter(|arg| arg.get_long() == Some(long.as_str()))
+            .map(|arg| arg.get_id().clone())
+            .collect();
+        ids.into_iter()
+            .fold(sub, |sub, id| sub.mut_arg(id, |arg| arg.env(None::<&str>)))
+    });
+    let still_refused = without_variable
+        .try_get_matches_from(args)
+        .err()
+        .is_some_and(|again| refused(&again) == refused(&error));
+    if still_refused {
+        return error;
+    }
+    let variable = variable.to_string_lossy();
+    let empty = matches!(
+        error.get(ContextKind::InvalidValue),
+        Some(ContextValue::String(value)) if value.is_empty()
+    );
+    let tip = if empty {
+        format!(
+            "the value comes from {variable}, which is set but empty (--{long} was not given): \
+             unset it, or give it a value"
+        )
+    } else {
+        format!("the value comes from {variable} (--{long} was not given)")
+    };
+    let mut tips = match error.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    error
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 // Why mimalloc, and what it costs in memory: see Cargo.toml.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,6 +15,6 @@ fn main() -> ExitCode {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     // One process-wide TLS provider: ring (no aws-lc-rs build needed).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = image_rewriter::cli::Cli::parse();
+    let cli = image_rewriter::cli::Cli::from_process();
     image_rewriter::cli::run(cli)
 }

@@ -474,6 +474,74 @@ fn the_config_path_reads_the_environment() {
     assert!(stderr(&output).contains("--config"), "{}", stderr(&output));
 }
 
+/// A value refused from a variable is said to come from it: a pod that
+/// sets `IMAGE_REWRITER_LOG_FORMAT: JSON` in its env and no `--log-format`
+/// in its args was told only of `--log-format`, a flag it never passed
+/// (and of an empty variable, that no value was "supplied" for it).
+#[test]
+fn a_value_refused_from_a_variable_names_the_variable() {
+    let dir = Dir::new();
+    let config = dir.config();
+    for (variable, value, args) in [
+        ("IMAGE_REWRITER_OUTPUT", "JSON", vec!["rewrite", "nginx"]),
+        ("IMAGE_REWRITER_OUTPUT", "", vec!["rewrite", "nginx"]),
+        ("IMAGE_REWRITER_FILENAME", "", vec!["mutate"]),
+        (
+            "IMAGE_REWRITER_RELOAD_INTERVAL",
+            "10ms",
+            vec!["serve", "--tls-cert", "c", "--tls-key", "k"],
+        ),
+        ("IMAGE_REWRITER_NO_API", "maybe", vec!["serve"]),
+        (
+            "IMAGE_REWRITER_VALIDITY_DAYS",
+            "-1",
+            vec!["certs", "--out", "o"],
+        ),
+    ] {
+        let output = binary()
+            .env("IMAGE_REWRITER_CONFIG", &config)
+            .env(variable, value)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{variable}={value:?}: {err}");
+        assert!(
+            err.contains(&format!("the value comes from {variable}")),
+            "{variable}={value:?} {args:?}: {err}"
+        );
+    }
+    // Given as a flag, the flag's value is the one refused, whatever the
+    // variable holds: no word of the variable.
+    let output = binary()
+        .env("IMAGE_REWRITER_OUTPUT", "JSON")
+        .args([
+            "rewrite",
+            "--config",
+            s(&config),
+            "--output",
+            "xml",
+            "nginx",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'xml'") && !err.contains("IMAGE_REWRITER"),
+        "{err}"
+    );
+    // A valid variable and a bad flag elsewhere: the variable is not blamed.
+    let output = binary()
+        .env("IMAGE_REWRITER_OUTPUT", "json")
+        .args(["rewrite", "--config", s(&config), "--output=yaml", "nginx"])
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(!err.contains("IMAGE_REWRITER"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 // mutate
 // ---------------------------------------------------------------------------
