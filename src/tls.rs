@@ -169,28 +169,53 @@ fn pem_problem(error: &pem::Error) -> &'static str {
 pub const EXPIRY_WARNING_SECONDS: i64 = 7 * 24 * 60 * 60;
 
 /// When the chain served is valid: the latest notBefore and the earliest
-/// notAfter of its certificates, as Unix times (the apiserver refuses the
-/// chain while any one of them is out of its dates: an intermediate that
-/// expires before the leaf ends it); `None` if the leaf does not parse as
-/// X.509. Certificates after the leaf that do not parse are not counted.
+/// notAfter of the leaf and of the certificates in the PEM it chains
+/// through, issuer after issuer (the apiserver refuses the chain while any
+/// one of them is out of its dates: an intermediate that expires before the
+/// leaf ends it), as Unix times; `None` if the leaf does not parse as
+/// X.509. A certificate the leaf does not chain through (a CA staged for
+/// the next rotation, or one left from the last) is not counted: the
+/// apiserver builds its chain without it. Of two that could issue the same
+/// certificate (a CA's renewed certificate beside its old one), the one
+/// valid longest is counted. Certificates that do not parse are not
+/// counted.
 pub fn validity(chain: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
-    let dates = |der: &CertificateDer<'_>| {
-        let (_, certificate) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    use x509_parser::certificate::X509Certificate;
+    let dates = |certificate: &X509Certificate<'_>| {
         let validity = certificate.validity();
-        Some((
+        (
             validity.not_before.timestamp(),
             validity.not_after.timestamp(),
-        ))
+        )
     };
     let (leaf, rest) = chain.split_first()?;
-    let leaf_dates = dates(leaf)?;
-    Some(
-        rest.iter()
-            .filter_map(dates)
-            .fold(leaf_dates, |(starts, ends), (from, until)| {
-                (starts.max(from), ends.min(until))
-            }),
-    )
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let mut unused: Vec<X509Certificate<'_>> = rest
+        .iter()
+        .filter_map(|der| Some(x509_parser::parse_x509_certificate(der.as_ref()).ok()?.1))
+        .collect();
+    let (mut starts, mut ends) = dates(&leaf);
+    let mut wanted = Some(leaf.issuer().as_raw().to_vec());
+    // A root (its own issuer) ends the chain; each certificate is counted
+    // once, so a loop of issuers ends it too.
+    while let Some(issued_by) = wanted.take() {
+        let Some(at) = unused
+            .iter()
+            .enumerate()
+            .filter(|(_, candidate)| candidate.subject().as_raw() == issued_by.as_slice())
+            .max_by_key(|(_, candidate)| dates(candidate).1)
+            .map(|(at, _)| at)
+        else {
+            break;
+        };
+        let issuer = unused.swap_remove(at);
+        let (from, until) = dates(&issuer);
+        (starts, ends) = (starts.max(from), ends.min(until));
+        if issuer.issuer().as_raw() != issuer.subject().as_raw() {
+            wanted = Some(issuer.issuer().as_raw().to_vec());
+        }
+    }
+    Some((starts, ends))
 }
 
 /// What to warn about a certificate valid until `not_after`, at `now`
@@ -379,6 +404,64 @@ mod tests {
         let not_x509 = CertificateDer::from(vec![0x30, 0x00]);
         assert_eq!(
             validity(&[leaf_der, not_x509]),
+            Some((1_893_553_445, 1_893_553_445 + 546 * 86_400))
+        );
+    }
+
+    /// A certificate in the PEM that the leaf does not chain through (a
+    /// CA staged for the next rotation, an old one left in the bundle, a
+    /// stale copy of the intermediate beside the current one) plays no part
+    /// in the chain the apiserver builds, so neither do its dates.
+    #[test]
+    fn validity_of_a_chain_leaves_out_certificates_the_leaf_does_not_chain_through() {
+        let named = |name: &str| {
+            let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+        };
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = named("issuing CA");
+        ca.not_before = at(2030, 1, 3);
+        ca.not_after = at(2030, 7, 2);
+        let ca_der = ca.self_signed(&ca_key).unwrap().der().clone();
+        // The same CA's certificate as it was before its renewal.
+        let mut stale_ca = named("issuing CA");
+        stale_ca.not_before = at(2020, 1, 1);
+        stale_ca.not_after = at(2021, 1, 1);
+        let stale_ca_der = stale_ca.self_signed(&ca_key).unwrap().der().clone();
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = named("localhost");
+        leaf.is_ca = rcgen::IsCa::NoCa;
+        leaf.not_before = at(2030, 1, 2);
+        leaf.not_after = at(2031, 7, 2);
+        let leaf_der = leaf.signed_by(&key, &issuer).unwrap().der().clone();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let mut expired = named("an old CA");
+        expired.not_before = at(2019, 1, 1);
+        expired.not_after = at(2020, 1, 1);
+        let expired_der = expired.self_signed(&other_key).unwrap().der().clone();
+        let mut staged = named("the next CA");
+        staged.not_before = at(2031, 1, 1);
+        staged.not_after = at(2040, 1, 1);
+        let staged_der = staged.self_signed(&other_key).unwrap().der().clone();
+
+        let chain_dates = Some((1_893_639_845, 1_893_639_845 + 180 * 86_400));
+        for chain in [
+            vec![leaf_der.clone(), ca_der.clone(), expired_der.clone()],
+            vec![leaf_der.clone(), staged_der.clone(), ca_der.clone()],
+            vec![leaf_der.clone(), stale_ca_der.clone(), ca_der.clone()],
+            vec![leaf_der.clone(), ca_der.clone(), stale_ca_der.clone()],
+        ] {
+            assert_eq!(validity(&chain), chain_dates);
+        }
+        // Only unrelated certificates after the leaf: the leaf's dates.
+        assert_eq!(
+            validity(&[leaf_der, expired_der, staged_der]),
             Some((1_893_553_445, 1_893_553_445 + 546 * 86_400))
         );
     }
