@@ -290,7 +290,8 @@ pub fn write_bundle(
 
 /// `content` in a new file in `dir`, named after `name` and removed when
 /// dropped unless persisted. A new file, so a key never sits in one an
-/// earlier run (or a person) left readable by others.
+/// earlier run (or a person) left readable by others. A run killed before
+/// the rename leaves it: `.gitignore` ignores its name in `certs/`.
 fn stage(
     dir: &Path,
     name: &str,

@@ -2354,6 +2354,11 @@ fn generated_certificates_are_git_ignored() {
             Some(true),
             "certs/{file} must be git-ignored"
         );
+        // Where `certs` writes each file before renaming it into place: a
+        // run killed in between (Ctrl-C, the OOM killer) leaves it, a
+        // private key among them.
+        let staged = format!("certs/.{file}.Ab3xZ9.tmp");
+        assert_eq!(ignored(&staged), Some(true), "{staged} must be git-ignored");
     }
     for file in [
         "certs/kustomization.yaml",
