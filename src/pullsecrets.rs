@@ -996,15 +996,15 @@ async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, nam
         }
         let origin = source_reference(source_namespace, &name);
         let as_is = cached(&current);
+        let same_content = as_is.fingerprint == fingerprint(source);
         // Another replica (each runs this sync) may have written it already.
-        if as_is.fingerprint == fingerprint(source) && as_is.source.as_ref() == Some(&origin) {
+        if same_content && as_is.source.as_ref() == Some(&origin) {
             inner.remember(&name, namespace, as_is, None);
             return;
         }
         // An immutable Secret's data cannot change (someone made the copy
         // immutable): the apiserver would refuse the update, at every resync.
-        let immutable = current.immutable == Some(true);
-        if immutable && as_is.fingerprint != fingerprint(source) {
+        if current.immutable == Some(true) && !same_content {
             error!(
                 secret = %name, %namespace,
                 "this copy is immutable, so it cannot follow its source: delete it to have it made again"
