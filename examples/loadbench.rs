@@ -486,7 +486,11 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A child process, killed (by its pid, SIGKILL) when dropped.
+/// A child process, ended when dropped: SIGTERM, then SIGKILL if it has not
+/// exited within [`Proc::TERM_GRACE`]. A clean exit is what lets a server
+/// built with `-Cprofile-generate` write its profile (scripts/pgo-build.sh
+/// trains with this program); the servers exit at once on SIGTERM, as
+/// nothing is in flight when a run ends.
 struct Proc {
     child: Child,
 }
@@ -501,8 +505,24 @@ impl Proc {
     }
 }
 
+impl Proc {
+    const TERM_GRACE: Duration = Duration::from_secs(5);
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        let terminated = rustix::process::Pid::from_raw(self.pid() as i32).is_some_and(|pid| {
+            rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok()
+        });
+        if terminated {
+            let deadline = Instant::now() + Self::TERM_GRACE;
+            while Instant::now() < deadline {
+                if self.exited().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -2323,6 +2343,7 @@ mod baseline {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::net::TcpListener;
+    use tokio::signal::unix::{SignalKind, signal};
     use tokio_rustls::TlsAcceptor;
 
     use super::Args;
@@ -2359,8 +2380,14 @@ mod baseline {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         let same_transport = args.same_transport;
+        // Exits on SIGTERM, as `Proc` ends it, so that a build with
+        // `-Cprofile-generate` writes its profile.
+        let mut terminate = signal(SignalKind::terminate())?;
         loop {
-            let (stream, _) = listener.accept().await?;
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                _ = terminate.recv() => return Ok(()),
+            };
             let _ = stream.set_nodelay(true);
             let (acceptor, answer, builder) = (acceptor.clone(), answer.clone(), builder.clone());
             tokio::spawn(async move {

@@ -7,6 +7,9 @@
 #   cargo run --release --example loadbench -- --smoke --modes h1 --no-baseline --keep-dir
 #   scripts/h2load-compare.sh [--duration SECONDS] [--rounds N] [--server-quota PERCENT] <the kept directory>
 #
+# The servers: $IMAGE_REWRITER_BIN and $LOADBENCH_BIN (the baseline), by
+# default the release builds in $CARGO_TARGET_DIR (target/).
+#
 # The kept directory holds what loadbench generated: config.yaml, tls/,
 # request.json (the review it sends) and response.json (the baseline's fixed
 # answer). Servers on CPU 0, h2load on CPU 1; HTTP/1.1 (32 connections) and
@@ -45,8 +48,10 @@ command -v h2load >/dev/null || { echo "h2load is missing: apt-get install nghtt
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs: the servers on CPU 0, h2load on CPU 1" >&2; exit 2; }
 
 target_dir="${CARGO_TARGET_DIR:-target}"
-ours_bin="$target_dir/release/image-rewriter"
-loadbench_bin="$target_dir/release/examples/loadbench"
+# The release builds, or the ones named (scripts/pgo-build.sh --with-loadbench
+# OUT_DIR builds both profile-guided: OUT_DIR/image-rewriter, OUT_DIR/loadbench).
+ours_bin="${IMAGE_REWRITER_BIN:-$target_dir/release/image-rewriter}"
+loadbench_bin="${LOADBENCH_BIN:-$target_dir/release/examples/loadbench}"
 ticks_per_second=$(getconf CLK_TCK)
 failed=0
 server=""
