@@ -2122,27 +2122,54 @@ fn dockerfile_is_a_locked_multi_stage_build_into_a_distroless_nonroot_image() {
                 .any(|a| a.trim_end_matches('/') == "src" || a == ".")
     })
     .expect("COPY src");
+    // A build is a RUN of `cargo build` or of scripts/pgo-build.sh, whose
+    // own `cargo build` is checked like the Dockerfile's.
+    const PGO_BUILD: &str = "scripts/pgo-build.sh";
     let builds: Vec<usize> = body
         .iter()
         .enumerate()
-        .filter(|(_, i)| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .filter(|(_, i)| {
+            i.keyword == "RUN" && (i.args.contains("cargo build") || i.args.contains(PGO_BUILD))
+        })
         .map(|(n, _)| n)
         .collect();
     assert!(
         builds.iter().any(|&n| copy_manifest < n && n < copy_src),
-        "a dependency-only `cargo build` between COPY Cargo.toml Cargo.lock and COPY src"
+        "a dependency-only build between COPY Cargo.toml Cargo.lock and COPY src"
     );
     let final_build = &body[*builds.iter().max().expect("cargo build")];
     assert!(
-        final_build.args.contains("--release"),
-        "cargo build --release"
+        final_build.args.contains(PGO_BUILD) && !final_build.args.contains("--dependencies-only"),
+        "the shipped binary is the profile-guided build (BENCHMARKS.md): {}",
+        final_build.args
     );
+    let pgo_build_script =
+        fs::read_to_string(repo_path(PGO_BUILD)).expect("read the PGO build script");
+    let build_command = |args: &str| -> String {
+        if args.contains(PGO_BUILD) {
+            let cargo_builds: Vec<&str> = pgo_build_script
+                .lines()
+                .map(str::trim)
+                .filter(|line| line.starts_with("cargo build"))
+                .collect();
+            assert_eq!(
+                cargo_builds.len(),
+                1,
+                "{PGO_BUILD} runs cargo build in one place"
+            );
+            format!("{args} [{PGO_BUILD}: {}]", cargo_builds[0])
+        } else {
+            args.to_string()
+        }
+    };
     for &n in &builds {
-        assert!(
-            body[n].args.contains("--locked"),
-            "every cargo build uses --locked: {}",
-            body[n].args
-        );
+        let command = build_command(&body[n].args);
+        for flag in ["--release", "--locked"] {
+            assert!(
+                command.contains(flag),
+                "every cargo build uses {flag}: {command}"
+            );
+        }
     }
 
     // A small runtime base with no libc (distroless/static or scratch, as the
@@ -2165,11 +2192,11 @@ fn dockerfile_is_a_locked_multi_stage_build_into_a_distroless_nonroot_image() {
         "a musl build: it ran ~20% more CPU a review than glibc"
     );
     for &n in &builds {
+        let command = build_command(&body[n].args);
         assert!(
-            body[n].args.contains("--target"),
+            command.contains("--target"),
             "with RUSTFLAGS +crt-static, every cargo build names its --target, or the flag \
-             reaches the proc-macros, which cannot be static: {}",
-            body[n].args
+             reaches the proc-macros, which cannot be static: {command}"
         );
     }
 
