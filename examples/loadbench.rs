@@ -511,6 +511,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Reaped already (it exited early): its pid may be another process's now.
+        if self.exited().is_some() {
+            return;
+        }
         let terminated = rustix::process::Pid::from_raw(self.pid() as i32).is_some_and(|pid| {
             rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok()
         });
