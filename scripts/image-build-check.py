@@ -272,7 +272,7 @@ class Stage:
                     shutil.copy2(origin, target)
             print(f"COPY {arguments}")
         elif keyword == "RUN":
-            packages = packages_installed(arguments)
+            packages = packages_installed(self.substitute(arguments).replace('"', ""))
             if packages is not None:
                 for name in packages:
                     if not debian_package_installed(name):

@@ -17,8 +17,17 @@
 #    (BENCHMARKS.md, "The shipped build is profile-guided").
 #
 # Why: a review's cost is mostly serde_json's decoding, branchy code that a
-# profile lays out better; the profile took 19-25% of the server's CPU per
-# review (BENCHMARKS.md).
+# profile lays out better; the profile-guided server spends about 20% less
+# CPU a review (BENCHMARKS.md).
+#
+# The server and loadbench are built by separate cargo runs, the same in both
+# phases: built together, cargo would give the server loadbench's
+# dev-dependency features (tokio's test-util, among others), which change
+# the symbol names of tokio and of every crate above it, ours included; a
+# profile matches functions by those names, so a server built alone would
+# find little of a profile made from one built with loadbench. The final
+# build passes -pgo-warn-missing-function, and the script fails if the
+# review's function (plan_review) is among those the profile does not cover.
 #
 # The builds are for the host's target triple (`--target`), so that the
 # profile flags reach the binaries only, not build scripts and proc-macros;
@@ -32,7 +41,13 @@
 # llvm-N, N being rustc's LLVM major version (`rustc -vV`). Exits 1 on a
 # failed step, 2 on bad arguments.
 set -euo pipefail
+# Relative paths are the caller's, resolved before moving to the repository.
+caller_dir=$PWD
+[ -z "${CARGO_TARGET_DIR:-}" ] || CARGO_TARGET_DIR=$(realpath -m -- "$CARGO_TARGET_DIR")
 cd "$(dirname "$0")/.."
+# Flags and profile paths are this script's: CARGO_ENCODED_RUSTFLAGS would
+# replace RUSTFLAGS, LLVM_PROFILE_FILE would move the training's profiles.
+unset CARGO_ENCODED_RUSTFLAGS LLVM_PROFILE_FILE
 
 with_loadbench=""
 dependencies_only=""
@@ -42,7 +57,7 @@ while [ $# -gt 0 ]; do
     --with-loadbench) with_loadbench=1; shift ;;
     --dependencies-only) dependencies_only=1; shift ;;
     -*) echo "pgo-build: unknown option $1" >&2; exit 2 ;;
-    *) [ -z "$out" ] || { echo "pgo-build: one OUT_DIR only" >&2; exit 2; }; out=$1; shift ;;
+    *) [ -z "$out" ] || { echo "pgo-build: one OUT_DIR only" >&2; exit 2; }; out=$(cd "$caller_dir" && realpath -m -- "$1"); shift ;;
   esac
 done
 if [ -z "$out" ] && [ -z "$dependencies_only" ]; then
@@ -58,16 +73,18 @@ use_dir="$target_dir/pgo-use"
 profiles="$target_dir/pgo-profiles"
 given_rustflags=${RUSTFLAGS:-}
 
-# build TARGET_DIR PROFILE_FLAG CARGO_ARGS...
+# build TARGET_DIR PROFILE_FLAGS CARGO_ARGS...
 build() {
-  local dir=$1 flag=$2
+  local dir=$1 flags=$2
   shift 2
-  echo "pgo-build: cargo build --release --target $host $* ($flag)" >&2
-  RUSTFLAGS="${given_rustflags:+$given_rustflags }$flag" CARGO_TARGET_DIR="$dir" \
+  echo "pgo-build: cargo build --release --target $host $* ($flags)" >&2
+  RUSTFLAGS="${given_rustflags:+$given_rustflags }$flags" CARGO_TARGET_DIR="$dir" \
     cargo build --release --locked --target "$host" "$@"
 }
 
-build "$generate_dir" "-Cprofile-generate=$profiles/raw" --bin image-rewriter --example loadbench
+generate="-Cprofile-generate=$profiles/raw"
+build "$generate_dir" "$generate" --bin image-rewriter
+build "$generate_dir" "$generate" --example loadbench
 [ -n "$dependencies_only" ] && exit 0
 
 profdata=${LLVM_PROFDATA:-}
@@ -94,20 +111,26 @@ mkdir -p "$profiles/raw"
 echo "pgo-build: training (loadbench --smoke against the instrumented server)" >&2
 IMAGE_REWRITER_BIN="$generate_dir/$host/release/image-rewriter" \
   "$generate_dir/$host/release/examples/loadbench" --smoke --no-build
-"$profdata" merge -o "$profiles/merged.profdata" "$profiles"/raw/*.profraw
+raw=("$profiles"/raw/*.profraw)
+if [ ! -e "${raw[0]}" ]; then
+  echo "pgo-build: the training wrote no profile under $profiles/raw" >&2
+  exit 1
+fi
+"$profdata" merge -o "$profiles/merged.profdata" "${raw[@]}"
 # The training must have run the review itself, not only started servers.
-if ! "$profdata" show --counts --function=plan_review "$profiles/merged.profdata" |
-  grep -Eq 'Block counts: \[.*[1-9]'; then
+review_counts=$("$profdata" show --counts --function=plan_review "$profiles/merged.profdata")
+if ! grep -Eq 'Block counts: \[.*[1-9]' <<<"$review_counts"; then
   echo "pgo-build: the profile has no count for the review (plan_review): the training did not reach the server" >&2
   exit 1
 fi
 
-flag="-Cprofile-use=$profiles/merged.profdata"
-if [ -n "$with_loadbench" ]; then
-  build "$use_dir" "$flag" --bin image-rewriter --example loadbench
-else
-  build "$use_dir" "$flag" --bin image-rewriter
+use="-Cprofile-use=$profiles/merged.profdata -Cllvm-args=-pgo-warn-missing-function"
+build "$use_dir" "$use" --bin image-rewriter 2>&1 | tee "$profiles/use-build.log" >&2
+if grep -E 'no profile data available for function.*plan_review' "$profiles/use-build.log" >&2; then
+  echo "pgo-build: the profile does not cover the review (plan_review) in this build: its symbol names differ from the trained build's" >&2
+  exit 1
 fi
+[ -z "$with_loadbench" ] || build "$use_dir" "$use" --example loadbench
 mkdir -p "$out"
 cp "$use_dir/$host/release/image-rewriter" "$out/image-rewriter"
 [ -z "$with_loadbench" ] || cp "$use_dir/$host/release/examples/loadbench" "$out/loadbench"
