@@ -503,9 +503,7 @@ impl Proc {
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
-}
 
-impl Proc {
     const TERM_GRACE: Duration = Duration::from_secs(5);
 }
 

@@ -2145,19 +2145,19 @@ fn dockerfile_is_a_locked_multi_stage_build_into_a_distroless_nonroot_image() {
     );
     let pgo_build_script =
         fs::read_to_string(repo_path(PGO_BUILD)).expect("read the PGO build script");
+    let script_cargo_builds: Vec<&str> = pgo_build_script
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("cargo build"))
+        .collect();
+    assert_eq!(
+        script_cargo_builds.len(),
+        1,
+        "{PGO_BUILD} runs cargo build in one place"
+    );
     let build_command = |args: &str| -> String {
         if args.contains(PGO_BUILD) {
-            let cargo_builds: Vec<&str> = pgo_build_script
-                .lines()
-                .map(str::trim)
-                .filter(|line| line.starts_with("cargo build"))
-                .collect();
-            assert_eq!(
-                cargo_builds.len(),
-                1,
-                "{PGO_BUILD} runs cargo build in one place"
-            );
-            format!("{args} [{PGO_BUILD}: {}]", cargo_builds[0])
+            format!("{args} [{PGO_BUILD}: {}]", script_cargo_builds[0])
         } else {
             args.to_string()
         }
