@@ -167,9 +167,7 @@ impl<T> Driver<T> {
 fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
     // Only this connection's task touches the lock, and nothing in it can
     // panic while held; a poisoned lock still holds consistent buffers.
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::unwind::lock(shared)
 }
 
 impl<F, T> Future for Coalesced<F, T>

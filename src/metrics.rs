@@ -1,7 +1,7 @@
 //! Prometheus metrics, prefixed `image_rewriter_`.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
@@ -56,11 +56,11 @@ pub struct UnsetGauge(Arc<Mutex<Option<i64>>>);
 
 impl UnsetGauge {
     pub fn set(&self, value: Option<i64>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = value;
+        *crate::unwind::lock(&self.0) = value;
     }
 
     pub fn get(&self) -> Option<i64> {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        *crate::unwind::lock(&self.0)
     }
 }
 

@@ -504,15 +504,11 @@ impl DecisionMemo {
     // leave it half-written, so a lock poisoned by a panic elsewhere still
     // guards good entries.
     fn read(&self) -> std::sync::RwLockReadGuard<'_, MemoEntries> {
-        self.entries
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::unwind::read(&self.entries)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, MemoEntries> {
-        self.entries
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::unwind::write(&self.entries)
     }
 }
 

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::unwind;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "image-rewriter";
@@ -88,6 +89,10 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Its locks are taken even when poisoned ([`unwind::lock`]): a panic can
+/// leave at most one name's cache entry behind, which that name's watch and
+/// the resync write again, while the queues and maps change by single
+/// operations. Refusing them would stop the sync until a restart.
 struct Inner {
     client: kube::Client,
     metrics: Arc<Metrics>,
@@ -217,18 +222,14 @@ impl PullSecretSync {
             .enabled
             .store(policy.pull_secret_sync().enabled, Ordering::Relaxed);
         let new_source = &policy.pull_secret_sync().source_namespace;
-        let source_moved = match inner.source_namespace.write() {
-            Ok(mut source) => {
-                let moved = *source != *new_source;
-                source.clone_from(new_source);
-                moved
-            }
-            Err(_) => false,
+        let source_moved = {
+            let mut source = unwind::write(&inner.source_namespace);
+            let moved = *source != *new_source;
+            source.clone_from(new_source);
+            moved
         };
         let names = policy.pull_secret_names();
-        let Ok(mut watches) = inner.watches.lock() else {
-            return;
-        };
+        let mut watches = unwind::lock(&inner.watches);
         if source_moved {
             let watched: Vec<String> = names
                 .iter()
@@ -241,21 +242,18 @@ impl PullSecretSync {
             let keep = names.contains(name);
             if !keep {
                 watch.task.abort();
-                if let Ok(mut cache) = inner.cache.write() {
-                    cache.remove(name);
-                    // The gauge counts what is left: no event of the
-                    // dropped name's watch comes to update it.
-                    inner.update_cache_size(&cache);
-                }
+                let mut cache = unwind::write(&inner.cache);
+                cache.remove(name);
+                // The gauge counts what is left: no event of the dropped
+                // name's watch comes to update it.
+                inner.update_cache_size(&cache);
             }
             keep
         });
         for name in names {
             watches.entry(name.clone()).or_insert_with(|| {
                 // Its cache entry lives exactly as long as its watch.
-                if let Ok(mut cache) = inner.cache.write() {
-                    cache.entry(name.clone()).or_default();
-                }
+                unwind::write(&inner.cache).entry(name.clone()).or_default();
                 let id = inner
                     .next_watch_id
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -267,11 +265,7 @@ impl PullSecretSync {
 
     /// Whether every watched name has completed its first list.
     pub fn is_synced(&self) -> bool {
-        self.inner
-            .cache
-            .read()
-            .map(|cache| cache.values().all(|c| c.synced))
-            .unwrap_or(false)
+        unwind::read(&self.inner.cache).values().all(|c| c.synced)
     }
 
     /// What a pod that will reference `names` in `namespace` is told from
@@ -392,7 +386,7 @@ impl Inner {
     /// already; `None` when the queue is full.
     fn request_copy(&self, namespace: &str, name: &str) -> Option<oneshot::Receiver<Outcome>> {
         let (reply, outcome) = oneshot::channel();
-        let mut waiting = self.waiting.lock().ok()?;
+        let mut waiting = unwind::lock(&self.waiting);
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(waiters) = waiting.get_mut(&key) {
             waiters.push(reply);
@@ -406,12 +400,7 @@ impl Inner {
     /// Answers everyone waiting for the copy of `name` in `namespace`.
     fn copy_done(&self, namespace: &str, name: &str, outcome: &Outcome) {
         let key = (namespace.to_owned(), name.to_owned());
-        let waiters = self
-            .waiting
-            .lock()
-            .ok()
-            .and_then(|mut waiting| waiting.remove(&key))
-            .unwrap_or_default();
+        let waiters = unwind::lock(&self.waiting).remove(&key).unwrap_or_default();
         for reply in waiters {
             let _ = reply.send(outcome.clone());
         }
@@ -434,19 +423,14 @@ impl Inner {
         if copy.source.as_ref().is_some_and(|named| *named != origin) {
             return false;
         }
-        self.cache.read().is_ok_and(|cache| {
-            cache
-                .get(name)
-                .and_then(|entry| entry.namespaces.get(&source_namespace))
-                .is_some_and(|source| source.fingerprint != copy.fingerprint)
-        })
+        unwind::read(&self.cache)
+            .get(name)
+            .and_then(|entry| entry.namespaces.get(&source_namespace))
+            .is_some_and(|source| source.fingerprint != copy.fingerprint)
     }
 
     fn lookup(&self, name: &str, namespace: &str) -> Lookup {
-        let Ok(cache) = self.cache.read() else {
-            return Lookup::Unknown;
-        };
-        match cache.get(name) {
+        match unwind::read(&self.cache).get(name) {
             Some(entry) if entry.namespaces.contains_key(namespace) => Lookup::Present,
             Some(entry) if entry.synced => Lookup::Absent,
             _ => Lookup::Unknown,
@@ -455,35 +439,26 @@ impl Inner {
 
     /// Queues a reconcile of `name` unless one is queued already.
     async fn request_reconcile(&self, name: &str) {
-        let newly_queued = self
-            .reconcile_queued
-            .lock()
-            .is_ok_and(|mut queued| queued.insert(name.to_owned()));
-        if newly_queued
-            && self.reconciles.send(name.to_owned()).await.is_err()
-            && let Ok(mut queued) = self.reconcile_queued.lock()
-        {
-            queued.remove(name);
+        let newly_queued = unwind::lock(&self.reconcile_queued).insert(name.to_owned());
+        if newly_queued && self.reconciles.send(name.to_owned()).await.is_err() {
+            unwind::lock(&self.reconcile_queued).remove(name);
         }
     }
 
     fn source_namespace(&self) -> Option<String> {
-        self.source_namespace.read().ok().and_then(|s| s.clone())
+        unwind::read(&self.source_namespace).clone()
     }
 
     /// Runs `update` on the cache of `name` if watch `id` is still the one
     /// registered for it (locks in the order `configure` takes them).
     fn update_if_current(&self, name: &str, id: u64, update: impl FnOnce(&mut NameCache)) {
-        let Ok(watches) = self.watches.lock() else {
-            return;
-        };
+        let watches = unwind::lock(&self.watches);
         if watches.get(name).map(|watch| watch.id) != Some(id) {
             return;
         }
-        if let Ok(mut cache) = self.cache.write() {
-            update(cache.entry(name.to_owned()).or_default());
-            self.update_cache_size(&cache);
-        }
+        let mut cache = unwind::write(&self.cache);
+        update(cache.entry(name.to_owned()).or_default());
+        self.update_cache_size(&cache);
     }
 
     /// Records a Secret just written or read, if its name is still watched
@@ -498,9 +473,8 @@ impl Inner {
     /// watch's later version, or an earlier one its next event replaces.
     fn remember(&self, name: &str, namespace: &str, cached: Cached, replaced: Option<&str>) {
         let managed = cached.managed;
-        if let Ok(mut cache) = self.cache.write()
-            && let Some(entry) = cache.get_mut(name)
-        {
+        let mut cache = unwind::write(&self.cache);
+        if let Some(entry) = cache.get_mut(name) {
             if let Some(known) = entry.namespaces.get(namespace) {
                 let known = known.resource_version.as_deref();
                 if known != cached.resource_version.as_deref()
@@ -708,9 +682,7 @@ async fn reconcile_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<String>) 
     while let Some(name) = queue.recv().await {
         // Unmarked before it runs: a change seen from here on needs a
         // reconcile of its own.
-        if let Ok(mut queued) = inner.reconcile_queued.lock() {
-            queued.remove(&name);
-        }
+        unwind::lock(&inner.reconcile_queued).remove(&name);
         // One name's panic must not stop the reconciles of all the others.
         if let Err(panic) = crate::unwind::catching_async(reconcile(&inner, &name)).await {
             error!(secret = %name, "pull secret reconcile {panic}");
@@ -742,17 +714,11 @@ async fn resync(inner: Arc<Inner>, every: Duration) {
         if inner.source_namespace().is_none() {
             continue;
         }
-        let names: Vec<String> = inner
-            .cache
-            .read()
-            .map(|cache| {
-                cache
-                    .iter()
-                    .filter(|(_, entry)| entry.synced)
-                    .map(|(name, _)| name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let names: Vec<String> = unwind::read(&inner.cache)
+            .iter()
+            .filter(|(_, entry)| entry.synced)
+            .map(|(name, _)| name.clone())
+            .collect();
         for name in names {
             inner.request_reconcile(&name).await;
         }
@@ -935,21 +901,15 @@ async fn reconcile(inner: &Inner, name: &str) {
     let is_stale = |copy: &Cached| {
         copy.fingerprint != wanted || copy.source.as_ref().is_some_and(|named| *named != origin)
     };
-    let stale: BTreeSet<String> = inner
-        .cache
-        .read()
-        .map(|cache| {
-            cache
-                .get(name)
-                .map(|entry| {
-                    entry
-                        .namespaces
-                        .iter()
-                        .filter(|(ns, c)| **ns != source_namespace && c.managed && is_stale(c))
-                        .map(|(ns, _)| ns.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
+    let stale: BTreeSet<String> = unwind::read(&inner.cache)
+        .get(name)
+        .map(|entry| {
+            entry
+                .namespaces
+                .iter()
+                .filter(|(ns, c)| **ns != source_namespace && c.managed && is_stale(c))
+                .map(|(ns, _)| ns.clone())
+                .collect()
         })
         .unwrap_or_default();
     for namespace in stale {

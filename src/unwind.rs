@@ -7,6 +7,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures::FutureExt as _;
 
@@ -23,6 +24,28 @@ pub async fn catching_async<F: Future>(work: F) -> Result<F::Output, String> {
         .catch_unwind()
         .await
         .map_err(|payload| message(&*payload))
+}
+
+// A lock is poisoned when a panic, caught above, unwound while it was
+// held. Refusing it from then on would turn off whatever it serves until a
+// restart (the pull-secret cache: every pod told its Secret is unknown), so
+// callers take the guard anyway. Each use states why its data stay usable:
+// single map operations that a panic cannot leave half done, or a cache the
+// watches and the resync write again.
+
+/// `mutex`'s guard, poisoned or not.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `rwlock`'s read guard, poisoned or not.
+pub fn read<T>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    rwlock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `rwlock`'s write guard, poisoned or not.
+pub fn write<T>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    rwlock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What `panic!` was given, when it was text.
@@ -50,6 +73,27 @@ mod tests {
         assert_eq!(formatted, Err("panicked (a bug): formatted 42".to_owned()));
         let other = catching(|| -> u8 { std::panic::panic_any(42_u32) });
         assert_eq!(other, Err("panicked (a bug)".to_owned()));
+    }
+
+    #[test]
+    fn a_lock_poisoned_by_a_panic_still_gives_its_data() {
+        let mutex = Mutex::new(vec![1]);
+        let rwlock = RwLock::new(vec![1]);
+        std::thread::scope(|scope| {
+            let poisoned = scope
+                .spawn(|| {
+                    let _held = mutex.lock().unwrap();
+                    let _written = rwlock.write().unwrap();
+                    panic!("while holding both");
+                })
+                .join();
+            assert!(poisoned.is_err());
+        });
+        assert!(mutex.is_poisoned() && rwlock.is_poisoned());
+        lock(&mutex).push(2);
+        write(&rwlock).push(2);
+        assert_eq!(*lock(&mutex), [1, 2]);
+        assert_eq!(*read(&rwlock), [1, 2]);
     }
 
     #[tokio::test]
