@@ -9,6 +9,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SignatureAlgorithm,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,6 +100,26 @@ pub enum CertsError {
     OutlivesCa { days: u32, ca_days: u32 },
     #[error("{days} days from now is beyond the dates a certificate can hold")]
     OutOfRange { days: u32 },
+    #[error(
+        "{found} exists but {missing} does not, so that CA cannot sign: put {missing} back, \
+         or pass --new-ca to replace the CA (the webhook's caBundle changes with it)"
+    )]
+    CaHalf { found: String, missing: String },
+    #[error(
+        "cannot sign with the CA in {path}: {reason}; fix it, or pass --new-ca to replace the \
+         CA (the webhook's caBundle changes with it)"
+    )]
+    CaUnusable { path: String, reason: String },
+    #[error(
+        "the CA in {path} expires {expires}, before a serving certificate of --validity-days \
+         {days} would: pass a smaller --validity-days, or --new-ca to replace the CA (the \
+         webhook's caBundle changes with it)"
+    )]
+    CaExpiresFirst {
+        path: String,
+        expires: String,
+        days: u32,
+    },
     #[error("cannot write {path}: {reason}")]
     Write {
         path: String,
@@ -122,26 +144,81 @@ pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
     ]
 }
 
+/// A new CA, and a serving certificate it signs.
 pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
     request.check_validity()?;
-    let now = OffsetDateTime::now_utc();
-    // A little slack for clocks that are behind ours.
-    let not_before = now - Duration::minutes(5);
-    let days_from_now = |days: u32| {
-        now.checked_add(Duration::days(i64::from(days)))
-            .ok_or(CertsError::OutOfRange { days })
-    };
-
+    let dates = Dates::now();
     let ca_key = generate_key(request.key_type)?;
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = distinguished_name("image-rewriter CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params.not_before = not_before;
-    ca_params.not_after = days_from_now(request.ca_validity_days)?;
+    ca_params.not_before = dates.not_before;
+    ca_params.not_after = dates.days_from_now(request.ca_validity_days)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
+    let (cert, key) = serving_certificate(request, &issuer, &dates)?;
+    Ok(CertBundle {
+        ca_cert: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
+        cert,
+        key,
+    })
+}
 
+/// A new serving certificate signed by a CA an earlier run wrote, which is
+/// kept as it is: the webhook's `caBundle` already trusts it, so a rotation
+/// has no moment where the apiserver trusts a CA the pods do not serve yet.
+/// `--ca-validity-days` is not used; the CA must outlive the certificate.
+pub fn renew(request: &CertRequest, ca: &ExistingCa) -> Result<CertBundle, CertsError> {
+    check_days("--validity-days", request.validity_days)?;
+    let dates = Dates::now();
+    let not_after = dates.days_from_now(request.validity_days)?;
+    if ca.not_after < not_after {
+        return Err(CertsError::CaExpiresFirst {
+            path: ca.cert_path.display().to_string(),
+            expires: ca.not_after.date().to_string(),
+            days: request.validity_days,
+        });
+    }
+    let (cert, key) = serving_certificate(request, &ca.issuer, &dates)?;
+    Ok(CertBundle {
+        ca_cert: ca.cert_pem.clone(),
+        ca_key: ca.key_pem.clone(),
+        cert,
+        key,
+    })
+}
+
+/// When certificates issued now start and end.
+struct Dates {
+    now: OffsetDateTime,
+    /// A little before now, for clocks that are behind ours.
+    not_before: OffsetDateTime,
+}
+
+impl Dates {
+    fn now() -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            now,
+            not_before: now - Duration::minutes(5),
+        }
+    }
+
+    fn days_from_now(&self, days: u32) -> Result<OffsetDateTime, CertsError> {
+        self.now
+            .checked_add(Duration::days(i64::from(days)))
+            .ok_or(CertsError::OutOfRange { days })
+    }
+}
+
+/// The serving certificate and its key, as PEM, signed by `issuer`.
+fn serving_certificate(
+    request: &CertRequest,
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+    dates: &Dates,
+) -> Result<(String, String), CertsError> {
     let key = generate_key(request.key_type)?;
     let mut params = CertificateParams::new(request.subject_alt_names.clone())?;
     let common_name = request
@@ -159,16 +236,116 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
     // Names the CA key that signed it, so chain builders need not guess
     // (RFC 5280 section 4.2.1.1), as after a CA renewal.
     params.use_authority_key_identifier_extension = true;
-    params.not_before = not_before;
-    params.not_after = days_from_now(request.validity_days)?;
-    let cert = params.signed_by(&key, &issuer)?;
+    params.not_before = dates.not_before;
+    params.not_after = dates.days_from_now(request.validity_days)?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
 
-    Ok(CertBundle {
-        ca_cert: ca_cert.pem(),
-        ca_key: ca_key.serialize_pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
+/// The CA an earlier run left in an output directory (`ca.crt`, `ca.key`).
+pub struct ExistingCa {
+    cert_path: PathBuf,
+    /// `ca.crt` as it was read: the `caBundle` stays byte for byte the same.
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
+}
+
+impl ExistingCa {
+    /// The CA in `dir`; `None` when neither of its files is there (a first
+    /// run). Refuses half a CA, a key that is not the certificate's, and a
+    /// certificate that is no CA: replacing it silently would change the
+    /// `caBundle` the cluster trusts.
+    pub fn read(dir: &Path) -> Result<Option<Self>, CertsError> {
+        let cert_path = dir.join("ca.crt");
+        let key_path = dir.join("ca.key");
+        let cert_pem = read_if_present(&cert_path)?;
+        let key_pem = read_if_present(&key_path)?;
+        let (cert_pem, key_pem) = match (cert_pem, key_pem) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => return Err(half(&cert_path, &key_path)),
+            (None, Some(_)) => return Err(half(&key_path, &cert_path)),
+        };
+        let unusable = |reason: String| CertsError::CaUnusable {
+            path: cert_path.display().to_string(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|error| {
+            unusable(format!(
+                "{} is not a key rcgen reads ({error})",
+                key_path.display()
+            ))
+        })?;
+        // The first certificate signs; the file may hold more (an old CA
+        // kept beside it for a rotation done by hand).
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|error| unusable(format!("no PEM certificate ({error:?})")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|error| unusable(format!("not an X.509 certificate ({error})")))?;
+        if !parsed.is_ca() {
+            return Err(unusable(
+                "not a CA certificate (no basicConstraints CA:TRUE)".to_owned(),
+            ));
+        }
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(unusable(format!(
+                "{} is not this certificate's key",
+                key_path.display()
+            )));
+        }
+        let not_after = parsed.validity().not_after.to_datetime();
+        let issuer =
+            Issuer::from_ca_cert_der(&der, key).map_err(|error| unusable(error.to_string()))?;
+        Ok(Some(Self {
+            cert_path,
+            cert_pem,
+            key_pem,
+            issuer,
+            not_after,
+        }))
+    }
+
+    /// When the CA expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+}
+
+/// The CA certificate in `dir/ca.crt` that a new CA replaces, as PEM, while
+/// it is still valid: kept after the new one in `ca.crt`, and so in the
+/// `caBundle`, the apiserver trusts the pods still serving a certificate it
+/// signed until they load the new one. `None` when there is none, or it is
+/// no CA, or it has expired.
+pub fn outgoing_ca(dir: &Path) -> Option<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = std::fs::read_to_string(dir.join("ca.crt")).ok()?;
+    let der = CertificateDer::from_pem_slice(text.as_bytes()).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let valid =
+        parsed.is_ca() && parsed.validity().not_after.to_datetime() > OffsetDateTime::now_utc();
+    let begin = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end = begin + text[begin..].find(END)? + END.len();
+    valid.then(|| format!("{}\n", &text[begin..end]))
+}
+
+fn read_if_present(path: &Path) -> Result<Option<String>, CertsError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(CertsError::CaUnusable {
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        }),
+    }
+}
+
+fn half(found: &Path, missing: &Path) -> CertsError {
+    CertsError::CaHalf {
+        found: found.display().to_string(),
+        missing: missing.display().to_string(),
+    }
 }
 
 /// A new key pair, kept in the PKCS#8 form every reader takes.

@@ -340,8 +340,13 @@ pub struct CertsArgs {
     /// Serving certificate validity.
     #[arg(long, env = "IMAGE_REWRITER_VALIDITY_DAYS", default_value_t = 365)]
     pub validity_days: u32,
+    /// Validity of a new CA (one made on the first run, or with --new-ca).
     #[arg(long, env = "IMAGE_REWRITER_CA_VALIDITY_DAYS", default_value_t = 3650)]
     pub ca_validity_days: u32,
+    /// Replace the CA that an earlier run left in --out (kept by default, so
+    /// that a rotation leaves the webhook's caBundle as it is).
+    #[arg(long, env = "IMAGE_REWRITER_NEW_CA", value_parser = BoolishValueParser::new())]
+    pub new_ca: bool,
     /// The TLS Secret's name, as the Deployment mounts it.
     #[arg(
         long,
@@ -776,15 +781,44 @@ fn write_certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     }
     let mut names = certs::service_dns_names(&args.service, namespace);
     names.extend(extra_sans.cloned());
-    let bundle = certs::generate(&CertRequest {
+    let request = CertRequest {
         subject_alt_names: names,
         key_type: args.key_type,
         validity_days: args.validity_days,
         ca_validity_days: args.ca_validity_days,
-    })?;
+    };
+    let existing_ca = if args.new_ca {
+        None
+    } else {
+        certs::ExistingCa::read(&args.out)?
+    };
+    let mut outgoing_ca = None;
+    let bundle = match &existing_ca {
+        Some(ca) => certs::renew(&request, ca)?,
+        None => {
+            let mut bundle = certs::generate(&request)?;
+            outgoing_ca = certs::outgoing_ca(&args.out);
+            if let Some(outgoing) = &outgoing_ca {
+                bundle.ca_cert.push_str(outgoing);
+            }
+            bundle
+        }
+    };
     let written = certs::write_bundle(&bundle, &args.out, &args.secret_name, namespace)?;
     for path in written {
         println!("wrote {}", path.display());
+    }
+    match &existing_ca {
+        Some(ca) => println!(
+            "kept the CA in {} (valid until {}): the webhook's caBundle is unchanged",
+            args.out.join("ca.crt").display(),
+            ca.not_after().date()
+        ),
+        None if outgoing_ca.is_some() => println!(
+            "made a new CA; ca.crt and the caBundle also hold the CA it replaces, so pods still \
+             serving that CA's certificate stay trusted until they load the new one"
+        ),
+        None => println!("made a new CA"),
     }
     match certs_overlay_reading(&args.out) {
         Some(overlay) => println!(

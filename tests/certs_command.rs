@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Output;
 
+use base64::Engine as _;
 use rustls::pki_types::pem::PemObject as _;
 
 mod common;
@@ -104,7 +105,8 @@ fn files_with_a_private_key_are_private_even_when_they_existed() {
         std::fs::write(&path, "an older run's key\n".repeat(1000)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let output = certs(dir.path(), &[]);
+    // A `ca.key` with no `ca.crt` is half a CA: only --new-ca replaces it.
+    let output = certs(dir.path(), &["--new-ca"]);
     assert!(output.status.success(), "{}", describe(&output));
     for name in private {
         let path = dir.path().join(name);
@@ -113,6 +115,14 @@ fn files_with_a_private_key_are_private_even_when_they_existed() {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("an older run's key"), "{name} not rewritten");
     }
+    // The CA's key kept by a rotation is made private too.
+    let ca_key = dir.path().join("ca.key");
+    std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = certs(dir.path(), &[]);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("kept the CA"));
+    let mode = std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a kept ca.key has mode {mode:o}");
 }
 
 #[test]
@@ -379,4 +389,194 @@ fn a_directory_in_a_files_place_is_named_before_anything_is_written() {
         .map(|entry| entry.unwrap().file_name())
         .collect();
     assert_eq!(left, ["secret.yaml"]);
+}
+
+/// Whether the apiserver, trusting the caBundle written in `dir`, would
+/// accept the serving certificate `leaf` (PEM) for the webhook Service's
+/// name (webpki, as rustls checks a server).
+fn trusted_by_ca_bundle(dir: &Path, leaf: &[u8]) -> Result<(), rustls::Error> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    let patch = String::from_utf8(file(dir, "webhook-ca-bundle.yaml")).unwrap();
+    let encoded = patch.rsplit_once("value: ").unwrap().1.trim();
+    let ca_bundle = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    assert_eq!(ca_bundle, file(dir, "ca.crt"), "the caBundle is ca.crt");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&ca_bundle) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+    let leaf = CertificateDer::from_pem_slice(leaf).unwrap();
+    let name = ServerName::try_from("image-rewriter.image-rewriter.svc").unwrap();
+    verifier
+        .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+        .map(|_| ())
+}
+
+fn file(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name)).unwrap()
+}
+
+/// A rotation (the command run again) signs a new serving certificate with
+/// the CA the first run made, so the caBundle the cluster trusts stays as
+/// it is: no window in which the apiserver trusts a CA the pods do not
+/// serve yet. `--new-ca` replaces it, and says so.
+#[test]
+fn running_again_renews_the_serving_certificate_under_the_same_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = certs(dir.path(), &["--key-type", "ed25519"]);
+    assert!(first.status.success(), "{}", describe(&first));
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("made a new CA"),
+        "{}",
+        describe(&first)
+    );
+    let before = written_files(dir.path());
+
+    // Another key type for the serving key: the CA keeps its own.
+    let second = certs(dir.path(), &["--key-type", "ecdsa-p384"]);
+    assert!(second.status.success(), "{}", describe(&second));
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.contains("kept the CA in"), "{stdout}");
+    assert!(stdout.contains("caBundle is unchanged"), "{stdout}");
+    let after = written_files(dir.path());
+    for (name, unchanged) in [
+        ("ca.crt", true),
+        ("ca.key", true),
+        ("webhook-ca-bundle.yaml", true),
+        ("tls.crt", false),
+        ("tls.key", false),
+        ("secret.yaml", false),
+    ] {
+        let was = &before.iter().find(|f| f.0 == name).unwrap().1;
+        let is = &after.iter().find(|f| f.0 == name).unwrap().1;
+        assert_eq!(
+            was == is,
+            unchanged,
+            "{name}: unchanged expected {unchanged}"
+        );
+    }
+    let served = file(dir.path(), "tls.crt");
+    trusted_by_ca_bundle(dir.path(), &served).expect("the renewed certificate, under the kept CA");
+
+    // A new CA: the caBundle trusts it, and the CA it replaces too, so the
+    // pods still serving the certificate above are not refused meanwhile.
+    let replaced = certs(dir.path(), &["--new-ca"]);
+    assert!(replaced.status.success(), "{}", describe(&replaced));
+    let stdout = String::from_utf8_lossy(&replaced.stdout);
+    assert!(stdout.contains("made a new CA"), "{stdout}");
+    assert!(stdout.contains("also hold the CA it replaces"), "{stdout}");
+    let old_ca = String::from_utf8(before[0].1.clone()).unwrap();
+    let ca_file = String::from_utf8(file(dir.path(), "ca.crt")).unwrap();
+    assert!(!ca_file.starts_with(&old_ca), "--new-ca kept the CA first");
+    assert!(
+        ca_file.ends_with(&old_ca),
+        "the replaced CA is not kept after the new one"
+    );
+    trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("under the new CA");
+    trusted_by_ca_bundle(dir.path(), &served).expect("the previous certificate, still trusted");
+
+    // The next rotation signs with the new CA and keeps both.
+    let renewed = certs(dir.path(), &[]);
+    assert!(renewed.status.success(), "{}", describe(&renewed));
+    assert_eq!(file(dir.path(), "ca.crt"), ca_file.as_bytes());
+    trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("renewed under it");
+}
+
+/// A case of an unusable CA: its name, the arguments of the run that finds
+/// it, what spoils the CA a first run wrote (given that run's directory and
+/// another run's), and what the refusal must say.
+type SpoiledCa = (
+    &'static str,
+    &'static [&'static str],
+    fn(&Path, &Path),
+    &'static [&'static str],
+);
+
+/// A CA that cannot sign is never replaced behind the user's back (the
+/// cluster trusts it): half of it missing, a key that is not its own, a
+/// certificate that is no CA, or one that expires before the new serving
+/// certificate would. Each is refused with what to do, and nothing is
+/// written.
+#[test]
+fn a_ca_that_cannot_sign_is_refused_and_nothing_written() {
+    let other = tempfile::tempdir().unwrap();
+    assert!(certs(other.path(), &[]).status.success());
+    let cases: [SpoiledCa; 5] = [
+        (
+            "ca.key missing",
+            &[],
+            |dir, _| std::fs::remove_file(dir.join("ca.key")).unwrap(),
+            &["ca.crt exists but", "ca.key does not", "--new-ca"],
+        ),
+        (
+            "ca.crt missing",
+            &[],
+            |dir, _| std::fs::remove_file(dir.join("ca.crt")).unwrap(),
+            &["ca.key exists but", "ca.crt does not", "--new-ca"],
+        ),
+        (
+            "another CA's key",
+            &[],
+            |dir, other| {
+                std::fs::copy(other.join("ca.key"), dir.join("ca.key"))
+                    .map(drop)
+                    .unwrap()
+            },
+            &["is not this certificate's key", "--new-ca"],
+        ),
+        (
+            "a serving certificate as the CA",
+            &[],
+            |dir, _| {
+                std::fs::copy(dir.join("tls.crt"), dir.join("ca.crt")).unwrap();
+                std::fs::copy(dir.join("tls.key"), dir.join("ca.key")).unwrap();
+            },
+            &["not a CA certificate", "--new-ca"],
+        ),
+        (
+            "a CA that expires first",
+            &["--validity-days", "11"],
+            |_, _| {},
+            &["expires", "--validity-days 11", "--new-ca"],
+        ),
+    ];
+    for (case, args, spoil, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let first = certs(
+            dir.path(),
+            &["--ca-validity-days", "10", "--validity-days", "10"],
+        );
+        assert!(first.status.success(), "{case}: {}", describe(&first));
+        spoil(dir.path(), other.path());
+        let before = written_files(dir.path());
+        let output = certs(dir.path(), args);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{case}: {}",
+            describe(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for text in named {
+            assert!(
+                stderr.contains(text),
+                "{case}: does not say {text:?}: {stderr}"
+            );
+        }
+        assert!(written_files(dir.path()) == before, "{case}: files changed");
+        let replaced = certs(dir.path(), &[&["--new-ca"], args].concat());
+        assert!(
+            replaced.status.success(),
+            "{case}, --new-ca: {}",
+            describe(&replaced)
+        );
+    }
 }
