@@ -214,6 +214,29 @@ fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
     };
     let deployment: Deployment = rendered.one(DEPLOYMENT);
     let pod = Pod::of(&rendered, &deployment);
+    let scrape_annotations = |deployment: &Deployment| -> Vec<String> {
+        let template = &deployment.spec.as_ref().expect("spec").template;
+        let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone());
+        annotations
+            .unwrap_or_default()
+            .into_keys()
+            .filter(|key| key.starts_with("prometheus.io/"))
+            .collect()
+    };
+    // Scraped by the PodMonitor alone: with the annotations kept, a
+    // Prometheus that also scrapes by annotation would collect every series
+    // twice, and fire each per-pod alert twice.
+    assert_eq!(scrape_annotations(&deployment), Vec::<String>::new());
+    let Some(kubectl) = common::kubectl("overlay cluster-wide, scrape annotations") else {
+        return;
+    };
+    let ws = Workspace::new();
+    ws.generate_certs();
+    let without_component: Deployment = ws.render(&kubectl, "cluster-wide").one(DEPLOYMENT);
+    assert_eq!(
+        scrape_annotations(&without_component),
+        ["prometheus.io/path", "prometheus.io/port", "prometheus.io/scrape"]
+    );
     let job = check_pod_monitor(&rendered, &pod);
     check_prometheus_rule(&rendered, &job);
     promtool_test_rules(&rendered, &job);
@@ -1549,6 +1572,24 @@ fn check_deployment(r: &Rendered, d: &Deployment, pod: &Pod) {
     assert!(
         spread,
         "{o}: no anti-affinity on kubernetes.io/hostname selecting the webhook pods"
+    );
+    // And over zones, where the nodes have them (losing one zone then
+    // leaves a replica), as a preference: one zone still takes both.
+    let zones = ps
+        .topology_spread_constraints
+        .iter()
+        .flatten()
+        .any(|c| {
+            c.topology_key == "topology.kubernetes.io/zone"
+                && c.max_skew == 1
+                && c.when_unsatisfiable == "ScheduleAnyway"
+                && c.label_selector
+                    .as_ref()
+                    .is_some_and(|s| selects(s, &pod.labels))
+        });
+    assert!(
+        zones,
+        "{o}: no ScheduleAnyway spread over topology.kubernetes.io/zone selecting the webhook pods"
     );
 
     // The service account exists.
