@@ -48,6 +48,9 @@ const COPIES_AT_ONCE: usize = 8;
 /// miss a rotation whose sync met an API error, and a copy edited by hand
 /// while its source is unchanged is seen at once but not retried.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// Copies kept to try again at most (see [`Inner::retries`]); past it a
+/// failed copy is only logged and counted, as before the retries.
+const RETRY_CAPACITY: usize = 4096;
 
 /// What the cache knows of one Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +64,8 @@ struct Cached {
     /// The version it was read or written at: which of two accounts of it
     /// is the later one.
     resource_version: Option<String>,
+    /// Being deleted (a finalizer holds it): gone soon, so no pod counts on it.
+    terminating: bool,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +116,13 @@ struct Inner {
     next_watch_id: std::sync::atomic::AtomicU64,
     /// Copies to make; their waiters are in [`Inner::waiting`].
     copies: mpsc::Sender<CopyKey>,
+    /// Copies that admitted pods reference and that could not be made yet
+    /// (the API failed, the source was missing, the copy there was being
+    /// deleted), tried again at each reconcile of their name: at every
+    /// resync and when the source changes. Their pods sit in
+    /// `ImagePullBackOff` meanwhile, and no new admission may come to ask
+    /// again (a ReplicaSet does not recreate a pod that fails to pull).
+    retries: Mutex<BTreeSet<CopyKey>>,
     /// Names whose copies to bring to their source. A queue and a task of
     /// their own: a rotation updates every copy, one API call after
     /// another, and the copy a new namespace's first pod waits for must
@@ -205,6 +217,7 @@ impl PullSecretSync {
             next_watch_id: std::sync::atomic::AtomicU64::new(0),
             copies,
             reconciles,
+            retries: Mutex::default(),
         });
         tokio::spawn(copy_worker(inner.clone(), copy_queue));
         tokio::spawn(reconcile_worker(inner.clone(), reconcile_queue));
@@ -238,6 +251,7 @@ impl PullSecretSync {
                 .collect();
             reconcile_in_background(inner.clone(), watched);
         }
+        unwind::lock(&inner.retries).retain(|(_, name)| names.contains(name));
         watches.retain(|name, watch| {
             let keep = names.contains(name);
             if !keep {
@@ -285,7 +299,12 @@ impl PullSecretSync {
         }
         names
             .iter()
-            .filter(|name| matches!(self.inner.lookup(name, namespace), Lookup::Absent))
+            .filter(|name| {
+                matches!(
+                    self.inner.lookup(name, namespace),
+                    Lookup::Absent | Lookup::Terminating
+                )
+            })
             .map(|name| missing_without_sync(name, namespace))
             .collect()
     }
@@ -377,6 +396,8 @@ fn missing_without_sync(name: &str, namespace: &str) -> String {
 enum Lookup {
     Present,
     Absent,
+    /// There, but being deleted.
+    Terminating,
     /// The watch has not listed yet.
     Unknown,
 }
@@ -410,6 +431,39 @@ impl Inner {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Keeps the copy of `name` in `namespace` to try again, or forgets it.
+    fn retry_later(&self, namespace: &str, name: &str, retry: bool) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut retries = unwind::lock(&self.retries);
+        if !retry {
+            retries.remove(&key);
+        } else if retries.len() < RETRY_CAPACITY {
+            retries.insert(key);
+        }
+    }
+
+    fn is_retried(&self, namespace: &str, name: &str) -> bool {
+        unwind::lock(&self.retries).contains(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Queues again the copies of `name` kept to try again; those that the
+    /// cache shows made meanwhile (by another replica, say) are forgotten.
+    fn retry_copies(&self, name: &str) {
+        let keys: Vec<CopyKey> = unwind::lock(&self.retries)
+            .iter()
+            .filter(|(_, retried)| retried == name)
+            .cloned()
+            .collect();
+        for (namespace, name) in keys {
+            if let Lookup::Present = self.lookup(&name, &namespace) {
+                self.retry_later(&namespace, &name, false);
+            } else {
+                // Nobody waits for it; a full queue leaves it for next time.
+                let _ = self.request_copy(&namespace, &name);
+            }
+        }
+    }
+
     /// Whether a managed copy of this replica's source differs from it in
     /// the cache: edited by hand, or left behind by a failed sync. A copy
     /// that names another source is another writer's (a replica still on
@@ -430,10 +484,15 @@ impl Inner {
     }
 
     fn lookup(&self, name: &str, namespace: &str) -> Lookup {
-        match unwind::read(&self.cache).get(name) {
-            Some(entry) if entry.namespaces.contains_key(namespace) => Lookup::Present,
-            Some(entry) if entry.synced => Lookup::Absent,
-            _ => Lookup::Unknown,
+        let cache = unwind::read(&self.cache);
+        let Some(entry) = cache.get(name) else {
+            return Lookup::Unknown;
+        };
+        match entry.namespaces.get(namespace) {
+            Some(cached) if cached.terminating => Lookup::Terminating,
+            Some(_) => Lookup::Present,
+            None if entry.synced => Lookup::Absent,
+            None => Lookup::Unknown,
         }
     }
 
@@ -549,6 +608,7 @@ fn cached(secret: &Secret) -> Cached {
             .and_then(|annotations| annotations.get(SOURCE_ANNOTATION))
             .cloned(),
         resource_version: secret.metadata.resource_version.clone(),
+        terminating: secret.metadata.deletion_timestamp.is_some(),
     }
 }
 
@@ -632,6 +692,10 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                 inner.update_if_current(&name, id, |entry| {
                     entry.namespaces.remove(&namespace);
                 });
+                // A copy that was being deleted when a pod needed it.
+                if inner.is_retried(&namespace, &name) && inner.is_enabled() {
+                    let _ = inner.request_copy(&namespace, &name);
+                }
                 if source_namespace.as_deref() == Some(namespace.as_str()) {
                     error!(secret = %name, %namespace, "source pull secret deleted; copies are left in place");
                     inner.metrics.pull_secret_sync_errors.inc();
@@ -664,13 +728,16 @@ async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
             // A copy that panicked still answers its waiters: otherwise its
             // key would stay queued, and every later pod would wait on a
             // copy that is never made.
-            let outcome = crate::unwind::catching_async(ensure_copy(&inner, &namespace, &name))
-                .await
-                .unwrap_or_else(|panic| {
-                    error!(secret = %name, %namespace, "pull secret copy {panic}");
-                    inner.metrics.pull_secret_sync_errors.inc();
-                    Outcome::Failed(format!("the copy {panic}"))
-                });
+            // A panic would only panic again: not retried.
+            let (outcome, retry) =
+                crate::unwind::catching_async(ensure_copy(&inner, &namespace, &name))
+                    .await
+                    .unwrap_or_else(|panic| {
+                        error!(secret = %name, %namespace, "pull secret copy {panic}");
+                        inner.metrics.pull_secret_sync_errors.inc();
+                        (Outcome::Failed(format!("the copy {panic}")), Retry::No)
+                    });
+            inner.retry_later(&namespace, &name, retry == Retry::Yes);
             inner.copy_done(&namespace, &name, &outcome);
             drop(slot);
         });
@@ -802,13 +869,27 @@ fn copy_of(source: &Secret, source_namespace: &str, namespace: &str) -> Secret {
     }
 }
 
-async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
+/// Whether a copy that was not made is tried again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Yes,
+    No,
+}
+
+/// Makes the copy of `name` in `namespace` unless the cache has it; says
+/// whether to try again: after a failure that may pass, not once it is
+/// made (or a user's Secret stands there), nor for a namespace that is gone
+/// or being deleted, nor while the sync is off.
+async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> (Outcome, Retry) {
     if matches!(inner.lookup(name, namespace), Lookup::Present) {
-        return Outcome::Exists;
+        return (Outcome::Exists, Retry::No);
     }
     // Queued before a reload turned the sync off.
     if !inner.is_enabled() {
-        return Outcome::Failed("pullSecretSync is disabled".into());
+        return (
+            Outcome::Failed("pullSecretSync is disabled".into()),
+            Retry::No,
+        );
     }
     let (source_namespace, source) = match source_secret(inner, name).await {
         Ok(found) => found,
@@ -816,13 +897,16 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             error!(secret = %name, %namespace, %reason, "cannot copy pull secret");
             inner.metrics.pull_secret_sync_errors.inc();
             inner.count("failed");
-            return Outcome::Failed(reason);
+            return (Outcome::Failed(reason), Retry::Yes);
         }
     };
     // A reload that turned the sync off while the source was read (each
     // call may take up to API_CALL_TIMEOUT): nothing is written from here.
     if !inner.is_enabled() {
-        return Outcome::Failed("pullSecretSync is disabled".into());
+        return (
+            Outcome::Failed("pullSecretSync is disabled".into()),
+            Retry::No,
+        );
     }
     let api: Api<Secret> = Api::namespaced(inner.client.clone(), namespace);
     let copy = copy_of(&source, &source_namespace, namespace);
@@ -831,7 +915,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             info!(secret = %name, %namespace, "pull secret copied");
             inner.remember(name, namespace, cached(&created), None);
             inner.count("created");
-            Outcome::Created
+            (Outcome::Created, Retry::No)
         }
         Err(error) if is_status(&error, 409) => {
             // Someone (a user, or another replica) was first.
@@ -839,25 +923,32 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
                 Ok(Some(existing)) => {
                     // A user's Secret is counted by `remember`, once.
                     inner.remember(name, namespace, cached(&existing), None);
-                    if is_managed(&existing) {
+                    if existing.metadata.deletion_timestamp.is_some() {
+                        inner.count("failed");
+                        let reason = "a Secret of that name is being deleted (a finalizer holds \
+                                      it); the copy is made once it is gone";
+                        (Outcome::Failed(reason.into()), Retry::Yes)
+                    } else if is_managed(&existing) {
                         inner.count("exists");
-                        Outcome::Exists
+                        (Outcome::Exists, Retry::No)
                     } else {
-                        Outcome::UserOwned
+                        (Outcome::UserOwned, Retry::No)
                     }
                 }
                 Ok(None) => {
                     inner.count("failed");
-                    Outcome::Failed("it was created by someone else and deleted again".into())
+                    let reason = "it was created by someone else and deleted again";
+                    (Outcome::Failed(reason.into()), Retry::Yes)
                 }
                 Err(error) => {
                     warn!(secret = %name, %namespace, %error, "cannot read the pull secret that exists already");
                     inner.metrics.pull_secret_sync_errors.inc();
                     inner.count("failed");
-                    Outcome::Failed(format!(
+                    let reason = format!(
                         "it exists already, and reading it failed: {}",
                         api_reason(&error)
-                    ))
+                    );
+                    (Outcome::Failed(reason), Retry::Yes)
                 }
             }
         }
@@ -865,7 +956,12 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
             error!(secret = %name, %namespace, %error, "cannot create pull secret copy");
             inner.metrics.pull_secret_sync_errors.inc();
             inner.count("failed");
-            Outcome::Failed(api_reason(&error))
+            let retry = if namespace_is_gone(&error) {
+                Retry::No
+            } else {
+                Retry::Yes
+            };
+            (Outcome::Failed(api_reason(&error)), retry)
         }
     };
     // A reload moved the source while this copy was made from the old one:
@@ -879,6 +975,18 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> Outcome {
         inner.request_reconcile(name).await;
     }
     outcome
+}
+
+/// A create refused because its namespace does not exist (404) or is being
+/// deleted (403, cause `NamespaceTerminating`): no pod there needs a copy.
+fn namespace_is_gone(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => {
+            status.code == 404
+                || (status.code == 403 && status.message.contains("being terminated"))
+        }
+        _ => false,
+    }
 }
 
 /// Brings every managed copy of `name` to the source's content, and to
@@ -918,6 +1026,7 @@ async fn reconcile(inner: &Inner, name: &str) {
         }
         update_copy(inner, &source, &source_namespace, &namespace).await;
     }
+    inner.retry_copies(name);
 }
 
 async fn update_copy(inner: &Inner, source: &Secret, source_namespace: &str, namespace: &str) {

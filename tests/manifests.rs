@@ -216,7 +216,10 @@ fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
     let pod = Pod::of(&rendered, &deployment);
     let scrape_annotations = |deployment: &Deployment| -> Vec<String> {
         let template = &deployment.spec.as_ref().expect("spec").template;
-        let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone());
+        let annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone());
         annotations
             .unwrap_or_default()
             .into_keys()
@@ -235,7 +238,11 @@ fn prometheus_operator_component_scrapes_the_pods_and_alerts_on_real_metrics() {
     let without_component: Deployment = ws.render(&kubectl, "cluster-wide").one(DEPLOYMENT);
     assert_eq!(
         scrape_annotations(&without_component),
-        ["prometheus.io/path", "prometheus.io/port", "prometheus.io/scrape"]
+        [
+            "prometheus.io/path",
+            "prometheus.io/port",
+            "prometheus.io/scrape"
+        ]
     );
     let job = check_pod_monitor(&rendered, &pod);
     check_prometheus_rule(&rendered, &job);
@@ -1575,18 +1582,14 @@ fn check_deployment(r: &Rendered, d: &Deployment, pod: &Pod) {
     );
     // And over zones, where the nodes have them (losing one zone then
     // leaves a replica), as a preference: one zone still takes both.
-    let zones = ps
-        .topology_spread_constraints
-        .iter()
-        .flatten()
-        .any(|c| {
-            c.topology_key == "topology.kubernetes.io/zone"
-                && c.max_skew == 1
-                && c.when_unsatisfiable == "ScheduleAnyway"
-                && c.label_selector
-                    .as_ref()
-                    .is_some_and(|s| selects(s, &pod.labels))
-        });
+    let zones = ps.topology_spread_constraints.iter().flatten().any(|c| {
+        c.topology_key == "topology.kubernetes.io/zone"
+            && c.max_skew == 1
+            && c.when_unsatisfiable == "ScheduleAnyway"
+            && c.label_selector
+                .as_ref()
+                .is_some_and(|s| selects(s, &pod.labels))
+    });
     assert!(
         zones,
         "{o}: no ScheduleAnyway spread over topology.kubernetes.io/zone selecting the webhook pods"

@@ -76,6 +76,10 @@ struct Fake {
     /// (a person, another tool), seen by the watches before the create's
     /// own answer arrives: that answer is the object as created.
     edit_after_create: std::sync::atomic::AtomicBool,
+    /// Namespaces that do not exist: a create there answers 404.
+    gone_namespaces: Mutex<Vec<String>>,
+    /// Create calls received, by namespace.
+    creates: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Fake {
@@ -96,7 +100,35 @@ impl Fake {
             get_delay_ms: AtomicU64::new(0),
             create_delay_ms: AtomicU64::new(0),
             edit_after_create: std::sync::atomic::AtomicBool::new(false),
+            gone_namespaces: Mutex::default(),
+            creates: Mutex::default(),
         })
+    }
+
+    /// Removes a Secret and tells the watchers, as a delete that a
+    /// finalizer no longer holds up does.
+    fn delete(&self, namespace: &str, name: &str) {
+        let Some(secret) = self
+            .secrets
+            .lock()
+            .unwrap()
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        let revision = self.revision.fetch_add(1, Ordering::SeqCst) + 1;
+        let event = json!({"type": "DELETED", "object": secret});
+        self.history.lock().unwrap().push((revision, event.clone()));
+        let _ = self.events.send((revision, event));
+    }
+
+    fn creates_in(&self, namespace: &str) -> usize {
+        self.creates
+            .lock()
+            .unwrap()
+            .get(namespace)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn fault(&self) -> Fault {
@@ -278,6 +310,19 @@ async fn namespaced_collection(
 ) -> Response {
     if let Some(response) = faulted(&fake).await {
         return response;
+    }
+    *fake
+        .creates
+        .lock()
+        .unwrap()
+        .entry(namespace.clone())
+        .or_default() += 1;
+    if fake.gone_namespaces.lock().unwrap().contains(&namespace) {
+        return status(
+            404,
+            "NotFound",
+            &format!("namespaces \"{namespace}\" not found"),
+        );
     }
     let secret: Value = serde_json::from_slice(&body).unwrap();
     let name = secret["metadata"]["name"]
@@ -1348,4 +1393,119 @@ async fn a_copy_changed_before_its_create_answers_is_put_back() {
         is_copy_of(&fake, "team-a", &source)
     })
     .await;
+}
+
+/// Resyncs every 300 ms here: a copy kept to try again has had a few once
+/// this has passed.
+const A_FEW_RESYNCS: Duration = Duration::from_millis(1500);
+
+/// A pod admitted while the source Secret was missing (an install that
+/// created it after the webhook) gets its copy once the source exists,
+/// with no other pod admitted there: a pod that fails to pull is not
+/// recreated, so no admission would ask again.
+#[tokio::test]
+async fn a_copy_that_failed_for_a_missing_source_is_made_once_the_source_exists() {
+    let (fake, client) = start_fake().await;
+    let policy = policy("2s");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("does not exist"), "{warnings:?}");
+    let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    eventually("the copy is made once the source exists", || {
+        is_copy_of(&fake, "team-a", &source)
+    })
+    .await;
+    // Made (the first try read no source, and created nothing): not tried
+    // again.
+    tokio::time::sleep(A_FEW_RESYNCS).await;
+    assert_eq!(fake.creates_in("team-a"), 1);
+}
+
+/// A copy still under way when the admission stopped waiting (the pod got
+/// no warning), which then failed, is made once the API answers again.
+#[tokio::test]
+async fn a_copy_that_fails_after_the_wait_is_made_when_the_api_recovers() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("300ms");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    fake.set_fault(Fault::Hang);
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // The API answers again; the hung call runs into its 5 s timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.set_fault(Fault::None);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fake.get("team-a", SECRET).is_none() {
+        assert!(Instant::now() < deadline, "the copy was never made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A pod admitted while its namespace's copy is being deleted (a finalizer
+/// holds it) is told so, and the copy is made again once it is gone.
+#[tokio::test]
+async fn a_copy_being_deleted_at_admission_is_made_again_once_gone() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    // The default resync (60 s): the deletion itself is the cue.
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    admit(&sync, &policy, "team-a").await;
+    let mut copy = fake.get("team-a", SECRET).unwrap();
+    copy["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    copy["metadata"]["finalizers"] = json!(["backup.example/hold"]);
+    fake.put("team-a", copy, "MODIFIED");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("being deleted"), "{warnings:?}");
+    fake.delete("team-a", SECRET);
+    eventually("the copy the admitted pod references exists again", || {
+        fake.get("team-a", SECRET)
+            .is_some_and(|copy| copy["metadata"]["deletionTimestamp"].is_null())
+    })
+    .await;
+}
+
+/// A copy into a namespace that is gone is not tried again: no pod there
+/// needs it.
+#[tokio::test]
+async fn a_copy_into_a_namespace_that_is_gone_is_not_tried_again() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    fake.gone_namespaces
+        .lock()
+        .unwrap()
+        .push("team-gone".into());
+    fake.set_fault(Fault::ServerError);
+    let failed = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    fake.set_fault(Fault::None);
+    let gone = sync
+        .ensure_for_pod(&policy, "team-gone", &[SECRET.into()], None)
+        .await;
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert!(gone[0].contains("not found"), "{gone:?}");
+    // The failure that may pass is tried again (and made); the other not.
+    eventually("the failed copy is made", || {
+        fake.get("team-a", SECRET).is_some()
+    })
+    .await;
+    tokio::time::sleep(A_FEW_RESYNCS).await;
+    assert_eq!(fake.creates_in("team-gone"), 1);
 }
