@@ -231,6 +231,16 @@ impl PullSecretSync {
     /// The watches need not move: they cover every namespace.
     pub fn configure(&self, policy: &Policy) {
         let inner = &self.inner;
+        let settings = policy.pull_secret_sync();
+        if settings.enabled
+            && settings.source_namespace.is_none()
+            && !policy.pull_secret_names().is_empty()
+        {
+            warn!(
+                "pull secrets cannot be copied: no source namespace is known (served outside a \
+                 cluster?); set --namespace or pullSecretSync.sourceNamespace"
+            );
+        }
         inner
             .enabled
             .store(policy.pull_secret_sync().enabled, Ordering::Relaxed);
@@ -325,6 +335,12 @@ impl PullSecretSync {
         if !settings.enabled {
             return self.warnings_without_copying(policy, namespace, names);
         }
+        if settings.source_namespace.is_none() {
+            return names
+                .iter()
+                .map(|name| no_source_namespace(name, namespace))
+                .collect();
+        }
         let Some(source_namespace) = copy_source(settings, namespace) else {
             return Vec::new();
         };
@@ -384,6 +400,16 @@ fn copy_source<'a>(
         .source_namespace
         .as_deref()
         .filter(|source| *source != namespace)
+}
+
+/// Served outside a cluster (a kubeconfig) with no `--namespace` and no
+/// `pullSecretSync.sourceNamespace`: there is nowhere to copy from.
+fn no_source_namespace(name: &str, namespace: &str) -> String {
+    format!(
+        "imagePullSecret {name:?} was added, but image-rewriter knows no source namespace to \
+         copy it from into namespace {namespace:?} (set --namespace or \
+         pullSecretSync.sourceNamespace): pulls that need it fail if it is missing"
+    )
 }
 
 fn missing_without_sync(name: &str, namespace: &str) -> String {

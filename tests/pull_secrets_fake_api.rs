@@ -1509,3 +1509,27 @@ async fn a_copy_into_a_namespace_that_is_gone_is_not_tried_again() {
     tokio::time::sleep(A_FEW_RESYNCS).await;
     assert_eq!(fake.creates_in("team-gone"), 1);
 }
+
+/// Served outside a cluster (a kubeconfig) with no namespace given and
+/// none in the config, there is no source: a pod given a pull secret is
+/// told it was neither checked nor copied, rather than nothing.
+#[tokio::test]
+async fn with_no_source_namespace_a_pod_is_told_nothing_is_copied() {
+    let (fake, client) = start_fake().await;
+    let policy = ConfigFile::from_yaml(&format!(
+        "rules:\n  - match: docker.io\n    target: harbor.corp.example/dockerhub\n    pullSecret: {SECRET}\n"
+    ))
+    .unwrap()
+    .into_policy(None)
+    .unwrap();
+    let (sync, _metrics) = started_sync(&fake, client, &policy).await;
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("no source namespace") && warnings[0].contains("--namespace"),
+        "{warnings:?}"
+    );
+    assert_eq!(fake.creates_in("team-a"), 0);
+}
