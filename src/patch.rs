@@ -39,6 +39,8 @@ pub enum Scope {
 /// One image the plan moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RewrittenImage {
+    /// The container's name, or for an image volume [`VOLUME_KEY_PREFIX`]
+    /// and its name: its key in the original-images annotation.
     pub container: String,
     pub from: String,
     pub to: String,
@@ -119,41 +121,10 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 continue;
             };
             let decision = policy.decide(image);
-            match &decision {
-                Decision::Rewrite {
-                    image: new_image,
-                    rule,
-                } => {
-                    let path = json_pointer(pod.location, &["spec", list], Some((index, "image")));
-                    plan.operations
-                        .push(PatchOperation::Replace(ReplaceOperation {
-                            path,
-                            value: Value::String(new_image.clone()),
-                        }));
-                    plan.rewritten.push(RewrittenImage {
-                        container: name.to_owned(),
-                        from: image.to_owned(),
-                        to: new_image.clone(),
-                        rule: rule.match_prefix.clone(),
-                    });
-                }
-                Decision::Unparsable(error) => {
-                    plan.unparsable += 1;
-                    plan.warnings.push(format!(
-                        "{kind} {}: image {} is not a valid reference ({error}); left unchanged",
-                        quoted_for_warning(name, NAME_CHARS_IN_WARNING),
-                        quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
-                    ));
-                }
-                Decision::InvalidResult { reason, .. } => plan.warnings.push(format!(
-                    "{kind} {}: image {} left unchanged: {reason}",
-                    quoted_for_warning(name, NAME_CHARS_IN_WARNING),
-                    quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
-                )),
-                Decision::AlreadyUnderTarget { .. }
-                | Decision::Excluded
-                | Decision::NoMatchingRule => {}
-            }
+            let site = ImageSite { kind, name, image };
+            plan_image(&mut plan, &decision, &site, name, || {
+                json_pointer(pod.location, &["spec", list], Some((index, "image")))
+            });
             let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) else {
                 continue;
             };
@@ -176,6 +147,28 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
     plan.warnings.splice(0..0, missing_secret_warnings);
 
     if *scope == Scope::WholePod {
+        // Pulled by the kubelet as container images are, with the pod's
+        // pull secrets; a pod's volumes never change after it is created.
+        for volume in &spec.image_volumes {
+            let decision = policy.decide(&volume.reference);
+            let site = ImageSite {
+                kind: "image volume",
+                name: &volume.name,
+                image: &volume.reference,
+            };
+            let record_as = format!("{VOLUME_KEY_PREFIX}{}", volume.name);
+            plan_image(&mut plan, &decision, &site, &record_as, || {
+                let index = itoa::Buffer::new().format(volume.index).to_owned();
+                json_pointer(
+                    pod.location,
+                    &["spec", "volumes", &index, "image", "reference"],
+                    None,
+                )
+            });
+            if let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) {
+                needed_secrets.insert(secret);
+            }
+        }
         plan.operations.extend(pull_secret_operations(
             spec,
             &existing_secrets,
@@ -201,6 +194,62 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         }
     }
     plan
+}
+
+/// The original-images annotation keys an image volume's entry by this and
+/// its name: no container name holds a `:`, so the two never meet.
+pub const VOLUME_KEY_PREFIX: &str = "volume:";
+
+/// One image a pod pulls, as a warning names it.
+struct ImageSite<'a> {
+    /// `container`, `init container`, `ephemeral container`, `image volume`.
+    kind: &'static str,
+    name: &'a str,
+    image: &'a str,
+}
+
+/// Adds to `plan` what `decision` says of the image at `site`: the
+/// replacement at `path()` and its record under `record_as`, or a warning.
+fn plan_image(
+    plan: &mut PodPlan,
+    decision: &Decision<'_>,
+    site: &ImageSite<'_>,
+    record_as: &str,
+    path: impl FnOnce() -> PointerBuf,
+) {
+    let ImageSite { kind, name, image } = *site;
+    match decision {
+        Decision::Rewrite {
+            image: new_image,
+            rule,
+        } => {
+            plan.operations
+                .push(PatchOperation::Replace(ReplaceOperation {
+                    path: path(),
+                    value: Value::String(new_image.clone()),
+                }));
+            plan.rewritten.push(RewrittenImage {
+                container: record_as.to_owned(),
+                from: image.to_owned(),
+                to: new_image.clone(),
+                rule: rule.match_prefix.clone(),
+            });
+        }
+        Decision::Unparsable(error) => {
+            plan.unparsable += 1;
+            plan.warnings.push(format!(
+                "{kind} {}: image {} is not a valid reference ({error}); left unchanged",
+                quoted_for_warning(name, NAME_CHARS_IN_WARNING),
+                quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
+            ));
+        }
+        Decision::InvalidResult { reason, .. } => plan.warnings.push(format!(
+            "{kind} {}: image {} left unchanged: {reason}",
+            quoted_for_warning(name, NAME_CHARS_IN_WARNING),
+            quoted_for_warning(image, IMAGE_CHARS_IN_WARNING),
+        )),
+        Decision::AlreadyUnderTarget { .. } | Decision::Excluded | Decision::NoMatchingRule => {}
+    }
 }
 
 /// The most characters of a container name, and of an image, that a

@@ -53,7 +53,24 @@ pub struct PodImages {
     /// must then add the array whole. A `null` entry is an empty reference,
     /// as Go decodes it.
     pub image_pull_secrets: Option<Vec<SecretReference>>,
+    /// The `volumes` that are images (`image.reference`, Kubernetes 1.31 and
+    /// later): the kubelet pulls them as it pulls a container's image, with
+    /// the pod's pull secrets. Other volumes are skipped, counted by index.
+    pub image_volumes: Vec<ImageVolume>,
 }
+
+/// A volume whose content is an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageVolume {
+    /// Its position in `volumes`.
+    pub index: usize,
+    pub name: String,
+    pub reference: String,
+}
+
+/// The `volumes` a Pod may have: like [`MAX_CONTAINERS`], a bound on what
+/// a review sent straight to the port makes the plan hold.
+pub const MAX_VOLUMES: usize = 65_536;
 
 /// The containers a Pod may have in all its lists together. The most the
 /// webhook can be sent is what fits in its body limit (8 MiB): some 55 000
@@ -95,6 +112,7 @@ impl<'de> Visitor<'de> for PodImagesVisitor {
                 "initContainers" => "initContainers",
                 "ephemeralContainers" => "ephemeralContainers",
                 "imagePullSecrets" => "imagePullSecrets",
+                "volumes" => "volumes",
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -110,6 +128,7 @@ impl<'de> Visitor<'de> for PodImagesVisitor {
                 "containers" => images.containers = map.next_value_seed(list)?.unwrap_or_default(),
                 "initContainers" => images.init_containers = map.next_value_seed(list)?,
                 "ephemeralContainers" => images.ephemeral_containers = map.next_value_seed(list)?,
+                "volumes" => images.image_volumes = map.next_value::<VolumeList>()?.0,
                 _ => images.image_pull_secrets = map.next_value::<PullSecretList>()?.0,
             }
         }
@@ -203,6 +222,71 @@ impl<'de> Deserialize<'de> for PullSecretList {
         }
         deserializer.deserialize_option(Entries)
     }
+}
+
+/// The image volumes of `volumes` (`null` or absent: none), up to
+/// [`MAX_VOLUMES`] volumes of any kind.
+struct VolumeList(Vec<ImageVolume>);
+
+impl<'de> Deserialize<'de> for VolumeList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = VolumeList;
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a list of volumes, or null")
+            }
+            fn visit_none<E>(self) -> Result<VolumeList, E> {
+                Ok(VolumeList(Vec::new()))
+            }
+            fn visit_unit<E>(self) -> Result<VolumeList, E> {
+                Ok(VolumeList(Vec::new()))
+            }
+            fn visit_some<D: Deserializer<'de>>(
+                self,
+                deserializer: D,
+            ) -> Result<VolumeList, D::Error> {
+                deserializer.deserialize_seq(self)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<VolumeList, A::Error> {
+                let mut images = Vec::new();
+                let mut index = 0;
+                while let Some(volume) = seq.next_element::<Option<VolumeFields>>()? {
+                    if index == MAX_VOLUMES {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "more than {MAX_VOLUMES} volumes"
+                        )));
+                    }
+                    let reference = volume.and_then(|v| Some((v.name, v.image?.reference?)));
+                    if let Some((name, reference)) = reference {
+                        images.push(ImageVolume {
+                            index,
+                            name,
+                            reference,
+                        });
+                    }
+                    index += 1;
+                }
+                Ok(VolumeList(images))
+            }
+        }
+        deserializer.deserialize_option(Entries)
+    }
+}
+
+/// What a volume holds that the policy reads.
+#[derive(Deserialize)]
+struct VolumeFields {
+    #[serde(default, deserialize_with = "null_as_empty_string")]
+    name: String,
+    #[serde(default)]
+    image: Option<ImageVolumeSource>,
+}
+
+#[derive(Deserialize)]
+struct ImageVolumeSource {
+    #[serde(default)]
+    reference: Option<String>,
 }
 
 /// A `null` string is `""`, as Go decodes it into a `string` field or map
@@ -546,6 +630,55 @@ mod tests {
             error
                 .to_string()
                 .contains("more than 65536 imagePullSecrets"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn image_volumes_are_read_by_their_index_and_others_skipped() {
+        let spec = serde_json::from_str::<PodObject>(
+            r#"{"spec":{"volumes":[
+                {"name":"token","projected":{"sources":[{"serviceAccountToken":{"path":"t"}}]}},
+                {"image":{"pullPolicy":"Always","reference":"quay.io/a:1"},"name":"a"},
+                null,
+                {"name":"no-reference","image":{"pullPolicy":"Always"}},
+                {"name":"null-image","image":null},
+                {"name":"b","image":{"reference":"b:2"}}]}}"#,
+        )
+        .unwrap()
+        .spec
+        .unwrap();
+        let volume = |index: usize, name: &str, reference: &str| ImageVolume {
+            index,
+            name: name.into(),
+            reference: reference.into(),
+        };
+        assert_eq!(
+            spec.image_volumes,
+            [volume(1, "a", "quay.io/a:1"), volume(5, "b", "b:2")]
+        );
+        for none in [r#"{"spec":{"volumes":null}}"#, r#"{"spec":{}}"#] {
+            let spec = serde_json::from_str::<PodObject>(none).unwrap().spec;
+            assert!(spec.unwrap().image_volumes.is_empty(), "{none}");
+        }
+        let at_limit = format!(
+            r#"{{"spec":{{"volumes":[{}]}}}}"#,
+            vec!["{}"; MAX_VOLUMES].join(",")
+        );
+        assert!(serde_json::from_str::<PodObject>(&at_limit).is_ok());
+        let over = format!(
+            r#"{{"spec":{{"volumes":[{}]}}}}"#,
+            vec!["{}"; MAX_VOLUMES + 1].join(",")
+        );
+        let error = serde_json::from_str::<PodObject>(&over).unwrap_err();
+        assert!(
+            error.to_string().contains("more than 65536 volumes"),
+            "{error}"
+        );
+        let error = serde_json::from_str::<PodObject>(r#"{"spec":{"volumes":[],"volumes":[]}}"#)
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("duplicate field `volumes`"),
             "{error}"
         );
     }

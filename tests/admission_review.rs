@@ -140,6 +140,52 @@ fn pod_create_unparsable() {
     );
 }
 
+/// Image volumes (`volumes[].image.reference`) are pulled as container
+/// images are, with the pod's pull secrets: rewritten by the same rules,
+/// recorded under `volume:<name>`, an unparsable one warned of; other
+/// volumes untouched. The container's image matches no rule here, so the
+/// pull secret comes from the volume alone.
+#[test]
+fn pod_create_image_volumes() {
+    let review = fixture("pod-create-image-volumes.json");
+    let (patched, response, _) = answer(&review);
+    let reference = |index: usize| patched["spec"]["volumes"][index]["image"]["reference"].clone();
+    assert_eq!(reference(1), "harbor.corp.example/quay/org/models:v3");
+    assert_eq!(reference(3), "Org/Weights:latest");
+    assert_eq!(
+        reference(4),
+        review["request"]["object"]["spec"]["volumes"][4]["image"]["reference"]
+    );
+    for unchanged in [0, 2] {
+        assert_eq!(
+            patched["spec"]["volumes"][unchanged],
+            review["request"]["object"]["spec"]["volumes"][unchanged]
+        );
+    }
+    assert_eq!(
+        images(&patched, "containers"),
+        ["registry.internal.example/model-server:2.1"]
+    );
+    assert_eq!(pull_secrets(&patched), Some(vec!["harbor-pull".to_owned()]));
+    assert_eq!(response["auditAnnotations"]["images-rewritten"], "1");
+    let originals: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["image-rewriter.io/original-images"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(originals, json!({"volume:models": "quay.io/org/models:v3"}));
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let warning = warnings[0].as_str().unwrap();
+    assert!(
+        warning.starts_with(
+            "image volume \"weights\": image \"Org/Weights:latest\" is not a valid reference"
+        ) && warning.ends_with("left unchanged"),
+        "{warning}"
+    );
+}
+
 #[test]
 fn requests_answered_without_a_patch() {
     for name in [

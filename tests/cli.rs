@@ -1452,3 +1452,32 @@ fn the_examples_mutate_with_the_example_config() {
         yaml_documents(&std::fs::read_to_string(root().join("examples/workloads.yaml")).unwrap());
     assert_eq!(workloads[3], service[3]);
 }
+
+/// `mutate` rewrites a workload's image volumes as the webhook does a
+/// pod's, under `volume:<name>` in the record.
+#[test]
+fn mutate_rewrites_image_volumes_in_a_template() {
+    let input = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: models, namespace: shop}\n\
+                 spec:\n  template:\n    spec:\n      containers: [{name: app, image: registry.internal.example/app:1}]\n      \
+                 volumes:\n        - {name: token, emptyDir: {}}\n        - {name: models, image: {reference: 'quay.io/org/models:v3'}}\n";
+    let output = mutate_stdin(&root().join("examples/config.yaml"), input);
+    assert_success(&output);
+    let out: serde_json::Value = serde_yaml_ng::from_str(&stdout(&output)).unwrap();
+    let template = &out["spec"]["template"];
+    assert_eq!(
+        template["spec"]["volumes"][1]["image"]["reference"],
+        "harbor.corp.example/quay/org/models:v3"
+    );
+    assert_eq!(
+        template["spec"]["volumes"][0],
+        serde_json::json!({"name": "token", "emptyDir": {}})
+    );
+    assert_eq!(
+        template["spec"]["imagePullSecrets"][0]["name"],
+        "harbor-pull"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["image-rewriter.io/original-images"],
+        r#"{"volume:models":"quay.io/org/models:v3"}"#
+    );
+}

@@ -850,6 +850,63 @@ fn ephemeral_update_rewrites_only_the_new_container() {
     );
 }
 
+/// A pod's volumes cannot change after it is created: an ephemeral
+/// container's update leaves its image volumes as they are, rewritten or
+/// not.
+#[test]
+fn ephemeral_update_leaves_image_volumes_alone() {
+    let (mut old, mut new) = debug_review(Some(&["harbor-pull"]), "nicolaka/netshoot:v0.13");
+    let volumes = json!([{"name": "models", "image": {"reference": "quay.io/org/models:v3"}}]);
+    old["spec"]["volumes"] = volumes.clone();
+    new["spec"]["volumes"] = volumes.clone();
+    let out = round_trip(&policy(), ephemeral_containers_review(old, new, NS));
+    assert_eq!(out.ops().len(), 1, "{:?}", out.ops());
+    assert_eq!(out.patched["spec"]["volumes"], volumes);
+}
+
+/// Image volumes beside containers: each rewritten image recorded under
+/// its own key (`volume:` before a volume's name, so a container and a
+/// volume of one name do not meet), a volume already under a target still
+/// gets its rule's pull secret, and pull secrets follow first use:
+/// containers first, then volumes.
+#[test]
+fn image_volumes_are_rewritten_beside_containers() {
+    let mut object = pod(NS, &[], &[("models", "nginx:1.27")], None);
+    object["spec"]["volumes"] = json!([
+        {"name": "cache", "emptyDir": {}},
+        {"name": "models", "image": {"reference": "ghcr.io/org/models:v3", "pullPolicy": "IfNotPresent"}},
+        {"name": "moved", "image": {"reference": "harbor.corp.example/quay/org/data:1"}},
+        {"name": "public", "image": {"reference": "gcr.io/org/tools:2"}}
+    ]);
+    let out = create(&policy(), object, NS);
+    let reference =
+        |index: usize| out.patched["spec"]["volumes"][index]["image"]["reference"].clone();
+    assert_eq!(reference(1), "harbor.corp.example/ghcr/org/models:v3");
+    assert_eq!(reference(2), "harbor.corp.example/quay/org/data:1");
+    assert_eq!(reference(3), "mirror.corp.example/gcr/org/tools:2");
+    assert_eq!(
+        out.patched["spec"]["volumes"][1]["image"]["pullPolicy"],
+        "IfNotPresent"
+    );
+    assert_eq!(
+        out.annotation(),
+        Some(json!({
+            "models": "nginx:1.27",
+            "volume:models": "ghcr.io/org/models:v3",
+            "volume:public": "gcr.io/org/tools:2"
+        }))
+    );
+    assert_eq!(
+        pull_secrets(&out.patched),
+        Some(vec!["harbor-pull".to_owned(), "ghcr-pull".to_owned()])
+    );
+    assert_eq!(
+        out.response()["auditAnnotations"]["images-rewritten"],
+        json!("3")
+    );
+    assert!(out.warnings().is_empty(), "{:?}", out.warnings());
+}
+
 #[test]
 fn ephemeral_update_warns_when_the_pod_lacks_the_pull_secret() {
     for existing in [None, Some(&["regcred"][..])] {
