@@ -374,6 +374,40 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
     let stored = pods(&env, "team-a").get("web").await.expect("get pod");
     assert_rewritten(&stored, "team-a, read back");
 
+    // An image volume is pulled as a container image is: the apiserver
+    // stores it rewritten, recorded beside the containers.
+    let mut with_volume = app_pod("web-image-volume", &[]);
+    if let Some(spec) = with_volume.spec.as_mut() {
+        spec.volumes = Some(vec![
+            serde_json::from_value(json!({
+                "name": "models",
+                "image": {"reference": "quay.io/org/models:v3", "pullPolicy": "IfNotPresent"}
+            }))
+            .expect("a Volume"),
+        ]);
+    }
+    env.create_pod("team-a", &with_volume).await;
+    let stored = pods(&env, "team-a")
+        .get("web-image-volume")
+        .await
+        .expect("get pod");
+    let volume = stored
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.volumes.as_ref())
+        .and_then(|volumes| volumes.first())
+        .and_then(|volume| volume.image.as_ref())
+        .and_then(|image| image.reference.clone());
+    assert_eq!(
+        volume.as_deref(),
+        Some("harbor.corp.example/quay/org/models:v3"),
+        "the stored image volume"
+    );
+    assert_eq!(
+        original_images(&stored).and_then(|o| o.get("volume:models").cloned()),
+        Some(json!("quay.io/org/models:v3"))
+    );
+
     // The selectors keep these from the webhook: it is never called for
     // them (it would leave them untouched itself too, so the pods alone
     // cannot tell).

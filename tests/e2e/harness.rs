@@ -259,6 +259,9 @@ impl ControlPlane {
             // Endpoints validation rejects; nothing here routes to them anyway.
             "--endpoint-reconciler-type=none".to_string(),
             "--profiling=false".to_string(),
+            // Image volumes, beta and off by default in 1.34 (on since
+            // 1.35): off, the apiserver drops `volumes[].image` as sent.
+            "--feature-gates=ImageVolume=true".to_string(),
         ]);
         let mut apiserver = ManagedProcess::spawn(
             &spawner,
