@@ -16,6 +16,9 @@ use crate::policy::{Decision, Policy};
 
 /// Records, per container name, the image as written before the rewrite.
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-rewriter.io/original-images";
+/// The same record for image volumes, by volume name: apart, so that the
+/// original-images annotation stays container name to image.
+pub const ORIGINAL_VOLUME_IMAGES_ANNOTATION: &str = "image-rewriter.io/original-volume-images";
 /// On a namespace or a pod: `"false"` opts out (and `"true"` opts a namespace
 /// in, in opt-in mode).
 pub const ENABLED_LABEL: &str = "image-rewriter.io/enabled";
@@ -39,9 +42,10 @@ pub enum Scope {
 /// One image the plan moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RewrittenImage {
-    /// The container's name, or for an image volume [`VOLUME_KEY_PREFIX`]
-    /// and its name: its key in the original-images annotation.
+    /// The container's name, or the image volume's.
     pub container: String,
+    /// An image volume's: recorded in [`ORIGINAL_VOLUME_IMAGES_ANNOTATION`].
+    pub volume: bool,
     pub from: String,
     pub to: String,
     /// The rule's `match`, as the metrics label it.
@@ -121,8 +125,13 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                 continue;
             };
             let decision = policy.decide(image);
-            let site = ImageSite { kind, name, image };
-            plan_image(&mut plan, &decision, &site, name, || {
+            let site = ImageSite {
+                kind,
+                volume: false,
+                name,
+                image,
+            };
+            plan_image(&mut plan, &decision, &site, || {
                 json_pointer(pod.location, &["spec", list], Some((index, "image")))
             });
             let Some(secret) = decision.rule().and_then(|rule| rule.pull_secret.as_deref()) else {
@@ -153,11 +162,11 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
             let decision = policy.decide(&volume.reference);
             let site = ImageSite {
                 kind: "image volume",
+                volume: true,
                 name: &volume.name,
                 image: &volume.reference,
             };
-            let record_as = format!("{VOLUME_KEY_PREFIX}{}", volume.name);
-            plan_image(&mut plan, &decision, &site, &record_as, || {
+            plan_image(&mut plan, &decision, &site, || {
                 let index = itoa::Buffer::new().format(volume.index).to_owned();
                 json_pointer(
                     pod.location,
@@ -179,45 +188,49 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
         plan.rewritten_before = pod
             .metadata
             .and_then(|m| m.annotations.as_ref())
-            .is_some_and(|a| a.contains_key(ORIGINAL_IMAGES_ANNOTATION));
+            .is_some_and(|a| {
+                a.contains_key(ORIGINAL_IMAGES_ANNOTATION)
+                    || a.contains_key(ORIGINAL_VOLUME_IMAGES_ANNOTATION)
+            });
         if !plan.rewritten.is_empty() {
-            let (operation, warning) = original_images_operation(
+            let (operations, warnings) = original_images_operations(
                 pod.metadata,
                 pod.annotations_bytes,
                 &plan.rewritten,
                 &pointer,
             );
-            plan.operations.extend(operation);
-            // First: it is about the whole pod, and the apiserver shows
+            plan.operations.extend(operations);
+            // First: they are about the whole pod, and the apiserver shows
             // only the first 4096 characters of warnings.
-            plan.warnings.splice(0..0, warning);
+            plan.warnings.splice(0..0, warnings);
         }
     }
     plan
 }
 
-/// The original-images annotation keys an image volume's entry by this and
-/// its name: no container name holds a `:`, so the two never meet.
-pub const VOLUME_KEY_PREFIX: &str = "volume:";
-
 /// One image a pod pulls, as a warning names it.
 struct ImageSite<'a> {
     /// `container`, `init container`, `ephemeral container`, `image volume`.
     kind: &'static str,
+    volume: bool,
     name: &'a str,
     image: &'a str,
 }
 
 /// Adds to `plan` what `decision` says of the image at `site`: the
-/// replacement at `path()` and its record under `record_as`, or a warning.
+/// replacement at `path()` and its record, or a warning.
 fn plan_image(
     plan: &mut PodPlan,
     decision: &Decision<'_>,
     site: &ImageSite<'_>,
-    record_as: &str,
     path: impl FnOnce() -> PointerBuf,
 ) {
-    let ImageSite { kind, name, image } = *site;
+    let ImageSite {
+        kind,
+        volume,
+        name,
+        image,
+    } = *site;
     match decision {
         Decision::Rewrite {
             image: new_image,
@@ -229,7 +242,8 @@ fn plan_image(
                     value: Value::String(new_image.clone()),
                 }));
             plan.rewritten.push(RewrittenImage {
-                container: record_as.to_owned(),
+                container: name.to_owned(),
+                volume,
                 from: image.to_owned(),
                 to: new_image.clone(),
                 rule: rule.match_prefix.clone(),
@@ -346,7 +360,7 @@ fn pointer_from_tokens(
 
 /// The annotation's text: the entries kept from it, ours over them, in key
 /// order (as a serde_json map writes them), without copying our strings.
-fn originals_text(kept: Map<String, Value>, rewritten: &[RewrittenImage]) -> String {
+fn originals_text(kept: Map<String, Value>, rewritten: &[&RewrittenImage]) -> String {
     #[derive(serde::Serialize)]
     #[serde(untagged)]
     enum Original<'a> {
@@ -466,67 +480,91 @@ pub fn annotations_bytes(annotations: &BTreeMap<String, String>) -> usize {
         .sum()
 }
 
-/// Sets the original-images entries of the containers rewritten now, keeping
-/// the others (a reinvocation after another webhook added a container). Not
+/// Sets the original-images entries of the containers rewritten now, and
+/// the original-volume-images entries of the image volumes, keeping the
+/// others (a reinvocation after another webhook added a container). Not
 /// when that would take the pod's annotations past the apiserver's limit:
 /// the pod would be refused for a record of ours, so the rewrite goes
 /// without it, and the user is told.
-fn original_images_operation(
+fn original_images_operations(
     metadata: Option<&ObjectMeta>,
     annotations_bytes: usize,
     rewritten: &[RewrittenImage],
     pointer: &impl Fn(&[&str]) -> PointerBuf,
-) -> (Option<PatchOperation>, Option<String>) {
+) -> (Vec<PatchOperation>, Vec<String>) {
     let annotations = metadata.and_then(|m| m.annotations.as_ref());
-    let existing = annotations.and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION));
-    let mut warning = None;
-    let originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
-        Some(Ok(Value::Object(map))) => map,
-        Some(_) => {
-            warning = Some(format!(
-                "annotation {ORIGINAL_IMAGES_ANNOTATION} was not a JSON object; replaced"
-            ));
-            Map::new()
+    let mut warnings = Vec::new();
+    let mut records = Vec::new();
+    let mut bytes_after = annotations_bytes;
+    for (annotation, volumes) in [
+        (ORIGINAL_IMAGES_ANNOTATION, false),
+        (ORIGINAL_VOLUME_IMAGES_ANNOTATION, true),
+    ] {
+        let images: Vec<&RewrittenImage> = rewritten
+            .iter()
+            .filter(|image| image.volume == volumes)
+            .collect();
+        if images.is_empty() {
+            continue;
         }
-        None => Map::new(),
-    };
-    let text = originals_text(originals, rewritten);
-    let bytes_after = annotations_bytes
-        .saturating_sub(existing.map_or(0, |old| ORIGINAL_IMAGES_ANNOTATION.len() + old.len()))
-        + ORIGINAL_IMAGES_ANNOTATION.len()
-        + text.len();
-    if bytes_after > ANNOTATIONS_BYTES_LIMIT {
-        let warning = format!(
-            "annotation {ORIGINAL_IMAGES_ANNOTATION} not written: it would take the pod's \
-             annotations to {bytes_after} bytes, past the apiserver's limit of \
-             {ANNOTATIONS_BYTES_LIMIT}; the images were rewritten without a record of the originals"
-        );
-        return (None, Some(warning));
+        let existing = annotations.and_then(|a| a.get(annotation));
+        let originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
+            Some(Ok(Value::Object(map))) => map,
+            Some(_) => {
+                warnings.push(format!(
+                    "annotation {annotation} was not a JSON object; replaced"
+                ));
+                Map::new()
+            }
+            None => Map::new(),
+        };
+        let text = originals_text(originals, &images);
+        bytes_after = bytes_after
+            .saturating_sub(existing.map_or(0, |old| annotation.len() + old.len()))
+            + annotation.len()
+            + text.len();
+        records.push((annotation, existing.is_some(), Value::String(text)));
     }
-    let value = Value::String(text);
-    let operation = match (
-        metadata.is_some(),
-        annotations.is_some(),
-        existing.is_some(),
-    ) {
-        (false, _, _) => PatchOperation::Add(AddOperation {
-            path: pointer(&["metadata"]),
-            value: json!({ "annotations": { ORIGINAL_IMAGES_ANNOTATION: value } }),
-        }),
-        (true, false, _) => PatchOperation::Add(AddOperation {
-            path: pointer(&["metadata", "annotations"]),
-            value: json!({ ORIGINAL_IMAGES_ANNOTATION: value }),
-        }),
-        (true, true, false) => PatchOperation::Add(AddOperation {
-            path: pointer(&["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
-            value,
-        }),
-        (true, true, true) => PatchOperation::Replace(ReplaceOperation {
-            path: pointer(&["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
-            value,
-        }),
+    if bytes_after > ANNOTATIONS_BYTES_LIMIT {
+        let names: Vec<&str> = records.iter().map(|(annotation, ..)| *annotation).collect();
+        let warning = format!(
+            "annotation {} not written: it would take the pod's annotations to {bytes_after} \
+             bytes, past the apiserver's limit of {ANNOTATIONS_BYTES_LIMIT}; the images were \
+             rewritten without a record of the originals",
+            names.join(" and ")
+        );
+        return (Vec::new(), vec![warning]);
+    }
+    let all = || {
+        Value::Object(
+            records
+                .iter()
+                .map(|(annotation, _, value)| ((*annotation).to_owned(), value.clone()))
+                .collect(),
+        )
     };
-    (Some(operation), warning)
+    let operations = match (metadata.is_some(), annotations.is_some()) {
+        (false, _) => vec![PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata"]),
+            value: json!({ "annotations": all() }),
+        })],
+        (true, false) => vec![PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata", "annotations"]),
+            value: all(),
+        })],
+        (true, true) => records
+            .into_iter()
+            .map(|(annotation, existed, value)| {
+                let path = pointer(&["metadata", "annotations", annotation]);
+                if existed {
+                    PatchOperation::Replace(ReplaceOperation { path, value })
+                } else {
+                    PatchOperation::Add(AddOperation { path, value })
+                }
+            })
+            .collect(),
+    };
+    (operations, warnings)
 }
 
 #[cfg(test)]

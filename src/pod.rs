@@ -16,14 +16,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::patch::{ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION};
+use crate::patch::{
+    ENABLED_LABEL, MIRROR_POD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION,
+    ORIGINAL_VOLUME_IMAGES_ANNOTATION,
+};
 
 /// A Pod as the policy sees it. Implements `kube::Resource` so kube-core's
 /// `AdmissionRequest<PodObject>` carries it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodObject {
     /// Only name, generateName and namespace, the `image-rewriter.io/enabled`
-    /// label, and the original-images and mirror-pod annotations are kept;
+    /// label, and the original-images, original-volume-images and mirror-pod
+    /// annotations are kept;
     /// `labels` and `annotations` are `Some` exactly when the object had
     /// them. Boxed: kube-core's request holds two pods by value and the
     /// decode moves it several times, 360 bytes of mostly empty fields each.
@@ -338,6 +342,7 @@ fn annotations_read<'de, D: Deserializer<'de>>(
 ) -> Result<Option<MapEntries>, D::Error> {
     deserializer.deserialize_option(OnlyEntries(&[
         ORIGINAL_IMAGES_ANNOTATION,
+        ORIGINAL_VOLUME_IMAGES_ANNOTATION,
         MIRROR_POD_ANNOTATION,
     ]))
 }

@@ -142,9 +142,10 @@ fn pod_create_unparsable() {
 
 /// Image volumes (`volumes[].image.reference`) are pulled as container
 /// images are, with the pod's pull secrets: rewritten by the same rules,
-/// recorded under `volume:<name>`, an unparsable one warned of; other
-/// volumes untouched. The container's image matches no rule here, so the
-/// pull secret comes from the volume alone.
+/// recorded in an annotation of their own, an unparsable one warned of;
+/// other volumes untouched. The container's image matches no rule here, so
+/// the pull secret comes from the volume alone, and the containers' record
+/// is not written.
 #[test]
 fn pod_create_image_volumes() {
     let review = fixture("pod-create-image-volumes.json");
@@ -168,13 +169,19 @@ fn pod_create_image_volumes() {
     );
     assert_eq!(pull_secrets(&patched), Some(vec!["harbor-pull".to_owned()]));
     assert_eq!(response["auditAnnotations"]["images-rewritten"], "1");
+    let annotations = &patched["metadata"]["annotations"];
     let originals: Value = serde_json::from_str(
-        patched["metadata"]["annotations"]["image-rewriter.io/original-images"]
+        annotations["image-rewriter.io/original-volume-images"]
             .as_str()
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(originals, json!({"volume:models": "quay.io/org/models:v3"}));
+    assert_eq!(originals, json!({"models": "quay.io/org/models:v3"}));
+    assert!(
+        annotations
+            .get("image-rewriter.io/original-images")
+            .is_none()
+    );
     let warnings = response["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     let warning = warnings[0].as_str().unwrap();

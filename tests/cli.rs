@@ -1454,7 +1454,7 @@ fn the_examples_mutate_with_the_example_config() {
 }
 
 /// `mutate` rewrites a workload's image volumes as the webhook does a
-/// pod's, under `volume:<name>` in the record.
+/// pod's, with their record.
 #[test]
 fn mutate_rewrites_image_volumes_in_a_template() {
     let input = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: models, namespace: shop}\n\
@@ -1477,7 +1477,7 @@ fn mutate_rewrites_image_volumes_in_a_template() {
         "harbor-pull"
     );
     assert_eq!(
-        template["metadata"]["annotations"]["image-rewriter.io/original-images"],
-        r#"{"volume:models":"quay.io/org/models:v3"}"#
+        template["metadata"]["annotations"]["image-rewriter.io/original-volume-images"],
+        r#"{"models":"quay.io/org/models:v3"}"#
     );
 }

@@ -375,7 +375,7 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
     assert_rewritten(&stored, "team-a, read back");
 
     // An image volume is pulled as a container image is: the apiserver
-    // stores it rewritten, recorded beside the containers.
+    // stores it rewritten, recorded in an annotation of its own.
     let mut with_volume = app_pod("web-image-volume", &[]);
     if let Some(spec) = with_volume.spec.as_mut() {
         spec.volumes = Some(vec![
@@ -403,9 +403,15 @@ async fn cluster_wide_mode_rewrites_every_namespace_but_the_excluded() {
         Some("harbor.corp.example/quay/org/models:v3"),
         "the stored image volume"
     );
+    let volume_originals = stored
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("image-rewriter.io/original-volume-images"))
+        .map(|text| serde_json::from_str::<Value>(text).expect("JSON"));
     assert_eq!(
-        original_images(&stored).and_then(|o| o.get("volume:models").cloned()),
-        Some(json!("quay.io/org/models:v3"))
+        volume_originals,
+        Some(json!({"models": "quay.io/org/models:v3"}))
     );
 
     // The selectors keep these from the webhook: it is never called for

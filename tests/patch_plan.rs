@@ -10,7 +10,8 @@ use common::*;
 use image_rewriter::admission::{ReviewError, review};
 use image_rewriter::config::ConfigFile;
 use image_rewriter::patch::{
-    ORIGINAL_IMAGES_ANNOTATION, PodView, Scope, annotations_bytes, plan_pod_patch,
+    ORIGINAL_IMAGES_ANNOTATION, ORIGINAL_VOLUME_IMAGES_ANNOTATION, PodView, Scope,
+    annotations_bytes, plan_pod_patch,
 };
 use image_rewriter::policy::Policy;
 use k8s_openapi::api::core::v1::Pod;
@@ -864,11 +865,11 @@ fn ephemeral_update_leaves_image_volumes_alone() {
     assert_eq!(out.patched["spec"]["volumes"], volumes);
 }
 
-/// Image volumes beside containers: each rewritten image recorded under
-/// its own key (`volume:` before a volume's name, so a container and a
-/// volume of one name do not meet), a volume already under a target still
-/// gets its rule's pull secret, and pull secrets follow first use:
-/// containers first, then volumes.
+/// Image volumes beside containers: the containers recorded in the
+/// original-images annotation, the volumes in original-volume-images (a
+/// container and a volume may share a name), a volume already under a
+/// target still gets its rule's pull secret, and pull secrets follow first
+/// use: containers first, then volumes.
 #[test]
 fn image_volumes_are_rewritten_beside_containers() {
     let mut object = pod(NS, &[], &[("models", "nginx:1.27")], None);
@@ -888,13 +889,13 @@ fn image_volumes_are_rewritten_beside_containers() {
         out.patched["spec"]["volumes"][1]["image"]["pullPolicy"],
         "IfNotPresent"
     );
+    assert_eq!(out.annotation(), Some(json!({"models": "nginx:1.27"})));
+    let volumes = out.patched["metadata"]["annotations"][ORIGINAL_VOLUME_IMAGES_ANNOTATION]
+        .as_str()
+        .map(|text| serde_json::from_str::<Value>(text).unwrap());
     assert_eq!(
-        out.annotation(),
-        Some(json!({
-            "models": "nginx:1.27",
-            "volume:models": "ghcr.io/org/models:v3",
-            "volume:public": "gcr.io/org/tools:2"
-        }))
+        volumes,
+        Some(json!({"models": "ghcr.io/org/models:v3", "public": "gcr.io/org/tools:2"}))
     );
     assert_eq!(
         pull_secrets(&out.patched),
@@ -1688,5 +1689,68 @@ mod apply_json_patch_selftest {
             "response": {"uid": uid_of(&a), "allowed": true, "patchType": "JSONPatch"}
         });
         check_response(&a, body.to_string().as_bytes());
+    }
+}
+
+/// Both records are written whatever the pod holds: no `metadata`, no
+/// `annotations`, other annotations, or both records already (a
+/// reinvocation after another webhook added a container and a volume).
+#[test]
+fn both_records_are_written_whatever_metadata_the_pod_has() {
+    let previous = json!({
+        ORIGINAL_IMAGES_ANNOTATION: r#"{"earlier":"nginx:1.26"}"#,
+        ORIGINAL_VOLUME_IMAGES_ANNOTATION: r#"{"earlier":"quay.io/org/old:1"}"#,
+    });
+    for (case, annotations) in [
+        ("no metadata", None),
+        ("no annotations", Some(Value::Null)),
+        ("other annotations", Some(json!({"team": "shop"}))),
+        ("both records", Some(previous)),
+    ] {
+        let mut object = pod(NS, &[], &[("app", "nginx:1.27")], None);
+        object["spec"]["volumes"] =
+            json!([{"name": "models", "image": {"reference": "quay.io/org/models:v3"}}]);
+        match &annotations {
+            None => {
+                object.as_object_mut().unwrap().remove("metadata");
+            }
+            Some(Value::Null) => {
+                object["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("annotations");
+            }
+            Some(annotations) => object["metadata"]["annotations"] = annotations.clone(),
+        }
+        let out = create(&policy(), object, NS);
+        let record = |annotation: &str| {
+            out.patched["metadata"]["annotations"][annotation]
+                .as_str()
+                .map(|text| serde_json::from_str::<Value>(text).unwrap())
+        };
+        let earlier = |image: &str| {
+            if case == "both records" {
+                json!({"earlier": image})
+            } else {
+                json!({})
+            }
+        };
+        let mut containers = earlier("nginx:1.26");
+        containers["app"] = json!("nginx:1.27");
+        let mut volumes = earlier("quay.io/org/old:1");
+        volumes["models"] = json!("quay.io/org/models:v3");
+        assert_eq!(
+            record(ORIGINAL_IMAGES_ANNOTATION),
+            Some(containers),
+            "{case}"
+        );
+        assert_eq!(
+            record(ORIGINAL_VOLUME_IMAGES_ANNOTATION),
+            Some(volumes),
+            "{case}"
+        );
+        if case == "other annotations" {
+            assert_eq!(out.patched["metadata"]["annotations"]["team"], "shop");
+        }
     }
 }
