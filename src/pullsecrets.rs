@@ -49,8 +49,17 @@ const COPIES_AT_ONCE: usize = 8;
 /// while its source is unchanged is seen at once but not retried.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
 /// Copies kept to try again at most (see [`Inner::retries`]); past it a
-/// failed copy is only logged and counted, as before the retries.
+/// failed copy is only logged and counted.
 const RETRY_CAPACITY: usize = 4096;
+/// Retries queued per name at one reconcile: the copy queue is the
+/// admissions' too, and must keep room for them.
+const RETRIES_PER_ROUND: usize = 64;
+/// A copy that keeps failing is tried at the resync after its failure, then
+/// after twice that, and so on up to this many resync periods apart.
+const RETRY_MAX_PERIODS: u32 = 32;
+/// A copy still failing after this long is given up (and said so): its
+/// pods have long been deleted or fixed by hand.
+const RETRY_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// What the cache knows of one Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +131,9 @@ struct Inner {
     /// resync and when the source changes. Their pods sit in
     /// `ImagePullBackOff` meanwhile, and no new admission may come to ask
     /// again (a ReplicaSet does not recreate a pod that fails to pull).
-    retries: Mutex<BTreeSet<CopyKey>>,
+    retries: Mutex<BTreeMap<CopyKey, RetryState>>,
+    /// The resync period, the first delay of a retry.
+    resync_every: Duration,
     /// Names whose copies to bring to their source. A queue and a task of
     /// their own: a rotation updates every copy, one API call after
     /// another, and the copy a new namespace's first pod waits for must
@@ -218,6 +229,7 @@ impl PullSecretSync {
             copies,
             reconciles,
             retries: Mutex::default(),
+            resync_every,
         });
         tokio::spawn(copy_worker(inner.clone(), copy_queue));
         tokio::spawn(reconcile_worker(inner.clone(), reconcile_queue));
@@ -261,7 +273,14 @@ impl PullSecretSync {
                 .collect();
             reconcile_in_background(inner.clone(), watched);
         }
-        unwind::lock(&inner.retries).retain(|(_, name)| names.contains(name));
+        {
+            let mut retries = unwind::lock(&inner.retries);
+            if settings.enabled {
+                retries.retain(|(_, name), _| names.contains(name));
+            } else {
+                retries.clear();
+            }
+        }
         watches.retain(|name, watch| {
             let keep = names.contains(name);
             if !keep {
@@ -309,13 +328,14 @@ impl PullSecretSync {
         }
         names
             .iter()
-            .filter(|name| {
-                matches!(
-                    self.inner.lookup(name, namespace),
-                    Lookup::Absent | Lookup::Terminating
-                )
+            .filter_map(|name| match self.inner.lookup(name, namespace) {
+                Lookup::Absent => Some(missing_without_sync(name, namespace)),
+                Lookup::Terminating => Some(format!(
+                    "imagePullSecret {name:?} in namespace {namespace:?} is being deleted and \
+                     pullSecretSync is disabled: pulls that need it will fail once it is gone"
+                )),
+                Lookup::Present | Lookup::Unknown => None,
             })
-            .map(|name| missing_without_sync(name, namespace))
             .collect()
     }
 
@@ -354,6 +374,7 @@ impl PullSecretSync {
                 Some(outcome) => pending.push((name, outcome)),
                 None => {
                     self.inner.metrics.pull_secret_sync_errors.inc();
+                    self.inner.retry_later(namespace, name, Retry::Yes);
                     warnings.push(format!(
                         "imagePullSecret {name:?} is missing in namespace {namespace:?} \
                          and the copy queue is full; pulls that need it may fail"
@@ -457,32 +478,74 @@ impl Inner {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Keeps the copy of `name` in `namespace` to try again, or forgets it.
-    fn retry_later(&self, namespace: &str, name: &str, retry: bool) {
+    /// Keeps the copy of `name` in `namespace` to try again, later each time
+    /// it fails, or forgets it: when it needs no retry, when the sync is
+    /// off or the name no longer configured (a copy job that was under way
+    /// when a reload said so), or when it has failed for a day.
+    fn retry_later(&self, namespace: &str, name: &str, retry: Retry) {
         let key = (namespace.to_owned(), name.to_owned());
+        let wanted = retry != Retry::No
+            && self.is_enabled()
+            && unwind::lock(&self.watches).contains_key(name);
         let mut retries = unwind::lock(&self.retries);
-        if !retry {
+        if !wanted {
             retries.remove(&key);
-        } else if retries.len() < RETRY_CAPACITY {
-            retries.insert(key);
+            return;
+        }
+        let now = Instant::now();
+        if !retries.contains_key(&key) && retries.len() >= RETRY_CAPACITY {
+            return;
+        }
+        let state = retries.entry(key).or_insert(RetryState {
+            failures: 0,
+            since: now,
+            next: now,
+        });
+        if now.duration_since(state.since) > RETRY_GIVE_UP_AFTER {
+            retries.remove(&(namespace.to_owned(), name.to_owned()));
+            warn!(secret = %name, %namespace, "pull secret copy still failing after a day; no longer tried (a new pod there asks again)");
+            return;
+        }
+        state.failures = state.failures.saturating_add(1);
+        let periods = 2_u32
+            .saturating_pow(state.failures - 1)
+            .min(RETRY_MAX_PERIODS);
+        state.next = now
+            + self
+                .resync_every
+                .saturating_mul(periods)
+                .saturating_sub(self.resync_every / 2);
+    }
+
+    /// Makes every retry of `name` due: its source changed, so a copy that
+    /// failed for want of it need not wait out its delay.
+    fn retry_now(&self, name: &str) {
+        let now = Instant::now();
+        for ((_, retried), state) in unwind::lock(&self.retries).iter_mut() {
+            if retried == name {
+                state.next = now;
+            }
         }
     }
 
     fn is_retried(&self, namespace: &str, name: &str) -> bool {
-        unwind::lock(&self.retries).contains(&(namespace.to_owned(), name.to_owned()))
+        unwind::lock(&self.retries).contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// Queues again the copies of `name` kept to try again; those that the
-    /// cache shows made meanwhile (by another replica, say) are forgotten.
+    /// Queues again the copies of `name` kept to try again whose time has
+    /// come, a few at a time; those the cache shows made meanwhile (by
+    /// another replica, say) are forgotten.
     fn retry_copies(&self, name: &str) {
-        let keys: Vec<CopyKey> = unwind::lock(&self.retries)
+        let now = Instant::now();
+        let due: Vec<CopyKey> = unwind::lock(&self.retries)
             .iter()
-            .filter(|(_, retried)| retried == name)
-            .cloned()
+            .filter(|((_, retried), state)| retried == name && state.next <= now)
+            .map(|(key, _)| key.clone())
+            .take(RETRIES_PER_ROUND)
             .collect();
-        for (namespace, name) in keys {
+        for (namespace, name) in due {
             if let Lookup::Present = self.lookup(&name, &namespace) {
-                self.retry_later(&namespace, &name, false);
+                self.retry_later(&namespace, &name, Retry::No);
             } else {
                 // Nobody waits for it; a full queue leaves it for next time.
                 let _ = self.request_copy(&namespace, &name);
@@ -707,6 +770,9 @@ async fn watch_name(inner: Arc<Inner>, name: String, id: u64) {
                 if users_own {
                     inner.found_users_own(&name, &namespace);
                 }
+                if is_source {
+                    inner.retry_now(&name);
+                }
                 if is_source || drifted {
                     inner.request_reconcile(&name).await;
                 }
@@ -763,8 +829,15 @@ async fn copy_worker(inner: Arc<Inner>, mut queue: mpsc::Receiver<CopyKey>) {
                         inner.metrics.pull_secret_sync_errors.inc();
                         (Outcome::Failed(format!("the copy {panic}")), Retry::No)
                     });
-            inner.retry_later(&namespace, &name, retry == Retry::Yes);
+            inner.retry_later(&namespace, &name, retry);
             inner.copy_done(&namespace, &name, &outcome);
+            // Its deletion may have been seen while this job ran, when it
+            // was no retry yet (or it joined this job), so the watch's cue
+            // is gone: asked here instead.
+            if retry == Retry::WhenGone && matches!(inner.lookup(&name, &namespace), Lookup::Absent)
+            {
+                let _ = inner.request_copy(&namespace, &name);
+            }
             drop(slot);
         });
     }
@@ -899,7 +972,19 @@ fn copy_of(source: &Secret, source_namespace: &str, namespace: &str) -> Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
     Yes,
+    /// A Secret of that name is being deleted: at once when it is gone.
+    WhenGone,
     No,
+}
+
+/// A copy kept to try again.
+#[derive(Debug, Clone, Copy)]
+struct RetryState {
+    failures: u32,
+    /// Its first failure.
+    since: Instant,
+    /// Not tried again before this.
+    next: Instant,
 }
 
 /// Makes the copy of `name` in `namespace` unless the cache has it; says
@@ -953,7 +1038,7 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> (Outcome, Re
                         inner.count("failed");
                         let reason = "a Secret of that name is being deleted (a finalizer holds \
                                       it); the copy is made once it is gone";
-                        (Outcome::Failed(reason.into()), Retry::Yes)
+                        (Outcome::Failed(reason.into()), Retry::WhenGone)
                     } else if is_managed(&existing) {
                         inner.count("exists");
                         (Outcome::Exists, Retry::No)

@@ -78,6 +78,9 @@ struct Fake {
     edit_after_create: std::sync::atomic::AtomicBool,
     /// Namespaces that do not exist: a create there answers 404.
     gone_namespaces: Mutex<Vec<String>>,
+    /// Namespaces where a create answers 500 (another webhook refusing
+    /// Secrets there, say); other calls answer.
+    creates_fail_in: Mutex<Vec<String>>,
     /// Create calls received, by namespace.
     creates: Mutex<BTreeMap<String, usize>>,
 }
@@ -101,6 +104,7 @@ impl Fake {
             create_delay_ms: AtomicU64::new(0),
             edit_after_create: std::sync::atomic::AtomicBool::new(false),
             gone_namespaces: Mutex::default(),
+            creates_fail_in: Mutex::default(),
             creates: Mutex::default(),
         })
     }
@@ -322,6 +326,13 @@ async fn namespaced_collection(
             404,
             "NotFound",
             &format!("namespaces \"{namespace}\" not found"),
+        );
+    }
+    if fake.creates_fail_in.lock().unwrap().contains(&namespace) {
+        return status(
+            500,
+            "InternalError",
+            "admission webhook \"secrets.example\" failed",
         );
     }
     let secret: Value = serde_json::from_slice(&body).unwrap();
@@ -1532,4 +1543,49 @@ async fn with_no_source_namespace_a_pod_is_told_nothing_is_copied() {
         "{warnings:?}"
     );
     assert_eq!(fake.creates_in("team-a"), 0);
+}
+
+/// A copy that keeps failing is tried again later each time (the resync
+/// period, then twice it, four times, ...), not at every resync: here ten
+/// resyncs pass, and it is tried a handful of times.
+#[tokio::test]
+async fn a_copy_that_keeps_failing_is_tried_less_and_less_often() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    fake.creates_fail_in.lock().unwrap().push("team-a".into());
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = fake.creates_in("team-a");
+    assert!((2..=6).contains(&tries), "{tries} creates in ten resyncs");
+    // It is still kept: once creates answer, it is made.
+    fake.creates_fail_in.lock().unwrap().clear();
+    eventually("the copy is made", || fake.get("team-a", SECRET).is_some()).await;
+}
+
+/// A reload that turns the sync off forgets the copies kept to try again:
+/// turned on later, nothing is written for pods admitted before.
+#[tokio::test]
+async fn a_reload_that_turns_the_sync_off_forgets_the_retries() {
+    let (fake, client) = start_fake().await;
+    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    let policy = policy("2s");
+    let (sync, _metrics) =
+        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    fake.creates_fail_in.lock().unwrap().push("team-a".into());
+    let warnings = sync
+        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
+        .await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    sync.configure(&policy_with_sync_disabled());
+    fake.creates_fail_in.lock().unwrap().clear();
+    sync.configure(&policy);
+    tokio::time::sleep(A_FEW_RESYNCS).await;
+    assert_eq!(fake.creates_in("team-a"), 1);
+    assert!(fake.get("team-a", SECRET).is_none());
 }
