@@ -120,6 +120,11 @@ pub enum CertsError {
         expires: String,
         days: u32,
     },
+    #[error(
+        "the CA in {path} expired {expired}: pass --new-ca to replace it (the webhook's \
+         caBundle changes with it)"
+    )]
+    CaExpired { path: String, expired: String },
     #[error("cannot write {path}: {reason}")]
     Write {
         path: String,
@@ -174,20 +179,65 @@ pub fn renew(request: &CertRequest, ca: &ExistingCa) -> Result<CertBundle, Certs
     check_days("--validity-days", request.validity_days)?;
     let dates = Dates::now();
     let not_after = dates.days_from_now(request.validity_days)?;
+    let path = ca.cert_path.display().to_string();
+    if ca.not_after <= dates.now {
+        return Err(CertsError::CaExpired {
+            path,
+            expired: ca.not_after.date().to_string(),
+        });
+    }
     if ca.not_after < not_after {
         return Err(CertsError::CaExpiresFirst {
-            path: ca.cert_path.display().to_string(),
+            path,
             expires: ca.not_after.date().to_string(),
             days: request.validity_days,
         });
     }
     let (cert, key) = serving_certificate(request, &ca.issuer, &dates)?;
+    // What the apiserver will check, checked here: a CA this tool did not
+    // make may name itself in a form rcgen writes back differently, or
+    // carry extensions a verifier refuses; then no certificate it signs
+    // would be trusted, and the run must not say the caBundle still works.
+    trusted_under(&ca.der, &cert, &request.subject_alt_names).map_err(|reason| {
+        CertsError::CaUnusable {
+            path,
+            reason: format!("a certificate it signs is not trusted under it ({reason})"),
+        }
+    })?;
     Ok(CertBundle {
         ca_cert: ca.cert_pem.clone(),
         ca_key: ca.key_pem.clone(),
         cert,
         key,
     })
+}
+
+/// Whether a client trusting `ca` alone accepts `cert` (PEM) for the first
+/// of `names` a client can ask for, as rustls (webpki) verifies a server.
+fn trusted_under(ca: &CertificateDer<'static>, cert: &str, names: &[String]) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).map_err(|error| error.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .map_err(|error| error.to_string())?;
+    let leaf =
+        CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|error| format!("{error:?}"))?;
+    let Some(name) = names
+        .iter()
+        .find_map(|name| ServerName::try_from(name.clone()).ok())
+    else {
+        // No name a client could ask for (wildcards only): nothing to check.
+        return Ok(());
+    };
+    verifier
+        .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|error| error.to_string())
 }
 
 /// When certificates issued now start and end.
@@ -245,6 +295,8 @@ fn serving_certificate(
 /// The CA an earlier run left in an output directory (`ca.crt`, `ca.key`).
 pub struct ExistingCa {
     cert_path: PathBuf,
+    /// The certificate that signs (the first in `ca.crt`).
+    der: CertificateDer<'static>,
     /// `ca.crt` as it was read: the `caBundle` stays byte for byte the same.
     cert_pem: String,
     key_pem: String,
@@ -289,6 +341,13 @@ impl ExistingCa {
                 "not a CA certificate (no basicConstraints CA:TRUE)".to_owned(),
             ));
         }
+        if let Ok(Some(usage)) = parsed.key_usage()
+            && !usage.value.key_cert_sign()
+        {
+            return Err(unusable(
+                "its keyUsage does not allow signing certificates (keyCertSign)".to_owned(),
+            ));
+        }
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(unusable(format!(
                 "{} is not this certificate's key",
@@ -296,10 +355,14 @@ impl ExistingCa {
             )));
         }
         let not_after = parsed.validity().not_after.to_datetime();
-        let issuer =
-            Issuer::from_ca_cert_der(&der, key).map_err(|error| unusable(error.to_string()))?;
+        // rcgen panics on some names it cannot hold (an empty attribute).
+        let issuer = crate::unwind::catching(|| Issuer::from_ca_cert_der(&der, key))
+            .map_err(unusable)?
+            .map_err(|error| unusable(error.to_string()))?;
+        let der = der.into_owned();
         Ok(Some(Self {
             cert_path,
+            der,
             cert_pem,
             key_pem,
             issuer,
@@ -313,21 +376,36 @@ impl ExistingCa {
     }
 }
 
-/// The CA certificate in `dir/ca.crt` that a new CA replaces, as PEM, while
-/// it is still valid: kept after the new one in `ca.crt`, and so in the
-/// `caBundle`, the apiserver trusts the pods still serving a certificate it
-/// signed until they load the new one. `None` when there is none, or it is
-/// no CA, or it has expired.
+/// The CA certificates in `dir/ca.crt` that a new CA replaces, as PEM,
+/// those still valid: kept after the new one in `ca.crt`, and so in the
+/// `caBundle`, the apiserver trusts the pods still serving a certificate
+/// one of them signed (the last run's, or one before it not applied yet)
+/// until they load the new one. `None` when there is none.
 pub fn outgoing_ca(dir: &Path) -> Option<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    let text = std::fs::read_to_string(dir.join("ca.crt")).ok()?;
-    let der = CertificateDer::from_pem_slice(text.as_bytes()).ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let valid =
-        parsed.is_ca() && parsed.validity().not_after.to_datetime() > OffsetDateTime::now_utc();
-    let begin = text.find("-----BEGIN CERTIFICATE-----")?;
-    let end = begin + text[begin..].find(END)? + END.len();
-    valid.then(|| format!("{}\n", &text[begin..end]))
+    let text = std::fs::read(dir.join("ca.crt")).ok()?;
+    let now = OffsetDateTime::now_utc();
+    let mut kept: Vec<CertificateDer<'static>> = Vec::new();
+    for der in CertificateDer::pem_slice_iter(&text).flatten() {
+        let valid = x509_parser::parse_x509_certificate(&der).is_ok_and(|(_, parsed)| {
+            parsed.is_ca() && parsed.validity().not_after.to_datetime() > now
+        });
+        if valid && !kept.contains(&der) {
+            kept.push(der.into_owned());
+        }
+    }
+    (!kept.is_empty()).then(|| kept.iter().map(|der| pem_certificate(der)).collect())
+}
+
+/// `der` as a PEM certificate block, in lines of 64 characters.
+fn pem_certificate(der: &[u8]) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 fn read_if_present(path: &Path) -> Result<Option<String>, CertsError> {

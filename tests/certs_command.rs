@@ -488,6 +488,15 @@ fn running_again_renews_the_serving_certificate_under_the_same_ca() {
     assert!(renewed.status.success(), "{}", describe(&renewed));
     assert_eq!(file(dir.path(), "ca.crt"), ca_file.as_bytes());
     trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("renewed under it");
+
+    // Another new CA before the last was applied: every CA still valid
+    // stays trusted, each once.
+    let again = certs(dir.path(), &["--new-ca"]);
+    assert!(again.status.success(), "{}", describe(&again));
+    let ca_file = String::from_utf8(file(dir.path(), "ca.crt")).unwrap();
+    assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 3, "{ca_file}");
+    trusted_by_ca_bundle(dir.path(), &served).expect("the first CA's certificate, still trusted");
+    trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("under the newest CA");
 }
 
 /// A case of an unusable CA: its name, the arguments of the run that finds
@@ -577,6 +586,86 @@ fn a_ca_that_cannot_sign_is_refused_and_nothing_written() {
             replaced.status.success(),
             "{case}, --new-ca: {}",
             describe(&replaced)
+        );
+    }
+}
+
+/// A CA openssl made (`subject` and `key_usage` as given), written to a new
+/// directory as `ca.crt` and `ca.key`; None without openssl.
+fn openssl_ca(subject: &str, key_usage: &str) -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", subject])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", &format!("keyUsage=critical,{key_usage}")])
+        .arg("-keyout")
+        .arg(dir.path().join("ca.key"))
+        .arg("-out")
+        .arg(dir.path().join("ca.crt"))
+        .output();
+    match made {
+        Ok(output) => assert!(output.status.success(), "openssl: {}", describe(&output)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            common::skip_missing_tool(
+                "openssl",
+                "IMAGE_REWRITER_REQUIRE_OPENSSL",
+                "CAs made elsewhere not tried",
+            );
+            return None;
+        }
+        Err(e) => panic!("openssl: {e}"),
+    }
+    Some(dir)
+}
+
+/// A CA made elsewhere (openssl) is kept when the certificates it signs
+/// are trusted under it, and refused, with nothing written, when they
+/// would not be: a subject with repeated attributes, which the signer
+/// cannot name back as written, or a keyUsage without keyCertSign. Never
+/// a certificate the apiserver would refuse beside "caBundle unchanged".
+#[test]
+fn a_ca_made_elsewhere_is_kept_only_when_what_it_signs_is_trusted() {
+    let Some(plain) = openssl_ca("/O=Corp/CN=Corp CA", "keyCertSign,cRLSign") else {
+        return;
+    };
+    let output = certs(plain.path(), &["--validity-days", "10"]);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("kept the CA"));
+    trusted_by_ca_bundle(plain.path(), &file(plain.path(), "tls.crt"))
+        .expect("signed by the CA openssl made");
+
+    for (subject, key_usage, says) in [
+        (
+            "/DC=example/DC=corp/OU=Platform/OU=Security/CN=Corp CA",
+            "keyCertSign,cRLSign",
+            "not trusted under it",
+        ),
+        ("/CN=Corp CA", "digitalSignature", "keyCertSign"),
+    ] {
+        let dir = openssl_ca(subject, key_usage).unwrap();
+        let output = certs(dir.path(), &["--validity-days", "10"]);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{subject}: {}",
+            describe(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(says) && stderr.contains("--new-ca"),
+            "{subject}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("tls.crt").exists(),
+            "{subject}: wrote files"
         );
     }
 }
