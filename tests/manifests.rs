@@ -1586,13 +1586,15 @@ fn check_deployment(r: &Rendered, d: &Deployment, pod: &Pod) {
         c.topology_key == "topology.kubernetes.io/zone"
             && c.max_skew == 1
             && c.when_unsatisfiable == "ScheduleAnyway"
+            && c.match_label_keys.as_deref() == Some(&["pod-template-hash".to_owned()][..])
             && c.label_selector
                 .as_ref()
                 .is_some_and(|s| selects(s, &pod.labels))
     });
     assert!(
         zones,
-        "{o}: no ScheduleAnyway spread over topology.kubernetes.io/zone selecting the webhook pods"
+        "{o}: no ScheduleAnyway spread over topology.kubernetes.io/zone selecting the webhook \
+         pods of one rollout (matchLabelKeys: [pod-template-hash])"
     );
 
     // The service account exists.
