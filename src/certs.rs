@@ -376,24 +376,20 @@ impl ExistingCa {
     }
 }
 
-/// The CA certificates in `dir/ca.crt` that a new CA replaces, as PEM,
-/// those still valid: kept after the new one in `ca.crt`, and so in the
-/// `caBundle`, the apiserver trusts the pods still serving a certificate
-/// one of them signed (the last run's, or one before it not applied yet)
-/// until they load the new one. `None` when there is none.
+/// The CA certificate a new CA replaces (the first in `dir/ca.crt`, the
+/// one that signed), as PEM, while it is still valid: kept after the new
+/// one in `ca.crt`, and so in the `caBundle`, the apiserver trusts the pods
+/// still serving a certificate it signed until they load the new one. Only
+/// that one: a CA replaced before it (after a leak of its key, say) is
+/// trusted no longer. `None` when there is none, or it is no CA, or it has
+/// expired.
 pub fn outgoing_ca(dir: &Path) -> Option<String> {
     let text = std::fs::read(dir.join("ca.crt")).ok()?;
-    let now = OffsetDateTime::now_utc();
-    let mut kept: Vec<CertificateDer<'static>> = Vec::new();
-    for der in CertificateDer::pem_slice_iter(&text).flatten() {
-        let valid = x509_parser::parse_x509_certificate(&der).is_ok_and(|(_, parsed)| {
-            parsed.is_ca() && parsed.validity().not_after.to_datetime() > now
-        });
-        if valid && !kept.contains(&der) {
-            kept.push(der.into_owned());
-        }
-    }
-    (!kept.is_empty()).then(|| kept.iter().map(|der| pem_certificate(der)).collect())
+    let der = CertificateDer::from_pem_slice(&text).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let valid =
+        parsed.is_ca() && parsed.validity().not_after.to_datetime() > OffsetDateTime::now_utc();
+    valid.then(|| pem_certificate(&der))
 }
 
 /// `der` as a PEM certificate block, in lines of 64 characters.

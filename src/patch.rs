@@ -64,9 +64,9 @@ pub struct PodPlan {
     /// moved) images, in order of first use: these must exist in its
     /// namespace. Empty for ephemeral containers, which cannot add any.
     pub pull_secrets: Vec<String>,
-    /// The pod carried the original-images annotation already: an earlier
-    /// pass rewrote some of its images (a reinvocation, or a pod made from
-    /// a rewritten one).
+    /// The pod carried the original-images or original-volume-images
+    /// annotation already: an earlier pass rewrote some of its images (a
+    /// reinvocation, or a pod made from a rewritten one).
     pub rewritten_before: bool,
 }
 
@@ -508,10 +508,11 @@ fn original_images_operations(
             continue;
         }
         let existing = annotations.and_then(|a| a.get(annotation));
+        let mut replaced = None;
         let originals = match existing.map(|text| serde_json::from_str::<Value>(text)) {
             Some(Ok(Value::Object(map))) => map,
             Some(_) => {
-                warnings.push(format!(
+                replaced = Some(format!(
                     "annotation {annotation} was not a JSON object; replaced"
                 ));
                 Map::new()
@@ -519,21 +520,26 @@ fn original_images_operations(
             None => Map::new(),
         };
         let text = originals_text(originals, &images);
-        bytes_after = bytes_after
+        // The containers' record first: the volumes' is written only if
+        // both fit.
+        let with_this = bytes_after
             .saturating_sub(existing.map_or(0, |old| annotation.len() + old.len()))
             + annotation.len()
             + text.len();
+        if with_this > ANNOTATIONS_BYTES_LIMIT {
+            warnings.push(format!(
+                "annotation {annotation} not written: it would take the pod's annotations to \
+                 {with_this} bytes, past the apiserver's limit of {ANNOTATIONS_BYTES_LIMIT}; the \
+                 images were rewritten without a record of the originals"
+            ));
+            continue;
+        }
+        warnings.extend(replaced);
+        bytes_after = with_this;
         records.push((annotation, existing.is_some(), Value::String(text)));
     }
-    if bytes_after > ANNOTATIONS_BYTES_LIMIT {
-        let names: Vec<&str> = records.iter().map(|(annotation, ..)| *annotation).collect();
-        let warning = format!(
-            "annotation {} not written: it would take the pod's annotations to {bytes_after} \
-             bytes, past the apiserver's limit of {ANNOTATIONS_BYTES_LIMIT}; the images were \
-             rewritten without a record of the originals",
-            names.join(" and ")
-        );
-        return (Vec::new(), vec![warning]);
+    if records.is_empty() {
+        return (Vec::new(), warnings);
     }
     let all = || {
         Value::Object(

@@ -484,10 +484,13 @@ impl Inner {
     /// when a reload said so), or when it has failed for a day.
     fn retry_later(&self, namespace: &str, name: &str, retry: Retry) {
         let key = (namespace.to_owned(), name.to_owned());
-        let wanted = retry != Retry::No
-            && self.is_enabled()
-            && unwind::lock(&self.watches).contains_key(name);
+        // Both held, in `configure`'s order, while deciding: a reload that
+        // turns the sync off or drops the name between the check and the
+        // insert would otherwise find nothing to clear, and leave it.
+        let watches = unwind::lock(&self.watches);
         let mut retries = unwind::lock(&self.retries);
+        let wanted = retry != Retry::No && self.is_enabled() && watches.contains_key(name);
+        drop(watches);
         if !wanted {
             retries.remove(&key);
             return;
@@ -1035,6 +1038,8 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> (Outcome, Re
                     // A user's Secret is counted by `remember`, once.
                     inner.remember(name, namespace, cached(&existing), None);
                     if existing.metadata.deletion_timestamp.is_some() {
+                        warn!(secret = %name, %namespace, "a pull secret of this name is being deleted; the copy is made once it is gone");
+                        inner.metrics.pull_secret_sync_errors.inc();
                         inner.count("failed");
                         let reason = "a Secret of that name is being deleted (a finalizer holds \
                                       it); the copy is made once it is gone";
@@ -1047,6 +1052,8 @@ async fn ensure_copy(inner: &Inner, namespace: &str, name: &str) -> (Outcome, Re
                     }
                 }
                 Ok(None) => {
+                    warn!(secret = %name, %namespace, "the pull secret was created by someone else and deleted again before it could be read");
+                    inner.metrics.pull_secret_sync_errors.inc();
                     inner.count("failed");
                     let reason = "it was created by someone else and deleted again";
                     (Outcome::Failed(reason.into()), Retry::Yes)

@@ -592,3 +592,58 @@ fn the_original_images_record_is_left_out_where_it_would_pass_the_annotations_li
         }
     }
 }
+
+/// With image volumes too, the containers' record is written first, and
+/// the volumes' only if both fit under the annotations limit: at the exact
+/// limit both are written; a byte over, the volumes' record is left out,
+/// with a warning naming it alone.
+#[test]
+fn the_volumes_record_is_left_out_first_at_the_annotations_limit() {
+    const LIMIT: usize = 256 * 1024;
+    const FILLER: &str = "example.com/blob";
+    const CONTAINERS: &str = "image-rewriter.io/original-images";
+    const VOLUMES: &str = "image-rewriter.io/original-volume-images";
+    let mut review = fixture("pod-create.json");
+    review["request"]["object"]["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "models", "image": {"reference": "quay.io/org/models:v3"}}));
+    let (plain, _, _) = answer(&review);
+    let record = |patched: &Value, key: &str| {
+        patched["metadata"]["annotations"][key]
+            .as_str()
+            .map(|text| key.len() + text.len())
+    };
+    let containers = record(&plain, CONTAINERS).expect("the containers' record");
+    let volumes = record(&plain, VOLUMES).expect("the volumes' record");
+    let others: usize = review["request"]["object"]["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(key, value)| key.len() + value.as_str().unwrap().len())
+        .sum();
+    for (over, volumes_recorded) in [(0, true), (1, false)] {
+        let filler = LIMIT - others - FILLER.len() - containers - volumes + over;
+        let mut review = review.clone();
+        review["request"]["object"]["metadata"]["annotations"][FILLER] = json!("x".repeat(filler));
+        let (patched, response, _) = answer(&review);
+        assert!(record(&patched, CONTAINERS).is_some(), "{over} over");
+        assert_eq!(
+            record(&patched, VOLUMES).is_some(),
+            volumes_recorded,
+            "{over} over"
+        );
+        let warnings = response["warnings"].as_array().cloned().unwrap_or_default();
+        if volumes_recorded {
+            assert!(warnings.is_empty(), "{warnings:?}");
+        } else {
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            let warning = warnings[0].as_str().unwrap();
+            assert!(
+                warning.starts_with(&format!("annotation {VOLUMES} not written"))
+                    && warning.contains(&format!("{} bytes", LIMIT + 1)),
+                "{warning}"
+            );
+        }
+    }
+}

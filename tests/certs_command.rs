@@ -489,14 +489,19 @@ fn running_again_renews_the_serving_certificate_under_the_same_ca() {
     assert_eq!(file(dir.path(), "ca.crt"), ca_file.as_bytes());
     trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("renewed under it");
 
-    // Another new CA before the last was applied: every CA still valid
-    // stays trusted, each once.
+    // Another new CA: the one it replaces is kept, the one before it (its
+    // key may have leaked) is trusted no longer.
+    let replaced_tls = file(dir.path(), "tls.crt");
     let again = certs(dir.path(), &["--new-ca"]);
     assert!(again.status.success(), "{}", describe(&again));
     let ca_file = String::from_utf8(file(dir.path(), "ca.crt")).unwrap();
-    assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 3, "{ca_file}");
-    trusted_by_ca_bundle(dir.path(), &served).expect("the first CA's certificate, still trusted");
+    assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 2, "{ca_file}");
+    trusted_by_ca_bundle(dir.path(), &replaced_tls).expect("the replaced CA's, still trusted");
     trusted_by_ca_bundle(dir.path(), &file(dir.path(), "tls.crt")).expect("under the newest CA");
+    assert!(
+        trusted_by_ca_bundle(dir.path(), &served).is_err(),
+        "the first CA, replaced twice, is still trusted"
+    );
 }
 
 /// A case of an unusable CA: its name, the arguments of the run that finds
