@@ -255,7 +255,7 @@ impl<'de> Deserialize<'de> for VolumeList {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<VolumeList, A::Error> {
                 let mut images = Vec::new();
                 let mut index = 0;
-                while let Some(volume) = seq.next_element::<Option<VolumeFields>>()? {
+                while let Some(volume) = seq.next_element::<Option<VolumeFields<'de>>>()? {
                     if index == MAX_VOLUMES {
                         return Err(serde::de::Error::custom(format_args!(
                             "more than {MAX_VOLUMES} volumes"
@@ -265,7 +265,7 @@ impl<'de> Deserialize<'de> for VolumeList {
                     if let Some((name, reference)) = reference {
                         images.push(ImageVolume {
                             index,
-                            name,
+                            name: name.map(|name| name.0.into_owned()).unwrap_or_default(),
                             reference,
                         });
                     }
@@ -278,13 +278,38 @@ impl<'de> Deserialize<'de> for VolumeList {
     }
 }
 
-/// What a volume holds that the policy reads.
+/// What a volume holds that the policy reads. The name is borrowed from
+/// the body when it can be: every pod has a volume or two (its service
+/// account token's), and only image volumes keep theirs.
 #[derive(Deserialize)]
-struct VolumeFields {
-    #[serde(default, deserialize_with = "null_as_empty_string")]
-    name: String,
+struct VolumeFields<'a> {
+    #[serde(default, borrow)]
+    name: Option<BorrowedText<'a>>,
     #[serde(default)]
     image: Option<ImageVolumeSource>,
+}
+
+/// A string, borrowed from the body when it has no escapes (serde's own
+/// `Cow<str>` copies every time).
+struct BorrowedText<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BorrowedText<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = BorrowedText<'de>;
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(BorrowedText(Cow::Borrowed(text)))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(BorrowedText(Cow::Owned(text.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
 }
 
 #[derive(Deserialize)]
@@ -648,7 +673,9 @@ mod tests {
                 null,
                 {"name":"no-reference","image":{"pullPolicy":"Always"}},
                 {"name":"null-image","image":null},
-                {"name":"b","image":{"reference":"b:2"}}]}}"#,
+                {"name":"b","image":{"reference":"b:2"}},
+                {"name":"\u0065scaped","image":{"reference":"c:3"}},
+                {"name":null,"image":{"reference":"d:4"}}]}}"#,
         )
         .unwrap()
         .spec
@@ -660,7 +687,12 @@ mod tests {
         };
         assert_eq!(
             spec.image_volumes,
-            [volume(1, "a", "quay.io/a:1"), volume(5, "b", "b:2")]
+            [
+                volume(1, "a", "quay.io/a:1"),
+                volume(5, "b", "b:2"),
+                volume(6, "escaped", "c:3"),
+                volume(7, "", "d:4")
+            ]
         );
         for none in [r#"{"spec":{"volumes":null}}"#, r#"{"spec":{}}"#] {
             let spec = serde_json::from_str::<PodObject>(none).unwrap().spec;
