@@ -193,13 +193,13 @@ pub fn plan_pod_patch(policy: &Policy, pod: PodView<'_>, scope: &Scope) -> PodPl
                     || a.contains_key(ORIGINAL_VOLUME_IMAGES_ANNOTATION)
             });
         if !plan.rewritten.is_empty() {
-            let (operations, warnings) = original_images_operations(
+            let warnings = original_images_operations(
                 pod.metadata,
                 pod.annotations_bytes,
                 &plan.rewritten,
                 &pointer,
+                &mut plan.operations,
             );
-            plan.operations.extend(operations);
             // First: they are about the whole pod, and the apiserver shows
             // only the first 4096 characters of warnings.
             plan.warnings.splice(0..0, warnings);
@@ -360,7 +360,10 @@ fn pointer_from_tokens(
 
 /// The annotation's text: the entries kept from it, ours over them, in key
 /// order (as a serde_json map writes them), without copying our strings.
-fn originals_text(kept: Map<String, Value>, rewritten: &[&RewrittenImage]) -> String {
+fn originals_text<'r, I>(kept: Map<String, Value>, rewritten: impl Fn() -> I) -> String
+where
+    I: Iterator<Item = &'r RewrittenImage>,
+{
     #[derive(serde::Serialize)]
     #[serde(untagged)]
     enum Original<'a> {
@@ -371,13 +374,13 @@ fn originals_text(kept: Map<String, Value>, rewritten: &[&RewrittenImage]) -> St
         .iter()
         .map(|(container, image)| (container.as_str(), Original::Kept(image)))
         .collect();
-    for image in rewritten {
+    for image in rewritten() {
         merged.insert(&image.container, Original::Ours(&image.from));
     }
     // Cannot fail (string keys, plain values); if it did, the owned way.
     serde_json::to_string(&merged).unwrap_or_else(|_| {
         let mut owned = kept.clone();
-        for image in rewritten {
+        for image in rewritten() {
             owned.insert(image.container.clone(), Value::String(image.from.clone()));
         }
         Value::Object(owned).to_string()
@@ -482,29 +485,33 @@ pub fn annotations_bytes(annotations: &BTreeMap<String, String>) -> usize {
 
 /// Sets the original-images entries of the containers rewritten now, and
 /// the original-volume-images entries of the image volumes, keeping the
-/// others (a reinvocation after another webhook added a container). Not
-/// when that would take the pod's annotations past the apiserver's limit:
-/// the pod would be refused for a record of ours, so the rewrite goes
-/// without it, and the user is told.
+/// others (a reinvocation after another webhook added a container), by
+/// adding the operations to `operations`. Not a record that would take the
+/// pod's annotations past the apiserver's limit: the pod would be refused
+/// for a record of ours, so the rewrite goes without it, and the user is
+/// told (in the warnings returned). The containers' record goes first.
 fn original_images_operations(
     metadata: Option<&ObjectMeta>,
     annotations_bytes: usize,
     rewritten: &[RewrittenImage],
     pointer: &impl Fn(&[&str]) -> PointerBuf,
-) -> (Vec<PatchOperation>, Vec<String>) {
+    operations: &mut Vec<PatchOperation>,
+) -> Vec<String> {
     let annotations = metadata.and_then(|m| m.annotations.as_ref());
     let mut warnings = Vec::new();
-    let mut records = Vec::new();
+    // (annotation, whether the pod has it, its new text)
+    let mut records: [Option<(&str, bool, Value)>; 2] = [None, None];
     let mut bytes_after = annotations_bytes;
-    for (annotation, volumes) in [
+    for (record, (annotation, volumes)) in records.iter_mut().zip([
         (ORIGINAL_IMAGES_ANNOTATION, false),
         (ORIGINAL_VOLUME_IMAGES_ANNOTATION, true),
-    ] {
-        let images: Vec<&RewrittenImage> = rewritten
-            .iter()
-            .filter(|image| image.volume == volumes)
-            .collect();
-        if images.is_empty() {
+    ]) {
+        let images = || {
+            rewritten
+                .iter()
+                .filter(move |image| image.volume == volumes)
+        };
+        if images().next().is_none() {
             continue;
         }
         let existing = annotations.and_then(|a| a.get(annotation));
@@ -519,9 +526,7 @@ fn original_images_operations(
             }
             None => Map::new(),
         };
-        let text = originals_text(originals, &images);
-        // The containers' record first: the volumes' is written only if
-        // both fit.
+        let text = originals_text(originals, images);
         let with_this = bytes_after
             .saturating_sub(existing.map_or(0, |old| annotation.len() + old.len()))
             + annotation.len()
@@ -536,41 +541,42 @@ fn original_images_operations(
         }
         warnings.extend(replaced);
         bytes_after = with_this;
-        records.push((annotation, existing.is_some(), Value::String(text)));
+        *record = Some((annotation, existing.is_some(), Value::String(text)));
     }
-    if records.is_empty() {
-        return (Vec::new(), warnings);
+    let mut records = records.into_iter().flatten().peekable();
+    if records.peek().is_none() {
+        return warnings;
     }
-    let all = || {
-        Value::Object(
-            records
-                .iter()
-                .map(|(annotation, _, value)| ((*annotation).to_owned(), value.clone()))
-                .collect(),
-        )
-    };
-    let operations = match (metadata.is_some(), annotations.is_some()) {
-        (false, _) => vec![PatchOperation::Add(AddOperation {
+    match (metadata.is_some(), annotations.is_some()) {
+        (false, _) => operations.push(PatchOperation::Add(AddOperation {
             path: pointer(&["metadata"]),
-            value: json!({ "annotations": all() }),
-        })],
-        (true, false) => vec![PatchOperation::Add(AddOperation {
+            value: json!({ "annotations": all_records(records) }),
+        })),
+        (true, false) => operations.push(PatchOperation::Add(AddOperation {
             path: pointer(&["metadata", "annotations"]),
-            value: all(),
-        })],
-        (true, true) => records
-            .into_iter()
-            .map(|(annotation, existed, value)| {
+            value: all_records(records),
+        })),
+        (true, true) => {
+            for (annotation, existed, value) in records {
                 let path = pointer(&["metadata", "annotations", annotation]);
-                if existed {
+                operations.push(if existed {
                     PatchOperation::Replace(ReplaceOperation { path, value })
                 } else {
                     PatchOperation::Add(AddOperation { path, value })
-                }
-            })
+                });
+            }
+        }
+    }
+    warnings
+}
+
+/// The records as one annotations object.
+fn all_records<'a>(records: impl Iterator<Item = (&'a str, bool, Value)>) -> Value {
+    Value::Object(
+        records
+            .map(|(annotation, _, value)| (annotation.to_owned(), value))
             .collect(),
-    };
-    (operations, warnings)
+    )
 }
 
 #[cfg(test)]
