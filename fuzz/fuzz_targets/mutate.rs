@@ -4,8 +4,9 @@
 //! Invariants: no panic; what it prints reads back (as `mutate` reads its
 //! input, so YAML as kubectl reads it) to a second pass that prints the same
 //! text and rewrites nothing; and between input and output only images (as
-//! the policy moves them), `imagePullSecrets` (entries added) and the
-//! original-images annotation change: nothing else the user wrote is lost or
+//! the policy moves them, in containers and image volumes),
+//! `imagePullSecrets` (entries added) and the original-images and
+//! original-volume-images annotations change: nothing else the user wrote is lost or
 //! read back as another value; and only inside the pod template of an
 //! object that holds one (by its kind and API group, in a namespace the
 //! policy does not exclude), judged by a table of its own here.
@@ -14,7 +15,7 @@
 mod common;
 
 use image_rewriter::offline::{mutate_documents, read_documents};
-use image_rewriter::patch::ORIGINAL_IMAGES_ANNOTATION;
+use image_rewriter::patch::{ORIGINAL_IMAGES_ANNOTATION, ORIGINAL_VOLUME_IMAGES_ANNOTATION};
 use image_rewriter::policy::Decision;
 use json_patch::PatchOperation;
 use libfuzzer_sys::fuzz_target;
@@ -184,7 +185,7 @@ fn is_an_image(operation: &PatchOperation) -> bool {
             _,
             "containers" | "initContainers" | "ephemeralContainers",
             ..
-        ]
+        ] | ["reference", "image", _, "volumes", ..]
     )
 }
 
@@ -215,14 +216,12 @@ fn is_a_rewrite(before: &Value, operation: &PatchOperation) -> bool {
                     .is_some_and(|entries| entries.iter().all(is_a_pull_secret))
         }
         [_, "imagePullSecrets", ..] => !replaces && is_a_pull_secret(value),
-        [key, "annotations", "metadata", ..] => {
-            *key == ORIGINAL_IMAGES_ANNOTATION && is_a_record(value)
-        }
-        ["annotations", "metadata", ..] => over_nothing && only_the_record(value),
+        [key, "annotations", "metadata", ..] => is_a_record_key(key) && is_a_record(value),
+        ["annotations", "metadata", ..] => over_nothing && only_the_records(value),
         ["metadata", ..] => {
             over_nothing
                 && value.as_object().is_some_and(|metadata| {
-                    metadata.len() == 1 && metadata.get("annotations").is_some_and(only_the_record)
+                    metadata.len() == 1 && metadata.get("annotations").is_some_and(only_the_records)
                 })
         }
         _ => false,
@@ -245,15 +244,22 @@ fn is_a_pull_secret(entry: &Value) -> bool {
     })
 }
 
-/// Annotations holding only the original-images record.
-fn only_the_record(annotations: &Value) -> bool {
+fn is_a_record_key(key: &str) -> bool {
+    key == ORIGINAL_IMAGES_ANNOTATION || key == ORIGINAL_VOLUME_IMAGES_ANNOTATION
+}
+
+/// Annotations holding only the records, one or both.
+fn only_the_records(annotations: &Value) -> bool {
     annotations.as_object().is_some_and(|map| {
-        map.len() == 1 && map.get(ORIGINAL_IMAGES_ANNOTATION).is_some_and(is_a_record)
+        !map.is_empty()
+            && map
+                .iter()
+                .all(|(key, value)| is_a_record_key(key) && is_a_record(value))
     })
 }
 
-/// The record's text: a JSON object (of container names to images, and
-/// whatever an earlier record held).
+/// A record's text: a JSON object (of container or volume names to
+/// images, and whatever an earlier record held).
 fn is_a_record(value: &Value) -> bool {
     value
         .as_str()
