@@ -526,8 +526,12 @@ fn admit_in_background(
     })
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(Duration::from_secs(10), what, check).await;
+}
+
+async fn eventually_within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1406,6 +1410,27 @@ async fn a_copy_changed_before_its_create_answers_is_put_back() {
     .await;
 }
 
+/// The resync period of the retry tests, so that retries come within one.
+const FAST_RESYNC: Duration = Duration::from_millis(300);
+
+/// A sync over a new fake API, resyncing every [`FAST_RESYNC`], waiting
+/// `wait` for a copy, with the source Secret there or not yet.
+async fn fast_sync(with_source: bool, wait: &str) -> (Arc<Fake>, PullSecretSync, Policy) {
+    let (fake, client) = start_fake().await;
+    if with_source {
+        fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
+    }
+    let policy = policy(wait);
+    let (sync, _metrics) = started_sync_with_resync(&fake, client, &policy, FAST_RESYNC).await;
+    (fake, sync, policy)
+}
+
+/// The warnings of a pod admitted in `namespace` that needs the pull secret.
+async fn warnings_in(sync: &PullSecretSync, policy: &Policy, namespace: &str) -> Vec<String> {
+    sync.ensure_for_pod(policy, namespace, &[SECRET.into()], None)
+        .await
+}
+
 /// Resyncs every 300 ms here: a copy kept to try again has had a few once
 /// this has passed.
 const A_FEW_RESYNCS: Duration = Duration::from_millis(1500);
@@ -1416,13 +1441,8 @@ const A_FEW_RESYNCS: Duration = Duration::from_millis(1500);
 /// recreated, so no admission would ask again.
 #[tokio::test]
 async fn a_copy_that_failed_for_a_missing_source_is_made_once_the_source_exists() {
-    let (fake, client) = start_fake().await;
-    let policy = policy("2s");
-    let (sync, _metrics) =
-        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let (fake, sync, policy) = fast_sync(false, "2s").await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("does not exist"), "{warnings:?}");
     let source = fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
@@ -1440,24 +1460,17 @@ async fn a_copy_that_failed_for_a_missing_source_is_made_once_the_source_exists(
 /// no warning), which then failed, is made once the API answers again.
 #[tokio::test]
 async fn a_copy_that_fails_after_the_wait_is_made_when_the_api_recovers() {
-    let (fake, client) = start_fake().await;
-    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
-    let policy = policy("300ms");
-    let (sync, _metrics) =
-        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    let (fake, sync, policy) = fast_sync(true, "300ms").await;
     fake.set_fault(Fault::Hang);
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert!(warnings.is_empty(), "{warnings:?}");
     // The API answers again; the hung call runs into its 5 s timeout.
     tokio::time::sleep(Duration::from_millis(500)).await;
     fake.set_fault(Fault::None);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fake.get("team-a", SECRET).is_none() {
-        assert!(Instant::now() < deadline, "the copy was never made");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(Duration::from_secs(15), "the copy is made", || {
+        fake.get("team-a", SECRET).is_some()
+    })
+    .await;
 }
 
 /// A pod admitted while its namespace's copy is being deleted (a finalizer
@@ -1475,9 +1488,7 @@ async fn a_copy_being_deleted_at_admission_is_made_again_once_gone() {
     copy["metadata"]["finalizers"] = json!(["backup.example/hold"]);
     fake.put("team-a", copy, "MODIFIED");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("being deleted"), "{warnings:?}");
     fake.delete("team-a", SECRET);
@@ -1492,24 +1503,16 @@ async fn a_copy_being_deleted_at_admission_is_made_again_once_gone() {
 /// needs it.
 #[tokio::test]
 async fn a_copy_into_a_namespace_that_is_gone_is_not_tried_again() {
-    let (fake, client) = start_fake().await;
-    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
-    let policy = policy("2s");
-    let (sync, _metrics) =
-        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    let (fake, sync, policy) = fast_sync(true, "2s").await;
     fake.gone_namespaces
         .lock()
         .unwrap()
         .push("team-gone".into());
     fake.set_fault(Fault::ServerError);
-    let failed = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let failed = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(failed.len(), 1, "{failed:?}");
     fake.set_fault(Fault::None);
-    let gone = sync
-        .ensure_for_pod(&policy, "team-gone", &[SECRET.into()], None)
-        .await;
+    let gone = warnings_in(&sync, &policy, "team-gone").await;
     assert_eq!(gone.len(), 1, "{gone:?}");
     assert!(gone[0].contains("not found"), "{gone:?}");
     // The failure that may pass is tried again (and made); the other not.
@@ -1534,9 +1537,7 @@ async fn with_no_source_namespace_a_pod_is_told_nothing_is_copied() {
     .into_policy(None)
     .unwrap();
     let (sync, _metrics) = started_sync(&fake, client, &policy).await;
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("no source namespace") && warnings[0].contains("--namespace"),
@@ -1550,15 +1551,9 @@ async fn with_no_source_namespace_a_pod_is_told_nothing_is_copied() {
 /// resyncs pass, and it is tried a handful of times.
 #[tokio::test]
 async fn a_copy_that_keeps_failing_is_tried_less_and_less_often() {
-    let (fake, client) = start_fake().await;
-    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
-    let policy = policy("2s");
-    let (sync, _metrics) =
-        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    let (fake, sync, policy) = fast_sync(true, "2s").await;
     fake.creates_fail_in.lock().unwrap().push("team-a".into());
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tries = fake.creates_in("team-a");
@@ -1572,15 +1567,9 @@ async fn a_copy_that_keeps_failing_is_tried_less_and_less_often() {
 /// turned on later, nothing is written for pods admitted before.
 #[tokio::test]
 async fn a_reload_that_turns_the_sync_off_forgets_the_retries() {
-    let (fake, client) = start_fake().await;
-    fake.put(SOURCE_NS, source_secret("v1"), "ADDED");
-    let policy = policy("2s");
-    let (sync, _metrics) =
-        started_sync_with_resync(&fake, client, &policy, Duration::from_millis(300)).await;
+    let (fake, sync, policy) = fast_sync(true, "2s").await;
     fake.creates_fail_in.lock().unwrap().push("team-a".into());
-    let warnings = sync
-        .ensure_for_pod(&policy, "team-a", &[SECRET.into()], None)
-        .await;
+    let warnings = warnings_in(&sync, &policy, "team-a").await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     sync.configure(&policy_with_sync_disabled());
     fake.creates_fail_in.lock().unwrap().clear();
