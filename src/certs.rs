@@ -330,8 +330,8 @@ impl ExistingCa {
                 key_path.display()
             ))
         })?;
-        // The first certificate signs; the file may hold more (an old CA
-        // kept beside it for a rotation done by hand).
+        // The first certificate signs; the file may hold one more, the CA
+        // a `--new-ca` replaced (see `outgoing_ca`).
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|error| unusable(format!("no PEM certificate ({error:?})")))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&der)

@@ -11,6 +11,7 @@
 //! past the apiserver's `?timeout=` (less a reserve; `deadline`).
 //! Secret contents are never logged.
 
+use std::collections::btree_map::Entry;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
@@ -499,16 +500,20 @@ impl Inner {
         if !retries.contains_key(&key) && retries.len() >= RETRY_CAPACITY {
             return;
         }
-        let state = retries.entry(key).or_insert(RetryState {
-            failures: 0,
-            since: now,
-            next: now,
-        });
-        if now.duration_since(state.since) > RETRY_GIVE_UP_AFTER {
-            retries.remove(&(namespace.to_owned(), name.to_owned()));
-            warn!(secret = %name, %namespace, "pull secret copy still failing after a day; no longer tried (a new pod there asks again)");
-            return;
-        }
+        let state = match retries.entry(key) {
+            Entry::Occupied(failing)
+                if now.duration_since(failing.get().since) > RETRY_GIVE_UP_AFTER =>
+            {
+                failing.remove();
+                warn!(secret = %name, %namespace, "pull secret copy still failing after a day; no longer tried (a new pod there asks again)");
+                return;
+            }
+            entry => entry.or_insert(RetryState {
+                failures: 0,
+                since: now,
+                next: now,
+            }),
+        };
         state.failures = state.failures.saturating_add(1);
         let periods = 2_u32
             .saturating_pow(state.failures - 1)
